@@ -1,0 +1,73 @@
+"""LeNet-5 (conv) and LeNet-300-100 (MLP), the classic pruning/compression testbeds."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from dynprune.backbones.registry import register_backbone, scale_width
+
+
+class LeNet5(nn.Module):
+    """conv5(6) -> pool -> conv5(16) -> pool -> fc120 -> fc84 -> fc; input (N, C, S, S)."""
+
+    def __init__(self, num_classes: int, in_chans: int, input_size: int, width_mult: float) -> None:
+        super().__init__()
+        c1, c2 = scale_width(6, width_mult), scale_width(16, width_mult)
+        f1, f2 = scale_width(120, width_mult), scale_width(84, width_mult)
+        spatial = (input_size // 2 - 4) // 2
+        if spatial < 1:
+            raise ValueError(f"lenet5 needs input_size >= 12, got {input_size}")
+        self.features = nn.Sequential(
+            nn.Conv2d(in_chans, c1, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 5),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c2 * spatial * spatial, f1),
+            nn.ReLU(inplace=True),
+            nn.Linear(f1, f2),
+            nn.ReLU(inplace=True),
+            nn.Linear(f2, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C, S, S) -> logits (N, num_classes)."""
+        return self.classifier(self.features(x))
+
+
+class LeNet300100(nn.Module):
+    """MLP 784-300-100-10 of Han et al.; input (N, C, S, S) is flattened."""
+
+    def __init__(self, num_classes: int, in_chans: int, input_size: int, width_mult: float) -> None:
+        super().__init__()
+        h1, h2 = scale_width(300, width_mult), scale_width(100, width_mult)
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_chans * input_size * input_size, h1),
+            nn.ReLU(inplace=True),
+            nn.Linear(h1, h2),
+            nn.ReLU(inplace=True),
+            nn.Linear(h2, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C, S, S) -> logits (N, num_classes)."""
+        return self.net(x)
+
+
+@register_backbone("lenet5")
+def lenet5(num_classes: int, in_chans: int, input_size: int, width_mult: float, depth_mult: float) -> nn.Module:
+    """LeNet-5 with 'same' padding on the first conv (28x28 input as in MNIST practice)."""
+    return LeNet5(num_classes, in_chans, input_size, width_mult)
+
+
+@register_backbone("lenet300_100")
+def lenet300_100(
+    num_classes: int, in_chans: int, input_size: int, width_mult: float, depth_mult: float
+) -> nn.Module:
+    """LeNet-300-100 (Han et al., Deep Compression Table 1)."""
+    return LeNet300100(num_classes, in_chans, input_size, width_mult)

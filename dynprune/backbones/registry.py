@@ -1,0 +1,23 @@
+"""The backbone registry: ``@register_backbone("name")`` on a factory taking the common kwargs."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from dynprune.registry import Registry
+
+BACKBONES: Registry[nn.Module] = Registry("backbone")
+register_backbone = BACKBONES.register
+
+
+def scale_width(channels: int, width_mult: float, divisor: int = 1) -> int:
+    """EfficientNet-style width scaling, rounded to a multiple of ``divisor`` (at least ``divisor``)."""
+    scaled = channels * width_mult
+    return max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+
+
+def scale_depth(repeats: int, depth_mult: float) -> int:
+    """EfficientNet-style depth scaling: ceil(repeats * depth_mult), at least 1."""
+    return max(1, math.ceil(repeats * depth_mult))

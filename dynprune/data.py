@@ -1,0 +1,222 @@
+"""LightningDataModules: Fashion-MNIST from the Debian package (offline default), sklearn digits for
+tests, and optional CIFAR-10 / ImageFolder that need the user's own files."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_HINT = "install it with `apt-get install dataset-fashion-mnist` or set data_dir"
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) into a numpy array of its declared shape."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says {shape} but holds {body.size} values")
+    return body.reshape(shape)
+
+
+def _split(
+    x: Tensor, y: Tensor, val_size: int, seed: int
+) -> tuple[TensorDataset, TensorDataset]:
+    """Seeded train/val split of tensors."""
+    if not 0 <= val_size < len(x):
+        raise ValueError(f"val_size must be in [0, {len(x)}), got {val_size}")
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    val, train = perm[:val_size], perm[val_size:]
+    return TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val])
+
+
+class _TensorDataModule(L.LightningDataModule):
+    """Shared loaders over in-memory train/val/test datasets; subclasses fill them in ``setup``."""
+
+    num_classes = 10
+    in_chans = 1
+    input_size = 28
+
+    def __init__(self, batch_size: int = 128, num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _loader(self, ds: Dataset | None, shuffle: bool) -> DataLoader:
+        if ds is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not been called")
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(ds, self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          generator=gen if shuffle else None,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+
+class FashionMNISTDataModule(_TensorDataModule):
+    """Fashion-MNIST (1x28x28, 10 classes) from IDX gz files; no downloads are attempted.
+
+    ``train_subset``/``test_subset`` (0 = all) shorten runs for demos and smoke tests.
+    """
+
+    MEAN, STD = 0.2860, 0.3530
+    FILES = {
+        "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+        "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+    }
+
+    def __init__(
+        self, data_dir: str = FASHION_MNIST_DIR, batch_size: int = 128, val_size: int = 5000,
+        train_subset: int = 0, test_subset: int = 0, num_workers: int = 0, seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed)
+        self.data_dir, self.val_size = Path(data_dir), val_size
+        self.train_subset, self.test_subset = train_subset, test_subset
+
+    def _load(self, split: str, limit: int) -> tuple[Tensor, Tensor]:
+        paths = [self.data_dir / name for name in self.FILES[split]]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"Fashion-MNIST file(s) not found: {', '.join(missing)}; {FASHION_MNIST_HINT}"
+            )
+        images, labels = (read_idx(p) for p in paths)
+        x = (torch.from_numpy(images.copy()).float().div_(255).sub_(self.MEAN).div_(self.STD))
+        x, y = x.unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+        if limit:
+            x, y = x[:limit], y[:limit]
+        return x, y
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load tensors once; val is a seeded hold-out from the training images."""
+        if self.train_set is None and stage in (None, "fit", "validate"):
+            x, y = self._load("train", self.train_subset)
+            self.train_set, self.val_set = _split(x, y, min(self.val_size, len(x) // 5), self.seed)
+        if self.test_set is None and stage in (None, "test", "predict"):
+            self.test_set = TensorDataset(*self._load("test", self.test_subset))
+
+
+class DigitsDataModule(_TensorDataModule):
+    """sklearn's 8x8 digits (1797 images) for fast tests; ``input_size`` upsamples (bilinear)."""
+
+    def __init__(
+        self, batch_size: int = 64, input_size: int = 8, num_workers: int = 0, seed: int = 0
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed)
+        self.input_size = input_size
+
+    def setup(self, stage: str | None = None) -> None:
+        """Seeded 60/20/20 train/val/test split."""
+        if self.train_set is not None:
+            return
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        x = (x - 0.3) / 0.4
+        if self.input_size != 8:
+            x = torch.nn.functional.interpolate(x, size=self.input_size, mode="bilinear")
+        y = torch.tensor(digits.target, dtype=torch.int64)
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))
+        x, y = x[perm], y[perm]
+        n = len(x)
+        a, b = int(0.6 * n), int(0.8 * n)
+        self.train_set = TensorDataset(x[:a], y[:a])
+        self.val_set = TensorDataset(x[a:b], y[a:b])
+        self.test_set = TensorDataset(x[b:], y[b:])
+
+
+class CIFAR10DataModule(_TensorDataModule):
+    """CIFAR-10 from the user's python-pickle batches (``cifar-10-batches-py``); never downloads."""
+
+    in_chans, input_size = 3, 32
+    MEAN = (0.4914, 0.4822, 0.4465)
+    STD = (0.2470, 0.2435, 0.2616)
+
+    def __init__(
+        self, data_dir: str = "data/cifar-10-batches-py", batch_size: int = 128,
+        val_size: int = 5000, num_workers: int = 0, seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed)
+        self.data_dir, self.val_size = Path(data_dir), val_size
+
+    def _load(self, names: list[str]) -> tuple[Tensor, Tensor]:
+        xs, ys = [], []
+        for name in names:
+            path = self.data_dir / name
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"CIFAR-10 batch {path} not found; expected the python version "
+                    f"(data_batch_1..5, test_batch) extracted from cifar-10-python.tar.gz into "
+                    f"{self.data_dir}"
+                )
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
+        x = torch.from_numpy(np.concatenate(xs)).float() / 255
+        mean, std = torch.tensor(self.MEAN).view(1, 3, 1, 1), torch.tensor(self.STD).view(1, 3, 1, 1)
+        return (x - mean) / std, torch.from_numpy(np.concatenate(ys))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Train/val split of data_batch_1..5; test_batch for test."""
+        if self.train_set is None and stage in (None, "fit", "validate"):
+            x, y = self._load([f"data_batch_{i}" for i in range(1, 6)])
+            self.train_set, self.val_set = _split(x, y, self.val_size, self.seed)
+        if self.test_set is None and stage in (None, "test", "predict"):
+            self.test_set = TensorDataset(*self._load(["test_batch"]))
+
+
+class ImageFolderDataModule(_TensorDataModule):
+    """A torchvision ImageFolder tree (``root/train/<class>/*.png``, ``root/val/...``); needs the
+    ``vision`` extra, imported only when used."""
+
+    def __init__(
+        self, root: str, input_size: int = 224, in_chans: int = 3, batch_size: int = 64,
+        num_workers: int = 4, seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed)
+        self.root, self.input_size, self.in_chans = Path(root), input_size, in_chans
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build datasets from ``root/train`` and ``root/val`` (val doubles as test)."""
+        try:
+            from torchvision import datasets, transforms
+        except Exception as err:  # torchvision is optional and may fail to import
+            raise ImportError("ImageFolderDataModule needs torchvision: pip install -e .[vision]") from err
+        for split in ("train", "val"):
+            if not (self.root / split).is_dir():
+                raise FileNotFoundError(f"ImageFolder split {self.root / split} not found")
+        tf = transforms.Compose([transforms.Resize(self.input_size), transforms.CenterCrop(self.input_size),
+                                 transforms.ToTensor()])
+        self.train_set = datasets.ImageFolder(str(self.root / "train"), tf)
+        self.val_set = self.test_set = datasets.ImageFolder(str(self.root / "val"), tf)
+        self.num_classes = len(self.train_set.classes)
