@@ -1,0 +1,33 @@
+"""dynprune: dynamic (input-dependent) pruning, with static pruning and compression baselines.
+
+Public API::
+
+    import dynprune as dp
+    net = dp.backbones.create("resnet20", num_classes=10, in_chans=1)
+    gated = dp.gate_model(net, gate="sigmoid")
+    module = dp.GatedClassifier(gated, lam=0.5)
+    trainer = lightning.Trainer(max_epochs=1, callbacks=[dp.FlopsCallback()])
+"""
+
+from dynprune import backbones, gates
+from dynprune.backbones import list_backbones, register_backbone
+from dynprune.callbacks import FlopsCallback
+from dynprune.data import (
+    CIFAR10DataModule,
+    DigitsDataModule,
+    FashionMNISTDataModule,
+    ImageFolderDataModule,
+)
+from dynprune.flops import FlopsProfile, count_flops
+from dynprune.gates import Gate, create_gate, list_gates, register_gate
+from dynprune.inject import collect_masks, gate_model, gated_layers, gating_info
+from dynprune.module import GatedClassifier
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CIFAR10DataModule", "DigitsDataModule", "FashionMNISTDataModule", "FlopsCallback", "FlopsProfile",
+    "Gate", "GatedClassifier", "ImageFolderDataModule", "backbones", "collect_masks", "count_flops",
+    "create_gate", "gate_model", "gated_layers", "gates", "gating_info", "list_backbones", "list_gates",
+    "register_backbone", "register_gate",
+]

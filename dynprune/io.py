@@ -1,0 +1,51 @@
+"""Atomic file outputs: write to a temp file in the same folder, then rename over the target."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None], mode: str = "w") -> Path:
+    """Call ``write(f)`` on a temp file next to ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    """Atomically write ``data`` as indented JSON."""
+    return atomic_write(path, lambda f: json.dump(data, f, indent=2, sort_keys=True))
+
+
+def write_csv(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Atomically write dict rows as CSV; columns are the union of keys in first-seen order."""
+    rows = list(rows)
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+
+    def write(f: IO[str]) -> None:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    return atomic_write(path, write)
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Atomically save a matplotlib figure as PNG."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"), "wb")
