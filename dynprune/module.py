@@ -42,7 +42,7 @@ def _check_args(gate: str | None, lam: float, cost: str, target: float | None, o
 def dense_to_gated_keys(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """Rename a dense backbone's state_dict keys to those of its gated version."""
     renames = {}
-    for name, layer in gated_layers(model).items():
+    for name in gated_layers(model):
         renames[name] = f"{name}.layer"
         info = model.dynprune.layers[name]
         if info.norm is not None:
