@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from dynprune.backbones.registry import BACKBONES, register_backbone
 from dynprune.backbones import lenet, mobilenet, resnet_cifar, vgg  # noqa: F401  (registers)
+from dynprune.backbones.registry import BACKBONES, register_backbone
 
 
 def create(

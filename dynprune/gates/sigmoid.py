@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from dynprune.gates.base import Gate
 from dynprune.gates.registry import register_gate
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: exactly 1[p > 0.5]; backward: the gradient passes to p unchanged."""
+
+    @staticmethod
+    def forward(ctx: object, probs: Tensor) -> Tensor:
+        return (probs > 0.5).to(probs.dtype)
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> Tensor:
+        return grad
 
 
 @register_gate("sigmoid")
@@ -13,5 +26,4 @@ class SigmoidGate(Gate):
     """m = 1[sigma(G(x)) > 0.5]; backward uses d sigma (straight-through), so train == eval net."""
 
     def mask_from_probs(self, probs: Tensor) -> Tensor:
-        hard = (probs > 0.5).to(probs.dtype)
-        return hard + probs - probs.detach() if self.training else hard
+        return _StraightThrough.apply(probs) if self.training else (probs > 0.5).to(probs.dtype)

@@ -1,0 +1,92 @@
+"""Measurements and tables for pruning runs: parameter counts, per-layer sparsity, batch-1 latency
+(FLOPs come from ``dynprune.flops.count_flops``), and atomic CSV / markdown writers shared by the experiment scripts."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+
+from dynprune.static.prune import layer_sparsity, weight_layers
+
+Row = Mapping[str, Any]
+
+
+def param_counts(model: nn.Module) -> dict[str, int]:
+    """``stored``: every parameter entry; ``nonzero``: those not equal to zero (masks applied)."""
+    tensors = [p for n, p in model.named_parameters() if not n.endswith("_orig")]
+    tensors += [getattr(m, n[:-5]) for m in model.modules() for n, _ in m.named_parameters(recurse=False)
+                if n.endswith("_orig")]
+    return {"stored": sum(t.numel() for t in tensors), "nonzero": sum(int((t != 0).sum()) for t in tensors)}
+
+
+def layer_table(model: nn.Module) -> list[dict[str, Any]]:
+    """One row per Conv2d / Linear: name, weight shape, weights, sparsity."""
+    sparsity = layer_sparsity(model)
+    return [
+        {"layer": n, "shape": "x".join(map(str, m.weight.shape)), "weights": m.weight.numel(),
+         "sparsity": round(sparsity[n], 4)}
+        for n, m in weight_layers(model).items()
+    ]
+
+
+def measure_latency(
+    model: nn.Module, input_shape: Sequence[int], batch_size: int = 1, min_run_time: float = 1.0,
+    threads: int = 1,
+) -> float:
+    """Median seconds of one eval forward of a (batch_size, *input_shape) input (torch.utils.benchmark)."""
+    model.eval()
+    timer = benchmark.Timer(
+        "with torch.no_grad(): model(x)", globals={"model": model, "x": torch.randn(batch_size, *input_shape),
+                                                   "torch": torch},
+        num_threads=threads,
+    )
+    return float(timer.blocked_autorange(min_run_time=min_run_time).median)
+
+
+def to_markdown(rows: Sequence[Row]) -> str:
+    """A GitHub markdown table of ``rows`` (columns of the first row)."""
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def atomic_write(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def write_table(rows: Sequence[Row], stem: str | os.PathLike[str], title: str = "") -> tuple[Path, Path]:
+    """Write ``rows`` atomically as ``<stem>.csv`` and ``<stem>.md`` (with an optional ``# title``)."""
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    md = (f"# {title}\n\n" if title else "") + to_markdown(rows)
+    return atomic_write(f"{stem}.csv", buf.getvalue()), atomic_write(f"{stem}.md", md)

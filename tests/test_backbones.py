@@ -1,0 +1,56 @@
+"""Every registered backbone x every gate: shapes, gradients into the gates, mask ranges."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dynprune as dp
+
+SMALL = {"vgg11": 0.25, "vgg16": 0.25, "mobilenetv2": 0.5}
+
+
+def _make(name: str, gate: str):
+    net = dp.backbones.create(name, num_classes=7, in_chans=1, input_size=28, width_mult=SMALL.get(name, 1.0))
+    return dp.gate_model(net, gate=gate)
+
+
+@pytest.mark.parametrize("gate", dp.list_gates())
+@pytest.mark.parametrize("name", dp.list_backbones())
+def test_backbone_gate_forward_backward(name: str, gate: str) -> None:
+    model = _make(name, gate).train()
+    x = torch.randn(3, 1, 28, 28)
+    out = model(x)
+    assert out.shape == (3, 7)
+    masks = dp.collect_masks(model)
+    assert masks and all(m.shape[0] == 3 for m in masks.values())
+    assert all(((m >= 0) & (m <= 1)).all() for m in masks.values())
+    if gate == "policy":
+        # policy gates learn only from REINFORCE: their log-probs carry the gradient.
+        loss = torch.stack([layer.gate.log_prob for layer in dp.gated_layers(model).values()]).sum()
+    else:
+        loss = out.square().mean() + sum(m.mean() for m in masks.values())
+    loss.backward()
+    grads = [layer.gate.fc2.weight.grad for layer in dp.gated_layers(model).values()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    for mask in dp.collect_masks(model).values():
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_unknown_backbone_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match="unknown backbone 'resnet21'.*resnet20"):
+        dp.backbones.create("resnet21")
+
+
+@pytest.mark.parametrize("width", [0.5, 2.0])
+def test_width_mult_scales_channels(width: float) -> None:
+    net = dp.backbones.create("resnet20", width_mult=width)
+    assert net.fc.in_features == int(64 * width)
+
+
+def test_depth_mult_scales_blocks() -> None:
+    assert len(dp.backbones.create("resnet20", depth_mult=2.0).layer1) == 6
+    assert len(dp.backbones.create("resnet56").layer1) == 9
