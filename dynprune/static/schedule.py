@@ -40,7 +40,7 @@ def sparsity_schedule(final: Amount = 0.5, start: float = 0.1, step: float = 0.0
     rounds = math.ceil((top - start) / step - 1e-9) + 1
     fractions = [min(round(start + i * step, 10), top) for i in range(rounds)]
     if isinstance(final, Mapping):
-        return [{name: v * f / top for name, v in final.items()} for f in fractions]
+        return [{name: round(v * f / top, 10) for name, v in final.items()} for f in fractions]
     return list(fractions)
 
 
