@@ -3,16 +3,21 @@ channel removal that keeps the outputs while cutting FlopCounterMode FLOPs."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch import nn
 
 import dynprune.backbones as B
+from dynprune.cli import cli_main
 from dynprune.data import DigitsDataModule
 from dynprune.flops import count_flops
 from dynprune.static import (
+    StaticPruning,
     channel_groups,
     channel_sparsity,
+    fraction_for_flops,
     global_sparsity,
     iterative_prune,
     layer_sparsity,
@@ -203,3 +208,46 @@ def test_param_counts_table_and_latency(tmp_path) -> None:
     assert md_path.read_text() == "# T\n\n| a | b |\n|---|---|\n| 1 | 0.5 |\n| 2 | 0.25 |\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv", "t.md"]
     assert 0 < measure_latency(model, (1, 28, 28), min_run_time=0.05) < 0.1
+
+
+def test_fraction_for_flops_hits_the_reduction() -> None:
+    model = B.create("lenet5")
+    fraction = fraction_for_flops(model, 2.0, (1, 28, 28), tol=0.02)
+    dense = count_flops(model, (1, 28, 28))[0]
+    flops = count_flops(remove_channels(prune_model(B.create("lenet5"), "l1_structured", fraction)), (1, 28, 28))[0]
+    assert dense / 2.2 < flops <= dense / 2
+    with pytest.raises(ValueError, match="ratio must be > 1, got 0.5"):
+        fraction_for_flops(model, 0.5, (1, 28, 28))
+
+
+def test_static_pruning_callback_through_the_cli(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["dynprune"])
+    config = tmp_path / "static.yaml"
+    config.write_text(
+        "seed_everything: 0\n"
+        "model: {backbone: lenet5, gate: null, input_size: 16, lr: 0.05}\n"
+        "data: {class_path: dynprune.data.DigitsDataModule, init_args: {batch_size: 64, input_size: 16}}\n"
+        f"trainer: {{max_epochs: 3, limit_train_batches: 2, limit_val_batches: 1, logger: false,\n"
+        f"  enable_progress_bar: false, enable_model_summary: false, default_root_dir: '{tmp_path}',\n"
+        "  callbacks: [{class_path: dynprune.static.StaticPruning,\n"
+        "               init_args: {method: l1_structured, final: 0.5, start: 0.25, step: 0.25}}]}\n"
+    )
+    cli = cli_main(["fit", "--config", str(config)])
+    assert [c.rounds_done for c in cli.trainer.callbacks if isinstance(c, StaticPruning)] == [2]
+    model = cli.model.model
+    assert channel_sparsity(model) == {"features.0": 0.5, "features.3": 0.5, "classifier.1": 0.5,
+                                       "classifier.3": 0.5}
+    small = remove_channels(model)
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(small.eval()(x), model.eval()(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("path", ["configs/static_l1_filter.yaml", "configs/static_l1_unstructured.yaml",
+                                  "configs/static_random_filter.yaml"])
+def test_static_configs_parse(path: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["dynprune"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", path, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "dynprune.static.StaticPruning" in capsys.readouterr().out

@@ -1,7 +1,8 @@
 """Static pruning baselines: ``torch.nn.utils.prune`` methods, iterative schedules, physical channel
 removal and reports, so static and dynamic pruning are compared in the same framework."""
 
-from dynprune.static.channel_removal import remove_channels
+from dynprune.static.callback import StaticPruning
+from dynprune.static.channel_removal import fraction_for_flops, remove_channels
 from dynprune.static.groups import ChannelGroup, channel_groups
 from dynprune.static.prune import (
     channel_sparsity,
@@ -18,8 +19,8 @@ from dynprune.static.schedule import RoundResult, iterative_prune, sparsity_sche
 from dynprune.static.train import evaluate, train_epochs
 
 __all__ = [
-    "ChannelGroup", "RoundResult", "channel_groups", "channel_sparsity", "evaluate",
-    "global_sparsity", "iterative_prune", "layer_sparsity", "layer_table", "list_pruners", "make_permanent",
-    "measure_latency", "param_counts", "prune_model", "register_pruner", "remove_channels",
+    "ChannelGroup", "RoundResult", "StaticPruning", "channel_groups", "channel_sparsity", "evaluate",
+    "fraction_for_flops", "global_sparsity", "iterative_prune", "layer_sparsity", "layer_table", "list_pruners",
+    "make_permanent", "measure_latency", "param_counts", "prune_model", "register_pruner", "remove_channels",
     "sparsity_schedule", "train_epochs", "weight_layers", "write_table",
 ]

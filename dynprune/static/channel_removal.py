@@ -9,13 +9,15 @@ the same function as the masked model (eval mode), with fewer FLOPs and a lower 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
+from dynprune.flops import count_flops
 from dynprune.static.groups import ChannelGroup, channel_groups
-from dynprune.static.prune import make_permanent
+from dynprune.static.prune import make_permanent, prune_model
 
 
 def remove_channels(model: nn.Module) -> nn.Module:
@@ -81,3 +83,25 @@ def _take(module: nn.Module, names: tuple[str, ...], idx: Tensor, dim: int) -> N
             setattr(module, name, nn.Parameter(sliced, requires_grad=t.requires_grad))
         else:
             setattr(module, name, sliced)
+
+
+def fraction_for_flops(
+    model: nn.Module, ratio: float, input_shape: Sequence[int], method: str = "l1_structured", tol: float = 1e-3,
+) -> float:
+    """Smallest uniform per-group channel fraction whose physically pruned model has at most
+    1/``ratio`` of ``model``'s FLOPs (bisection; ``model`` is not modified)."""
+    if ratio <= 1:
+        raise ValueError(f"ratio must be > 1, got {ratio}")
+    budget = count_flops(model, tuple(input_shape))[0] / ratio
+
+    def flops_at(fraction: float) -> int:
+        return count_flops(remove_channels(prune_model(copy.deepcopy(model), method, fraction)), tuple(input_shape))[0]
+
+    widths = [model.get_submodule(g.producer).weight.shape[0] for g in channel_groups(model)]
+    lo, hi = 0.0, min((c - 1) / c for c in widths)  # every group keeps at least one channel
+    if flops_at(hi) > budget:
+        raise ValueError(f"pruning channel groups alone cannot reduce FLOPs by {ratio}x")
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if flops_at(mid) <= budget else (mid, hi)
+    return hi
