@@ -4,8 +4,9 @@ reductions, with physical channel removal.
 Trains the dense backbone, then for each reduction R: finds the uniform fraction of inner block
 channels whose physically pruned model has <= 1/R of the dense FLOPs (FlopCounterMode), prunes
 it one-shot by filter L1 norm, removes the channels (checking the outputs equal the masked
-model's), fine-tunes the smaller model, and measures its batch-1 CPU latency with
-torch.utils.benchmark. Writes ``static_pruning_<backbone>.{csv,md}``.
+model's), and fine-tunes the smaller model. Finally times every model on the CPU at batch 1 and
+64 (torch.utils.benchmark, interleaved, minimum of the repeats' medians). Writes
+``static_pruning_<backbone>.{csv,md}``.
 
     nice -n 10 python experiments/static_pruning.py --epochs 4 --finetune-epochs 2 --train-subset 25000
 """
@@ -23,9 +24,9 @@ import dynprune.backbones as B
 from dynprune.data import FashionMNISTDataModule
 from dynprune.flops import count_flops
 from dynprune.static import (
+    compare_latency,
     evaluate,
     fraction_for_flops,
-    measure_latency,
     param_counts,
     prune_model,
     remove_channels,
@@ -46,9 +47,9 @@ def main() -> None:
     parser.add_argument("--finetune-lr", type=float, default=0.01)
     parser.add_argument("--train-subset", type=int, default=0, help="0 = all 55k training images")
     parser.add_argument("--test-subset", type=int, default=0, help="0 = all 10k test images")
-    parser.add_argument("--device", default="cpu", help="training device; latency is always CPU batch 1")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for training")
-    parser.add_argument("--latency-threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="training device; latency is always measured on the CPU")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for training and timing")
+    parser.add_argument("--latency-repeats", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
@@ -63,13 +64,12 @@ def main() -> None:
     train_epochs(dense, dm.train_dataloader(), args.epochs, args.lr, weight_decay=5e-4)
     dense_acc = evaluate(dense, dm.test_dataloader())
     dense = dense.cpu()
-    dense_flops, dense_lat = count_flops(dense, shape)[0], measure_latency(dense, shape, threads=args.latency_threads)
-    print(f"dense: acc {100 * dense_acc:.2f}%, {dense_flops / 1e6:.1f} MFLOPs, {1e3 * dense_lat:.2f} ms "
-          f"({(time.time() - start) / 60:.1f} min)")
+    dense_flops = count_flops(dense, shape)[0]
+    print(f"dense: acc {100 * dense_acc:.2f}%, {dense_flops / 1e6:.1f} MFLOPs ({(time.time() - start) / 60:.1f} min)")
+    models = {f"{args.backbone} dense": dense}
     rows = [{"model": f"{args.backbone} dense", "fraction": 0.0, "acc_pruned": "", "acc": round(100 * dense_acc, 2),
-             "MFLOPs": round(dense_flops / 1e6, 2), "flops_reduction": 1.0,
-             "params": param_counts(dense)["stored"], "latency_ms": round(1e3 * dense_lat, 3),
-             "speedup": 1.0, "speedup/theory": 1.0, "max_out_diff": ""}]
+             "MFLOPs": round(dense_flops / 1e6, 2), "flops_reduction": 1.0, "params": param_counts(dense)["stored"],
+             "max_out_diff": ""}]
     x = next(iter(dm.test_dataloader()))[0][:64]
     for ratio in args.ratios:
         fraction = fraction_for_flops(dense, ratio, shape, args.method)
@@ -82,19 +82,25 @@ def main() -> None:
         small = small.to(args.device)
         train_epochs(small, dm.train_dataloader(), args.finetune_epochs, args.finetune_lr, weight_decay=5e-4)
         acc = evaluate(small, dm.test_dataloader())
-        small = small.cpu()
-        flops, lat = count_flops(small, shape)[0], measure_latency(small, shape, threads=args.latency_threads)
-        rows.append({"model": f"{args.backbone} {args.method} {ratio:g}x", "fraction": round(fraction, 4),
-                     "acc_pruned": round(100 * acc_pruned, 2), "acc": round(100 * acc, 2),
-                     "MFLOPs": round(flops / 1e6, 2), "flops_reduction": round(dense_flops / flops, 2),
-                     "params": param_counts(small)["stored"], "latency_ms": round(1e3 * lat, 3),
-                     "speedup": round(dense_lat / lat, 2),
-                     "speedup/theory": round(dense_lat / lat / (dense_flops / flops), 2),
+        name = f"{args.backbone} {args.method} {ratio:g}x"
+        models[name] = small.cpu()
+        flops = count_flops(models[name], shape)[0]
+        rows.append({"model": name, "fraction": round(fraction, 4), "acc_pruned": round(100 * acc_pruned, 2),
+                     "acc": round(100 * acc, 2), "MFLOPs": round(flops / 1e6, 2),
+                     "flops_reduction": round(dense_flops / flops, 2), "params": param_counts(models[name])["stored"],
                      "max_out_diff": f"{diff:.1e}"})
         print(rows[-1], f"({(time.time() - start) / 60:.1f} min)")
+    for batch in (1, 64):
+        lat = compare_latency(models, shape, args.latency_repeats, batch_size=batch, threads=args.threads)
+        base = lat[f"{args.backbone} dense"]
+        for row in rows:
+            speedup = base / lat[row["model"]]
+            row[f"latency_b{batch}_ms"] = round(1e3 * lat[row["model"]], 3)
+            row[f"speedup_b{batch}"] = round(speedup, 2)
+            row[f"speedup_b{batch}/theory"] = round(speedup / row["flops_reduction"], 2)
     title = (f"Static {args.method} pruning of {args.backbone} on Fashion-MNIST (test acc %; FLOPs of the physically "
-             f"pruned model; CPU batch-1 latency, {args.latency_threads} thread; dense {args.epochs} ep, "
-             f"fine-tune {args.finetune_epochs} ep, train subset {args.train_subset or 'all'})")
+             f"pruned model; CPU latency, {args.threads} thread; dense {args.epochs} ep, fine-tune "
+             f"{args.finetune_epochs} ep, train subset {args.train_subset or 'all'})")
     write_table(rows, args.out / f"static_pruning_{args.backbone}", title)
     print(to_markdown(rows))
 

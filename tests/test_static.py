@@ -17,6 +17,7 @@ from dynprune.static import (
     StaticPruning,
     channel_groups,
     channel_sparsity,
+    compare_latency,
     fraction_for_flops,
     global_sparsity,
     iterative_prune,
@@ -208,6 +209,11 @@ def test_param_counts_table_and_latency(tmp_path) -> None:
     assert md_path.read_text() == "# T\n\n| a | b |\n|---|---|\n| 1 | 0.5 |\n| 2 | 0.25 |\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv", "t.md"]
     assert 0 < measure_latency(model, (1, 28, 28), min_run_time=0.05) < 0.1
+    small = B.create("lenet300_100", width_mult=0.25)
+    lat = compare_latency({"big": model, "small": small}, (1, 28, 28), repeats=2, min_run_time=0.05, batch_size=64)
+    assert list(lat) == ["big", "small"] and 0 < lat["small"] < lat["big"]
+    with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
+        compare_latency({"big": model}, (1, 28, 28), repeats=0)
 
 
 def test_fraction_for_flops_hits_the_reduction() -> None:

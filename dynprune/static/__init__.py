@@ -14,13 +14,13 @@ from dynprune.static.prune import (
     register_pruner,
     weight_layers,
 )
-from dynprune.static.report import layer_table, measure_latency, param_counts, write_table
+from dynprune.static.report import compare_latency, layer_table, measure_latency, param_counts, write_table
 from dynprune.static.schedule import RoundResult, iterative_prune, sparsity_schedule
 from dynprune.static.train import evaluate, train_epochs
 
 __all__ = [
-    "ChannelGroup", "RoundResult", "StaticPruning", "channel_groups", "channel_sparsity", "evaluate",
-    "fraction_for_flops", "global_sparsity", "iterative_prune", "layer_sparsity", "layer_table", "list_pruners",
-    "make_permanent", "measure_latency", "param_counts", "prune_model", "register_pruner", "remove_channels",
-    "sparsity_schedule", "train_epochs", "weight_layers", "write_table",
+    "ChannelGroup", "RoundResult", "StaticPruning", "channel_groups", "channel_sparsity", "compare_latency",
+    "evaluate", "fraction_for_flops", "global_sparsity", "iterative_prune", "layer_sparsity", "layer_table",
+    "list_pruners", "make_permanent", "measure_latency", "param_counts", "prune_model", "register_pruner",
+    "remove_channels", "sparsity_schedule", "train_epochs", "weight_layers", "write_table",
 ]

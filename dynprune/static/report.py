@@ -52,6 +52,21 @@ def measure_latency(
     return float(timer.blocked_autorange(min_run_time=min_run_time).median)
 
 
+def compare_latency(
+    models: Mapping[str, nn.Module], input_shape: Sequence[int], repeats: int = 5, min_run_time: float = 0.3,
+    batch_size: int = 1, threads: int = 1,
+) -> dict[str, float]:
+    """Seconds per forward of each model: the minimum over ``repeats`` interleaved ``measure_latency``
+    medians, so a load spike on a shared machine hits every model alike and is then discarded."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    best = dict.fromkeys(models, float("inf"))
+    for _ in range(repeats):
+        for name, model in models.items():
+            best[name] = min(best[name], measure_latency(model, input_shape, batch_size, min_run_time, threads))
+    return best
+
+
 def to_markdown(rows: Sequence[Row]) -> str:
     """A GitHub markdown table of ``rows`` (columns of the first row)."""
     if not rows:
