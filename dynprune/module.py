@@ -103,12 +103,13 @@ class GatedClassifier(L.LightningModule):
             gate_model(model, gate, where=where, **(gate_kwargs or {}))
         self.model = model
         self.gated = hasattr(model, "dynprune")
+        shape = model.dynprune.flops.input_shape if self.gated else tuple(
+            getattr(model, "input_shape", (in_chans, input_size, input_size)))
+        self._check_outputs(shape, num_classes)
         if self.gated:
             self.profile = model.dynprune.flops
         else:
-            shape = tuple(getattr(model, "input_shape", (in_chans, input_size, input_size)))
-            example = torch.zeros(1, *shape)
-            self.profile = FlopsProfile.build(model, shape, trace_layers(model, example), set())
+            self.profile = FlopsProfile.build(model, shape, trace_layers(model, torch.zeros(1, *shape)), set())
         if init_from is not None:
             self._warm_start(init_from)
         self.register_buffer("reward_baseline", torch.zeros(()))
@@ -116,6 +117,20 @@ class GatedClassifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes)
         self.val_acc = MulticlassAccuracy(num_classes)
         self.test_acc = MulticlassAccuracy(num_classes)
+
+    @torch.no_grad()
+    def _check_outputs(self, shape: tuple[int, ...], num_classes: int) -> None:
+        """The model must map (N, *shape) to (N, num_classes)."""
+        was_training = self.model.training
+        try:
+            out = self.model.eval()(torch.zeros(1, *shape, device=next(self.model.parameters()).device))
+        except RuntimeError as err:
+            dims = ", ".join(map(str, shape))
+            raise ValueError(f"backbone does not accept inputs of shape (N, {dims}): {err}") from err
+        finally:
+            self.model.train(was_training)
+        if out.shape != (1, num_classes):
+            raise ValueError(f"num_classes={num_classes} but the backbone outputs shape {tuple(out.shape[1:])}")
 
     def _warm_start(self, path: str) -> None:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -128,6 +143,10 @@ class GatedClassifier(L.LightningModule):
         if missing or unexpected:
             raise ValueError(f"init_from={path} does not match the backbone: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
+
+    def setup(self, stage: str) -> None:
+        """Flush denormals: soft masks near 0 otherwise make CPU convolutions ~10x slower."""
+        torch.set_flush_denormal(True)
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) -> logits (N, num_classes)."""
@@ -166,7 +185,7 @@ class GatedClassifier(L.LightningModule):
             log_probs = [g.gate.log_prob for g in gated_layers(self.model).values()
                          if isinstance(g.gate, PolicyGate)]
             if log_probs:
-                reward = -(task.detach() + lam * self._penalty(cost.detach()))
+                reward = self.reward(task.detach(), self._penalty(cost.detach()))
                 advantage = reward - self._update_baseline(reward)
                 loss = loss - (advantage * torch.stack(log_probs).sum(dim=0)).mean()
                 metrics["train/reward"] = reward.mean()
@@ -175,6 +194,10 @@ class GatedClassifier(L.LightningModule):
         metrics["train/loss"] = loss.detach()
         self.log_dict(metrics, prog_bar=False, on_step=False, on_epoch=True)
         return loss
+
+    def reward(self, task_loss: Tensor, penalty: Tensor) -> Tensor:
+        """REINFORCE reward per input (N,): -(task loss) - lam * penalty; loss and cost are bad."""
+        return -(task_loss + self.hparams.lam * penalty)
 
     def _update_baseline(self, reward: Tensor) -> Tensor:
         """Moving-average baseline b (a buffer, so it is checkpointed); returns b before the update."""

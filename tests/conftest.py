@@ -15,7 +15,7 @@ logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # small models; also robust when the machine is shared
 
 
 @pytest.fixture(autouse=True)

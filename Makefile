@@ -1,0 +1,31 @@
+# Two commands for a newcomer: `make demo` (train a gated ResNet-20 on Fashion-MNIST) and `make test`.
+# Each installs what is missing: the Debian Fashion-MNIST package, a venv, pinned dependencies.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup demo test lint clean
+
+$(FMNIST):
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+$(BIN)/dynprune: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(FMNIST) $(BIN)/dynprune
+
+demo: setup
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/dynprune fit --config configs/fmnist_demo.yaml
+
+test: setup
+	$(BIN)/ruff check dynprune tests experiments
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf runs wandb lightning_logs .pytest_cache

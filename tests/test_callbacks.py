@@ -1,0 +1,47 @@
+"""FlopsCallback: statistics over a real validation epoch, files written, report text."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from conftest import quiet_trainer_kwargs
+
+import dynprune as dp
+from dynprune.callbacks import flops_stats, format_report
+
+
+def test_flops_stats_numbers() -> None:
+    stats = flops_stats(torch.tensor([10.0, 20.0, 30.0, 40.0]), dense=40)
+    assert stats["flops_mean"] == 25.0 and stats["flops_min"] == 10.0 and stats["flops_max"] == 40.0
+    assert stats["flops_p50"] == pytest.approx(25.0) and stats["flops_p90"] == pytest.approx(37.0)
+    assert stats["flops_mean_ratio"] == 0.625 and stats["flops_saved"] == 0.375
+
+
+def test_callback_matches_masks_and_writes_outputs(tmp_path) -> None:
+    L.seed_everything(0)
+    dm = dp.DigitsDataModule(batch_size=50)
+    module = dp.GatedClassifier("resnet20", gate="sigmoid", input_size=8, width_mult=0.5,
+                                gate_kwargs={"init_bias": 0.0})
+    cb = dp.FlopsCallback(dirpath=str(tmp_path), verbose=True)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, callbacks=[cb], **quiet_trainer_kwargs())
+    trainer.fit(module, dm)
+    trainer.test(module, dm, verbose=False)
+    # recompute the per-input FLOPs of the test set directly from the masks
+    module.eval()
+    with torch.no_grad():
+        expected = torch.cat([module.profile.effective((module(x), module.masks())[1])
+                              for x, _ in dm.test_dataloader()])
+    report = cb.reports["test"]
+    assert report["inputs"] == len(dm.test_set) == len(expected)
+    assert report["summary"]["flops_mean"] == pytest.approx(expected.double().mean().item(), rel=1e-6)
+    assert report["summary"]["flops_max"] == pytest.approx(expected.max().item(), rel=1e-6)
+    assert report["summary"]["flops_mean_ratio"] < 1.0  # random gates at init_bias 0 turn channels off
+    saved = json.loads((tmp_path / "flops.json").read_text())
+    assert set(saved) == {"val", "test"}
+    assert (tmp_path / "flops_layers.csv").read_text().count("\n") == 2 * len(module.profile.layers) + 1
+    assert (tmp_path / "flops_hist_test.png").stat().st_size > 1000
+    text = format_report(report)
+    assert "saved" in text and "layer1.0.conv1" in text
