@@ -11,7 +11,7 @@ Public API::
 
 from dynprune import backbones, gates
 from dynprune.backbones import list_backbones, register_backbone
-from dynprune.callbacks import FlopsCallback
+from dynprune.callbacks import EpochTimer, FlopsCallback
 from dynprune.data import (
     CIFAR10DataModule,
     DigitsDataModule,
@@ -26,7 +26,7 @@ from dynprune.module import GatedClassifier
 __version__ = "0.1.0"
 
 __all__ = [
-    "CIFAR10DataModule", "DigitsDataModule", "FashionMNISTDataModule", "FlopsCallback", "FlopsProfile",
+    "CIFAR10DataModule", "DigitsDataModule", "EpochTimer", "FashionMNISTDataModule", "FlopsCallback", "FlopsProfile",
     "Gate", "GatedClassifier", "ImageFolderDataModule", "backbones", "collect_masks", "count_flops",
     "create_gate", "gate_model", "gated_layers", "gates", "gating_info", "list_backbones", "list_gates",
     "register_backbone", "register_gate",

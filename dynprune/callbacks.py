@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,24 @@ class FlopsCallback(L.Callback):
         ax.legend()
         save_figure(fig, path)
         plt.close(fig)
+
+
+class EpochTimer(L.Callback):
+    """Logs the wall time of each epoch's training batches (``train/epoch_time_s``, validation
+    excluded) and keeps them in ``times``, so gated-vs-dense cost can be compared as a ratio."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+        self._start = self._last = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = self._last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._last = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.times.append(self._last - self._start)
+        pl_module.log("train/epoch_time_s", self.times[-1], on_epoch=True)

@@ -16,7 +16,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from dynprune.callbacks import FlopsCallback
+from dynprune.callbacks import EpochTimer, FlopsCallback
 from dynprune.module import GatedClassifier
 
 
@@ -25,6 +25,7 @@ class DynpruneCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(FlopsCallback, "flops")
+        parser.add_lightning_class_args(EpochTimer, "timer")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.monitor": "val/acc",
                              "checkpoint.mode": "max", "checkpoint.filename": "best"})
