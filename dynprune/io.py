@@ -6,7 +6,7 @@ import csv
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -49,3 +49,20 @@ def write_csv(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -
 def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
     """Atomically save a matplotlib figure as PNG."""
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"), "wb")
+
+
+def to_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A GitHub markdown table of ``rows`` (columns of the first row; floats to 4 significant digits)."""
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(rows: Sequence[Mapping[str, Any]], stem: str | os.PathLike[str], title: str = "") -> tuple[Path, Path]:
+    """Atomically write ``rows`` as ``<stem>.csv`` and ``<stem>.md`` (with an optional ``# title``)."""
+    md = (f"# {title}\n\n" if title else "") + to_markdown(rows)
+    return write_csv(f"{stem}.csv", rows), atomic_write(f"{stem}.md", lambda f: f.write(md))

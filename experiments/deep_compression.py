@@ -20,8 +20,8 @@ import torch
 import dynprune.backbones as B
 from dynprune.compression import DeepCompressionConfig, deep_compression
 from dynprune.data import FashionMNISTDataModule
+from dynprune.io import to_markdown
 from dynprune.static import evaluate, train_epochs, write_table
-from dynprune.static.report import to_markdown
 
 # Per-layer pruning targets in the spirit of Han et al. (first layers and the classifier kept denser).
 SPARSITY = {

@@ -23,6 +23,7 @@ import torch
 import dynprune.backbones as B
 from dynprune.data import FashionMNISTDataModule
 from dynprune.flops import count_flops
+from dynprune.io import to_markdown
 from dynprune.static import (
     compare_latency,
     evaluate,
@@ -33,7 +34,6 @@ from dynprune.static import (
     train_epochs,
     write_table,
 )
-from dynprune.static.report import to_markdown
 
 
 def main() -> None:

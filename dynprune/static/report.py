@@ -1,20 +1,16 @@
 """Measurements and tables for pruning runs: parameter counts, per-layer sparsity, batch-1 latency
-(FLOPs come from ``dynprune.flops.count_flops``), and atomic CSV / markdown writers shared by the experiment scripts."""
+(FLOPs come from ``dynprune.flops.count_flops``); tables are written by ``dynprune.io.write_table``."""
 
 from __future__ import annotations
 
-import csv
-import io
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import benchmark
 
+from dynprune.io import to_markdown, write_table  # noqa: F401  (re-exported)
 from dynprune.static.prune import layer_sparsity, weight_layers
 
 Row = Mapping[str, Any]
@@ -65,43 +61,3 @@ def compare_latency(
         for name, model in models.items():
             best[name] = min(best[name], measure_latency(model, input_shape, batch_size, min_run_time, threads))
     return best
-
-
-def to_markdown(rows: Sequence[Row]) -> str:
-    """A GitHub markdown table of ``rows`` (columns of the first row)."""
-    if not rows:
-        return ""
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def atomic_write(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
-
-
-def write_table(rows: Sequence[Row], stem: str | os.PathLike[str], title: str = "") -> tuple[Path, Path]:
-    """Write ``rows`` atomically as ``<stem>.csv`` and ``<stem>.md`` (with an optional ``# title``)."""
-    buf = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    md = (f"# {title}\n\n" if title else "") + to_markdown(rows)
-    return atomic_write(f"{stem}.csv", buf.getvalue()), atomic_write(f"{stem}.md", md)

@@ -1,0 +1,60 @@
+"""Train the demo config (configs/fmnist_demo.yaml) once per gate family and once dense; print a table of
+test accuracy, mean/p90 FLOPs ratio, FLOPs saved and training-epoch wall time relative to dense.
+
+    .venv/bin/python experiments/gate_families.py [--config configs/fmnist_demo.yaml] [extra CLI overrides]
+
+Writes experiments/results/gate_families.{csv,md}. Timings are ratios within one run (same machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from pathlib import Path
+
+from dynprune.callbacks import EpochTimer, FlopsCallback
+from dynprune.cli import cli_main
+from dynprune.io import to_markdown, write_table
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run(config: str, gate: str, root: Path, extra: list[str]) -> dict[str, object]:
+    """Fit + test one gate family ('none' = dense) and collect its numbers."""
+    out = root / gate
+    cli = cli_main(["fit", "--config", config, f"--model.gate={'null' if gate == 'none' else gate}",
+                    "--test_after_fit=true", f"--trainer.default_root_dir={out}", f"--flops.dirpath={out}",
+                    "--trainer.logger=false", *extra])
+    cbs = cli.trainer.callbacks
+    timer = next(c for c in cbs if isinstance(c, EpochTimer))
+    test = next(c for c in cbs if isinstance(c, FlopsCallback)).reports["test"]
+    metrics = cli.trainer.callback_metrics
+    return {"gate": gate, "lam": cli.model.hparams.lam if gate != "none" else 0.0,
+            "test_acc": round(float(metrics["test/acc"]), 4),
+            "flops_mean_ratio": round(test["summary"]["flops_mean_ratio"], 4),
+            "flops_p90_ratio": round(test["summary"]["flops_p90_ratio"], 4),
+            "flops_saved": round(test["summary"]["flops_saved"], 4),
+            "epoch_s": round(statistics.median(timer.times), 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/fmnist_demo.yaml")
+    parser.add_argument("--gates", nargs="+", default=["none", "sigmoid", "l1", "policy"])
+    parser.add_argument("--root", default="runs/gate_families")
+    args, extra = parser.parse_known_args()
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    rows = [run(args.config, g, Path(args.root), extra) for g in args.gates]
+    dense = next((r["epoch_s"] for r in rows if r["gate"] == "none"), None)
+    for r in rows:
+        r["epoch_time_vs_dense"] = round(r["epoch_s"] / dense, 3) if dense else None
+    command = "python experiments/gate_families.py " + " ".join(
+        [f"--config {args.config}", f"--gates {' '.join(args.gates)}", *extra])
+    write_table(rows, RESULTS / "gate_families", f"Gate families on Fashion-MNIST\n\n`{command}`")
+    table = to_markdown(rows)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
