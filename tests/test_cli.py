@@ -46,7 +46,8 @@ def test_print_config_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert config["model"]["lam"] == 0.7 and config["data"]["class_path"].endswith("DigitsDataModule")
     path = tmp_path / "printed.yaml"
     path.write_text(printed)
-    cli = cli_main(["fit", "--config", str(path), "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}"])
+    cli = cli_main(["fit", "--config", str(path), "--trainer.fast_dev_run=true",
+                    f"--trainer.default_root_dir={tmp_path}"])
     assert cli.model.hparams.lam == 0.7
 
 
