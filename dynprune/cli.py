@@ -17,15 +17,18 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dynprune.callbacks import EpochTimer, FlopsCallback
+from dynprune.guard import CollapseGuard
 from dynprune.module import GatedClassifier
 
 
 class DynpruneCLI(LightningCLI):
-    """LightningCLI with a FlopsCallback and a last-checkpoint always on, and ``--test_after_fit``."""
+    """LightningCLI with a FlopsCallback, a CollapseGuard and a last-checkpoint always on, and
+    ``--test_after_fit``."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(FlopsCallback, "flops")
         parser.add_lightning_class_args(EpochTimer, "timer")
+        parser.add_lightning_class_args(CollapseGuard, "guard")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.monitor": "val/acc",
                              "checkpoint.mode": "max", "checkpoint.filename": "best"})
