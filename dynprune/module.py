@@ -147,6 +147,27 @@ class GatedClassifier(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Flush denormals: soft masks near 0 otherwise make CPU convolutions ~10x slower."""
         torch.set_flush_denormal(True)
+        self._check_data(getattr(self._trainer, "datamodule", None))
+
+    def _check_data(self, datamodule: L.LightningDataModule | None) -> None:
+        """The datamodule's ``in_chans``/``input_size`` (when it declares them) must match the model's."""
+        shape = self.profile.input_shape
+        if len(shape) != 3:
+            return
+        for attr, expected in (("in_chans", shape[0]), ("input_size", shape[1])):
+            value = getattr(datamodule, attr, None)
+            if value is not None and value != expected:
+                raise ValueError(f"the data has {attr}={value} but the model expects {attr}={expected} "
+                                 f"(input shape {shape}); set model.{attr}={value} or change the data")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the torch RNG state: policy gates sample from it, so a resumed run stays exact."""
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the RNG state when resuming ``fit`` (not when only loading weights)."""
+        if "torch_rng_state" in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
+            torch.set_rng_state(checkpoint["torch_rng_state"])
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) -> logits (N, num_classes)."""
