@@ -12,7 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_HINT = "install it with `apt-get install dataset-fashion-mnist` or set data_dir"
@@ -31,6 +31,25 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     if body.size != int(np.prod(shape)):
         raise ValueError(f"{path}: header says {shape} but holds {body.size} values")
     return body.reshape(shape)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles with a permutation that is a function of (seed, epoch) only, so a run resumed from a
+    checkpoint sees the same order as an uninterrupted one (Lightning calls ``set_epoch``)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch``."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):  # noqa: ANN204
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=gen).tolist())
 
 
 def _split(
@@ -63,9 +82,8 @@ class _TensorDataModule(L.LightningDataModule):
     def _loader(self, ds: Dataset | None, shuffle: bool) -> DataLoader:
         if ds is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not been called")
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(ds, self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          generator=gen if shuffle else None,
+        sampler = EpochShuffleSampler(len(ds), self.seed) if shuffle else None
+        return DataLoader(ds, self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

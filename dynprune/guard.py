@@ -27,7 +27,9 @@ class CollapseGuard(L.Callback):
     """Stops training when a layer's gates collapse or the training loss becomes NaN/inf.
 
     A layer has collapsed "off" when every channel is off for every validation input, "on" when
-    every channel is on for every input (the gate never prunes). Either must persist for
+    every channel is on for every input (the gate never prunes). A layer inside a residual branch
+    (``model.dynprune.bypassed``, e.g. a ResNet block's conv1) that is always off only skips its
+    block, which is a legitimate outcome, so it never counts as "off". Either must persist for
     ``patience`` consecutive validation epochs (sanity checks excluded).
 
     Args:
@@ -77,8 +79,11 @@ class CollapseGuard(L.Callback):
             lo = pl_module.all_gather(lo).reshape(-1, len(names)).amin(dim=0)
             hi = pl_module.all_gather(hi).reshape(-1, len(names)).amax(dim=0)
         state = {"off": hi == 0, "on": lo == 1}
+        info = getattr(getattr(pl_module, "model", None), "dynprune", None)
+        bypassed = set(getattr(info, "bypassed", ()))
         for kind in self._kinds():
             for name, collapsed in zip(names, state[kind].tolist(), strict=True):
+                collapsed = collapsed and not (kind == "off" and name in bypassed)
                 key = f"{kind}:{name}"
                 self.streaks[key] = self.streaks.get(key, 0) + 1 if collapsed else 0
                 if self.streaks[key] >= self.patience:

@@ -29,6 +29,18 @@ class GatingInfo:
     gated: list[str]
     layers: dict[str, LayerInfo]
     flops: FlopsProfile
+    bypassed: list[str]
+
+
+def bypassed_layers(infos: dict[str, LayerInfo], names: Sequence[str]) -> list[str]:
+    """Layers among ``names`` whose output reaches a residual addition downstream (through the layers
+    it feeds): turning all their channels off skips a residual branch, it does not cut the network."""
+
+    def reaches_residual(name: str, seen: frozenset[str] = frozenset()) -> bool:
+        consumers = [i for i in infos.values() if i.producer == name and i.name not in seen]
+        return any(c.residual or reaches_residual(c.name, seen | {name}) for c in consumers)
+
+    return [n for n in names if reaches_residual(n)]
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -105,7 +117,7 @@ def gate_model(
     profile.gate_flops = sum(per_module.get(f"{n}.gate", 0) for n in names)
     if gated_total - profile.gate_flops != profile.dense_total:
         raise RuntimeError("FLOPs of the gated backbone differ from the dense count; please report")
-    model.dynprune = GatingInfo(gate, names, infos, profile)
+    model.dynprune = GatingInfo(gate, names, infos, profile, bypassed_layers(infos, names))
     return model
 
 

@@ -265,7 +265,8 @@ class GatedClassifier(L.LightningModule):
         groups = [{"params": [p for p in self.model.parameters() if id(p) not in gate_ids],
                    "weight_decay": hp.weight_decay}]
         if gate_params:
-            groups.append({"params": gate_params, "weight_decay": 0.0, "lr": hp.gate_lr or hp.lr})
+            gate_lr = hp.lr if hp.gate_lr is None else hp.gate_lr
+            groups.append({"params": gate_params, "weight_decay": 0.0, "lr": gate_lr})
         if hp.optimizer == "sgd":
             opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=True)
         else:

@@ -38,6 +38,7 @@ def test_user_model_with_residual_and_grouped_conv() -> None:
     assert info.gated == ["a", "grouped"]  # stem (first), b (residual), head (classifier) skipped
     assert isinstance(model.a, GatedLayer) and isinstance(model.a_bn, MaskAfter)
     assert info.layers["b"].residual and info.layers["grouped"].producer == "a"
+    assert info.bypassed == ["a", "grouped"]  # both feed the residual branch through b
     out = model.train()(torch.randn(2, 3, 12, 12))
     out.sum().backward()
     assert model.grouped.gate.fc2.weight.grad.abs().sum() > 0

@@ -80,7 +80,7 @@ def test_reinforce_baseline_is_a_moving_average() -> None:
 
 def test_target_mode_penalises_distance_to_target() -> None:
     module = dp.GatedClassifier("lenet5", gate="sigmoid", target=0.5)
-    assert torch.equal(module._penalty(torch.tensor([0.2, 0.9])), torch.tensor([0.3, 0.4]))
+    torch.testing.assert_close(module._penalty(torch.tensor([0.2, 0.9])), torch.tensor([0.3, 0.4]))
 
 
 @pytest.mark.parametrize(
