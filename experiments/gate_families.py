@@ -43,18 +43,19 @@ def main() -> None:
     parser.add_argument("--config", default="configs/fmnist_demo.yaml")
     parser.add_argument("--gates", nargs="+", default=["none", "sigmoid", "l1", "policy"])
     parser.add_argument("--root", default="runs/gate_families")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args, extra = parser.parse_known_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
-    rows = [run(args.config, g, Path(args.root), extra) for g in args.gates]
-    dense = next((r["epoch_s"] for r in rows if r["gate"] == "none"), None)
-    for r in rows:
-        r["epoch_time_vs_dense"] = round(r["epoch_s"] / dense, 3) if dense else None
     command = "python experiments/gate_families.py " + " ".join(
         [f"--config {args.config}", f"--gates {' '.join(args.gates)}", *extra])
-    write_table(rows, RESULTS / "gate_families", f"Gate families on Fashion-MNIST\n\n`{command}`")
-    table = to_markdown(rows)
-    print(table)
-
+    rows: list[dict[str, object]] = []
+    for gate in args.gates:  # the table is rewritten after every run, so a crash keeps what finished
+        rows.append(run(args.config, gate, Path(args.root), extra))
+        dense = next((r["epoch_s"] for r in rows if r["gate"] == "none"), None)
+        for r in rows:
+            r["epoch_time_vs_dense"] = round(r["epoch_s"] / dense, 3) if dense else None
+        write_table(rows, args.out / "gate_families", f"Gate families on Fashion-MNIST\n\n`{command}`")
+    print(to_markdown(rows))
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,6 +60,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save(dense.state_dict(), dense_path)
     dense_flops = dp.count_flops(dense, shape)[0]
+    title = (f"Static vs dynamic at equal FLOPs, {args.backbone} on Fashion-MNIST (dense {args.epochs} ep, then "
+             f"{args.finetune_epochs} ep prune+fine-tune or gated training; lam={args.lam}, device {args.device})")
     print(rows[-1], f"{time.time() - start:.0f}s", flush=True)
     for ratio in args.ratios:
         fraction = fraction_for_flops(dense, ratio, shape)
@@ -73,7 +76,7 @@ def main() -> None:
             module = dp.GatedClassifier(args.backbone, gate=gate, lam=args.lam, target=1 / ratio,
                                         init_from=str(dense_path), lr=args.finetune_lr, gate_lr=args.gate_lr,
                                         gate_kwargs={"init_bias": args.init_bias})
-            cb = dp.FlopsCallback(plot=False, verbose=False, dirpath=str(args.out / ".iso_runs"))
+            cb = dp.FlopsCallback(plot=False, verbose=False, dirpath=tempfile.mkdtemp(prefix="iso_flops_"))
             trainer = L.Trainer(max_epochs=args.finetune_epochs, logger=False, enable_checkpointing=False,
                                 enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                                 num_sanity_val_steps=0, callbacks=[cb],
@@ -84,10 +87,8 @@ def main() -> None:
                          "flops_ratio": round(result["test/flops_mean_ratio"], 4),
                          "p90_ratio": round(result["test/flops_p90_ratio"], 4)})
             print(rows[-1], f"{time.time() - start:.0f}s", flush=True)
+            write_table(rows, args.out / f"iso_flops_{args.backbone}", title)  # keep what finished
     dense_path.unlink()
-    title = (f"Static vs dynamic at equal FLOPs, {args.backbone} on Fashion-MNIST (dense {args.epochs} ep, then "
-             f"{args.finetune_epochs} ep prune+fine-tune or gated training; lam={args.lam}, device {args.device})")
-    write_table(rows, args.out / f"iso_flops_{args.backbone}", title)
     print(to_markdown(rows))
 
 
