@@ -13,12 +13,24 @@ import sys
 from collections.abc import Sequence
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from dynprune.callbacks import EpochTimer, FlopsCallback
 from dynprune.guard import CollapseGuard
+from dynprune.io import atomic_write
 from dynprune.module import GatedClassifier
+
+
+class SaveConfigNextToCheckpoints(SaveConfigCallback):
+    """Save the resolved config to the log dir (Lightning's default) and, atomically, next to the checkpoints."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ckpt = trainer.checkpoint_callback
+        if trainer.is_global_zero and isinstance(ckpt, ModelCheckpoint) and ckpt.dirpath:
+            text = self.parser.dump(self.config, skip_none=False)
+            atomic_write(os.path.join(ckpt.dirpath, self.config_filename), lambda f: f.write(text))
 
 
 class DynpruneCLI(LightningCLI):
@@ -32,8 +44,27 @@ class DynpruneCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.monitor": "val/acc",
                              "checkpoint.mode": "max", "checkpoint.filename": "best"})
+        parser.set_defaults({"trainer.logger": {"class_path": "lightning.pytorch.loggers.WandbLogger",
+                                                "init_args": {"project": "dynprune"}}})
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="run `test` on the final weights after `fit` and print the FLOPs report")
+
+    def before_instantiate_classes(self) -> None:
+        """A WandbLogger left at ``save_dir: .`` writes under ``trainer.default_root_dir`` instead."""
+        trainer = self._get(self.config, "trainer")
+        logger = trainer.get("logger")
+        if (isinstance(logger, Namespace) and logger.class_path.endswith(".WandbLogger")
+                and str(logger.init_args.get("save_dir")) == "." and trainer.get("default_root_dir")):
+            logger.init_args.save_dir = trainer.default_root_dir
+
+    def instantiate_trainer(self, **kwargs: object) -> L.Trainer:
+        """Add a RichProgressBar unless the config disables the bar or brings its own."""
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs.setdefault("callbacks", [*callbacks, RichProgressBar()])
+        return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
         """Optionally evaluate on the test set right after training (used by the demo)."""
@@ -43,12 +74,14 @@ class DynpruneCLI(LightningCLI):
 
 def cli_main(args: Sequence[str] | None = None) -> DynpruneCLI:
     """Run the LightningCLI on ``args`` (default: ``sys.argv[1:]``)."""
-    os.environ.setdefault("WANDB_MODE", "offline")
+    if "WANDB_SWEEP_ID" not in os.environ:  # a `wandb agent` run reports to its server
+        os.environ.setdefault("WANDB_MODE", "offline")
     return DynpruneCLI(
         GatedClassifier,
         L.LightningDataModule,
         subclass_mode_data=True,
         args=args,
+        save_config_callback=SaveConfigNextToCheckpoints,
         save_config_kwargs={"overwrite": True},
     )
 
