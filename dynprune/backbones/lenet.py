@@ -7,6 +7,14 @@ from torch import Tensor, nn
 from dynprune.backbones.registry import register_backbone, scale_width
 
 
+def flat_mlp(*sizes: int) -> nn.Sequential:
+    """Flatten -> Linear -> ReLU -> ... -> Linear through ``sizes`` (Linear layers at odd indices)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    for i, (cin, cout) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers += [nn.Linear(cin, cout)] + ([nn.ReLU(inplace=True)] if i < len(sizes) - 2 else [])
+    return nn.Sequential(*layers)
+
+
 class LeNet5(nn.Module):
     """conv5(6) -> pool -> conv5(16) -> pool -> fc120 -> fc84 -> fc; input (N, C, S, S)."""
 
@@ -25,14 +33,7 @@ class LeNet5(nn.Module):
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
         )
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(c2 * spatial * spatial, f1),
-            nn.ReLU(inplace=True),
-            nn.Linear(f1, f2),
-            nn.ReLU(inplace=True),
-            nn.Linear(f2, num_classes),
-        )
+        self.classifier = flat_mlp(c2 * spatial * spatial, f1, f2, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, S, S) -> logits (N, num_classes)."""
@@ -45,14 +46,7 @@ class LeNet300100(nn.Module):
     def __init__(self, num_classes: int, in_chans: int, input_size: int, width_mult: float) -> None:
         super().__init__()
         h1, h2 = scale_width(300, width_mult), scale_width(100, width_mult)
-        self.net = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(in_chans * input_size * input_size, h1),
-            nn.ReLU(inplace=True),
-            nn.Linear(h1, h2),
-            nn.ReLU(inplace=True),
-            nn.Linear(h2, num_classes),
-        )
+        self.net = flat_mlp(in_chans * input_size * input_size, h1, h2, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, S, S) -> logits (N, num_classes)."""
