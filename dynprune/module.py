@@ -106,6 +106,7 @@ class GatedClassifier(L.LightningModule):
         shape = model.dynprune.flops.input_shape if self.gated else tuple(
             getattr(model, "input_shape", (in_chans, input_size, input_size)))
         self._check_outputs(shape, num_classes)
+        self.example_input_array = torch.zeros(2, *shape)  # model summary: sizes and FLOPs
         if self.gated:
             self.profile = model.dynprune.flops
         else:
@@ -242,7 +243,7 @@ class GatedClassifier(L.LightningModule):
             (len(x),), float(self.profile.dense_total), device=x.device)
         self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": acc,
                        f"{stage}/flops_ratio": flops.mean() / self.profile.dense_total},
-                      prog_bar=True, on_step=False, on_epoch=True)
+                      prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
         return {"flops": flops.detach(),
                 "keep": {n: m.detach().mean(dim=1) for n, m in masks.items()},
                 "layer_flops": {n: f.detach() for n, f in per_layer.items()}}
