@@ -76,6 +76,14 @@ def read_static(path: str | Path) -> list[Point]:
     return points
 
 
+def read_iso(path: str | Path) -> list[Point]:
+    """Rows of an ``experiments/iso_flops.py`` table (``method``, acc in %, ``flops_ratio``, ``p90_ratio``)."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return [Point(row["method"].replace(" ", "_"), float(row["acc"]) / 100, float(row["flops_ratio"]),
+                  float(row["p90_ratio"]), None, f"R={row['R']}") for row in rows]
+
+
 def _order(method: str) -> tuple[int, str]:
     return (0 if method == "dense" else 2 if method.startswith("static") else 1, method)
 
@@ -137,15 +145,18 @@ def plot(points: Sequence[Point], path: str | Path, title: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("summaries", nargs="+", type=Path, help="summary.csv files of `dynprune sweep`")
+    parser.add_argument("summaries", nargs="*", type=Path, help="summary.csv files of `dynprune sweep`")
     parser.add_argument("--static", nargs="*", type=Path, default=[], help="static_pruning_*.csv tables")
+    parser.add_argument("--iso", nargs="*", type=Path, default=[], help="iso_flops_*.csv tables")
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.png and OUT.md")
     parser.add_argument("--title", default="Accuracy vs mean FLOPs")
     args = parser.parse_args(argv)
     points = [p for path in args.summaries for p in read_summary(path)]
     points += [p for path in args.static for p in read_static(path)]
+    points += [p for path in args.iso for p in read_iso(path)]
     if not points:
-        parser.error(f"no finished runs with acc and flops_mean_ratio in {', '.join(map(str, args.summaries))}")
+        inputs = ", ".join(map(str, [*args.summaries, *args.static, *args.iso]))
+        parser.error(f"no finished runs with acc and flops_mean_ratio in {inputs or 'no files (pass some)'}")
     png = args.out.with_name(args.out.name + ".png")
     plot(points, png, args.title)
     table = markdown_table(points)

@@ -59,3 +59,13 @@ def test_script_on_a_fabricated_three_run_summary(tmp_path: Path, capsys: pytest
     assert "gate-l1_lam-1" not in table and "resnet20 dense" not in table
     assert [m for m in pareto.by_method(pareto.read_summary(tmp_path / "summary.csv"))] == ["sigmoid"]
     assert "| sigmoid | 0.5 | 85.00 | 0.900 | 0.950 |" in capsys.readouterr().out
+
+
+def test_iso_flops_table_is_read_as_points(tmp_path: Path) -> None:
+    path = tmp_path / "iso.csv"
+    path.write_text("method,R,acc,flops_ratio,p90_ratio\ndense,1.0,93.05,1.0,1.0\n"
+                    "static l1-filter,2.0,92.48,0.4968,0.4968\ndynamic sigmoid,2.0,92.41,0.5014,0.5156\n")
+    points = pareto.read_iso(path)
+    assert [p.method for p in points] == ["dense", "static_l1-filter", "dynamic_sigmoid"]
+    assert points[2].acc == pytest.approx(0.9241) and points[2].flops_p90 == pytest.approx(0.5156)
+    assert pareto.pareto_front(points[1:]) == [0]  # static dominates: cheaper and more accurate
