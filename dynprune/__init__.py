@@ -25,6 +25,18 @@ from dynprune.module import GatedClassifier
 
 __version__ = "0.1.0"
 
+_LAZY = ("static", "compression", "sweep", "guard")
+
+
+def __getattr__(name: str) -> object:
+    """``dp.static``, ``dp.compression``, ``dp.sweep``, ``dp.guard``: imported on first use (they pull in
+    scikit-learn, bitarray, ...), so ``import dynprune`` stays light."""
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"dynprune.{name}")
+    raise AttributeError(f"module 'dynprune' has no attribute '{name}'")
+
 __all__ = [
     "CIFAR10DataModule", "DigitsDataModule", "EpochTimer", "FashionMNISTDataModule", "FlopsCallback", "FlopsProfile",
     "Gate", "GatedClassifier", "ImageFolderDataModule", "backbones", "collect_masks", "count_flops",

@@ -54,3 +54,9 @@ def test_width_mult_scales_channels(width: float) -> None:
 def test_depth_mult_scales_blocks() -> None:
     assert len(dp.backbones.create("resnet20", depth_mult=2.0).layer1) == 6
     assert len(dp.backbones.create("resnet56").layer1) == 9
+
+
+def test_subpackages_are_reachable_from_the_top_level() -> None:
+    assert callable(dp.static.prune_model) and callable(dp.compression.deep_compression)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        dp.nothing  # noqa: B018
