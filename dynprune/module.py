@@ -9,6 +9,7 @@ average of R; the backbone is trained by the task loss alone.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
@@ -19,8 +20,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from dynprune import backbones
 from dynprune.flops import FlopsProfile
-from dynprune.gates import PolicyGate, list_gates
-from dynprune.inject import collect_masks, gate_model, gated_layers
+from dynprune.gates import L1Gate, PolicyGate, list_gates
+from dynprune.inject import collect_masks, gate_model, gated_layers, gates
 from dynprune.trace import trace_layers
 
 COSTS = ("flops", "count")
@@ -68,6 +69,9 @@ class GatedClassifier(L.LightningModule):
         init_from: a checkpoint of a dense run of the same backbone to warm-start from.
         gate_lr: learning rate of gate parameters (default ``lr``); gates get no weight decay.
         baseline_momentum: momentum of the REINFORCE moving-average baseline.
+        bn_recalibration: for soft-mask (l1) gates: before each validation, re-estimate BatchNorm running
+            statistics over this many training batches with the thresholded (eval) masks, so the network
+            that is evaluated has statistics of the network that runs (0 disables).
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class GatedClassifier(L.LightningModule):
         weight_decay: float = 5e-4,
         gate_lr: float | None = None,
         baseline_momentum: float = 0.9,
+        bn_recalibration: int = 50,
     ) -> None:
         super().__init__()
         _check_args(gate, lam, cost, target, optimizer)
@@ -247,6 +252,34 @@ class GatedClassifier(L.LightningModule):
         return {"flops": flops.detach(),
                 "keep": {n: m.detach().mean(dim=1) for n, m in masks.items()},
                 "layer_flops": {n: f.detach() for n, f in per_layer.items()}}
+
+    def on_validation_epoch_start(self) -> None:
+        """Soft-mask gates are thresholded at eval: recalibrate BatchNorm statistics for that network."""
+        soft = self.gated and any(isinstance(g, L1Gate) for g in gates(self.model))
+        if soft and self.hparams.bn_recalibration > 0 and self.trainer.state.fn == "fit" \
+                and not self.trainer.sanity_checking:
+            self.recalibrate_norms(self.trainer.train_dataloader, self.hparams.bn_recalibration)
+
+    @torch.no_grad()
+    def recalibrate_norms(self, loader: Iterable[tuple[Tensor, Tensor]], batches: int) -> None:
+        """Recompute every BatchNorm's running mean/var as the average over ``batches`` batches of
+        ``loader``, with the network in train mode but its gates in eval mode (thresholded masks)."""
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        was_training = self.model.training
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        self.model.train()
+        for layer in gated_layers(self.model).values():
+            layer.gate.eval()
+        try:
+            for _, (x, _) in zip(range(batches), loader, strict=False):
+                self.model(x.to(self.device))
+        finally:
+            for m, momentum in zip(norms, momenta, strict=True):
+                m.momentum = momentum
+            self.model.train(was_training)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
         return self._eval_step(batch, "val", self.val_acc)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import lightning as L
 import pytest
 import torch
@@ -108,3 +110,28 @@ def test_dense_baseline_and_warm_start(tmp_path) -> None:
     assert torch.allclose(dense(x), gated(x), atol=1e-5)
     with pytest.raises(ValueError, match="does not match the backbone"):
         dp.GatedClassifier("vgg11", gate="sigmoid", input_size=8, init_from=str(path))
+
+
+def test_bn_recalibration_uses_thresholded_masks() -> None:
+    L.seed_everything(0)
+    dm = dp.DigitsDataModule(batch_size=64)
+    dm.setup()
+    module = dp.GatedClassifier("resnet20", gate="l1", input_size=8, width_mult=0.5, gate_kwargs={"init_bias": 0.0})
+    batches = [batch for _, batch in zip(range(3), dm.train_dataloader(), strict=False)]
+
+    def bn2_input_means(soft: bool) -> torch.Tensor:
+        model = copy.deepcopy(module.model).train()
+        for layer in dp.gated_layers(model).values():
+            layer.gate.train(soft)
+        seen = []
+        model.layer1[0].bn2.register_forward_hook(lambda m, i, o: seen.append(i[0].mean(dim=(0, 2, 3))))
+        with torch.no_grad():
+            for x, _ in batches:
+                model(x)
+        return torch.stack(seen).mean(dim=0)
+
+    module.recalibrate_norms(batches, 3)
+    stats = module.model.layer1[0].bn2.running_mean
+    torch.testing.assert_close(stats, bn2_input_means(soft=False))
+    assert not torch.allclose(stats, bn2_input_means(soft=True), atol=1e-3)
+    assert module.model.layer1[0].bn2.momentum == 0.1 and module.model.training
