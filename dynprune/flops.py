@@ -103,9 +103,13 @@ class FlopsProfile:
             out[layer.name] = layer.dense * keep
         return out
 
+    def total(self, per_layer: dict[str, Tensor]) -> Tensor:
+        """Backbone FLOPs per input (N,) from :meth:`per_layer`'s result (plus the ungated rest)."""
+        return sum(per_layer.values()) + self.other
+
     def effective(self, masks: dict[str, Tensor]) -> Tensor:
         """Effective backbone FLOPs per input (N,), excluding the gates' own FLOPs."""
-        return sum(self.per_layer(masks).values()) + self.other
+        return self.total(self.per_layer(masks))
 
     def ratio(self, masks: dict[str, Tensor]) -> Tensor:
         """Effective backbone FLOPs / dense backbone FLOPs, per input (N,)."""

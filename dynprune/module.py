@@ -183,11 +183,11 @@ class GatedClassifier(L.LightningModule):
         """Masks of the last forward pass ({} for a dense model)."""
         return collect_masks(self.model) if self.gated else {}
 
-    def cost_per_input(self, masks: dict[str, Tensor]) -> Tensor:
-        """(N,) cost of each input: effective-FLOPs ratio or mean kept fraction."""
+    def cost_per_input(self, masks: dict[str, Tensor], flops_ratio: Tensor) -> Tensor:
+        """(N,) cost of each input: the effective-FLOPs ratio (given) or the mean kept fraction."""
         if self.hparams.cost == "count":
             return torch.stack([m.mean(dim=1) for m in masks.values()]).mean(dim=0)
-        return self.profile.ratio(masks)
+        return flops_ratio
 
     def _penalty(self, cost: Tensor) -> Tensor:
         target = self.hparams.target
@@ -203,7 +203,8 @@ class GatedClassifier(L.LightningModule):
         metrics = {"train/task_loss": loss.detach(), "train/acc": self.train_acc}
         if self.gated:
             masks = self.masks()
-            cost = self.cost_per_input(masks)
+            flops_ratio = self.profile.ratio(masks)
+            cost = self.cost_per_input(masks, flops_ratio)
             lam = self.hparams.lam
             if self.hparams.target is None:
                 loss = loss + lam * cost.mean()
@@ -216,7 +217,7 @@ class GatedClassifier(L.LightningModule):
                 advantage = reward - self._update_baseline(reward)
                 loss = loss - (advantage * torch.stack(log_probs).sum(dim=0)).mean()
                 metrics["train/reward"] = reward.mean()
-            metrics["train/flops_ratio"] = self.profile.ratio(masks).mean().detach()
+            metrics["train/flops_ratio"] = flops_ratio.mean().detach()
             metrics["train/keep"] = torch.cat([m.detach().flatten() for m in masks.values()]).mean()
         metrics["train/loss"] = loss.detach()
         self.log_dict(metrics, prog_bar=False, on_step=False, on_epoch=True)
@@ -244,7 +245,7 @@ class GatedClassifier(L.LightningModule):
         acc(logits, y)
         masks = self.masks()
         per_layer = self.profile.per_layer(masks) if masks else {}
-        flops = self.profile.effective(masks) if masks else torch.full(
+        flops = self.profile.total(per_layer) if masks else torch.full(
             (len(x),), float(self.profile.dense_total), device=x.device)
         self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": acc,
                        f"{stage}/flops_ratio": flops.mean() / self.profile.dense_total},
