@@ -3,7 +3,9 @@
 Each step runs the largest width on the labels and then, by the sandwich rule, the smallest width
 and ``num_random`` random widths of the list (or every width with ``rule="all"``); with in-place
 distillation the smaller widths learn the largest width's detached soft output (KL at temperature
-T, scaled by T^2) instead of the labels. The losses are summed before one backward pass.
+T, scaled by T^2) instead of the labels. The per-width losses are averaged (``reduction="mean"``,
+so one update has the size of one width's, and the thin networks' lr is a fair comparison) or
+summed as in the paper (``reduction="sum"``, which at lr 0.1 diverged in our short runs).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dynprune.slimmable.convert import ThinBackbone, make_slimmable, set_width, 
 from dynprune.trace import trace_layers
 
 RULES = ("sandwich", "all")
+REDUCTIONS = ("mean", "sum")
 
 
 def distill_loss(logits: Tensor, teacher: Tensor, temperature: float) -> Tensor:
@@ -42,6 +45,7 @@ class SlimmableClassifier(L.LightningModule):
         num_random: random widths per sandwich step, drawn from the widths strictly between the ends.
         distill: in-place distillation from the largest width (else every width learns the labels).
         temperature: softmax temperature of the distillation.
+        reduction: ``mean`` or ``sum`` of the per-width losses of a step.
     """
 
     def __init__(
@@ -52,6 +56,7 @@ class SlimmableClassifier(L.LightningModule):
         num_random: int = 2,
         distill: bool = True,
         temperature: float = 1.0,
+        reduction: str = "mean",
         num_classes: int = 10,
         in_chans: int = 1,
         input_size: int = 28,
@@ -64,6 +69,8 @@ class SlimmableClassifier(L.LightningModule):
         super().__init__()
         if rule not in RULES:
             raise ValueError(f"unknown rule '{rule}'; choose one of: {', '.join(RULES)}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"unknown reduction '{reduction}'; choose one of: {', '.join(REDUCTIONS)}")
         if num_random < 0 or temperature <= 0:
             raise ValueError(f"num_random must be >= 0 and temperature > 0, got {num_random}, {temperature}")
         if optimizer not in ("sgd", "adam"):
@@ -104,11 +111,12 @@ class SlimmableClassifier(L.LightningModule):
         return [self.widths[-1], self.widths[0], *(middle[i] for i in picks)]
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        """Sum of the per-width losses: labels for the largest, distillation (or labels) for the rest."""
+        """Mean (or sum) of the per-width losses: labels for the largest, distillation (or labels) for the rest."""
         x, y = batch
         loss, teacher = x.new_zeros(()), None
         metrics: dict[str, Any] = {}
-        for w in self.step_widths():
+        widths = self.step_widths()
+        for w in widths:
             set_width(self.model, w)
             logits = self.model(x)
             if teacher is None or not self.hparams.distill:
@@ -121,6 +129,8 @@ class SlimmableClassifier(L.LightningModule):
             metrics[f"train/loss_w{w:g}"] = part.detach()
             loss = loss + part
         set_width(self.model, self.widths[-1])
+        if self.hparams.reduction == "mean":
+            loss = loss / len(widths)
         metrics.update({"train/loss": loss.detach(), "train/acc": self.train_acc})
         self.log_dict(metrics, on_step=False, on_epoch=True)
         return loss
