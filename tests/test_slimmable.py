@@ -161,6 +161,24 @@ def test_sandwich_widths_and_distillation() -> None:
         SlimmableClassifier("resnet20", rule="both")
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")
+def test_mean_reduction_divides_the_sum_by_the_number_of_widths() -> None:
+    x, y = torch.randn(4, *SHAPE), torch.randint(0, 10, (4,))
+    losses = {}
+    for reduction in ("sum", "mean"):
+        torch.manual_seed(0)
+        module = SlimmableClassifier("resnet20", rule="all", reduction=reduction).train()
+        losses[reduction] = module.training_step((x, y), 0).item()
+    assert losses["sum"] > 2.0 and losses["mean"] == pytest.approx(losses["sum"] / 4, rel=1e-5)
+
+
+def test_unslimmable_norm_is_an_error_before_any_change() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+    with pytest.raises(ValueError, match=r"BatchNorm layer\(s\) \['2'\] do not follow a conv/linear directly"):
+        make_slimmable(net, input_shape=SHAPE)
+    assert type(net[0]) is nn.Conv2d and not hasattr(net, "slimmable")
+
+
 def test_fit_trains_in_train_mode_and_reports_every_width() -> None:
     L.seed_everything(0)
     module = SlimmableClassifier("resnet20", widths=[0.25, 1.0], input_size=8, lr=0.05)

@@ -129,6 +129,9 @@ def make_slimmable(
         raise ValueError("the model has no conv/linear layer to slim")
     groups, follows, fixed = _group(infos)
     norms = {info.norm: info.name for info in infos.values() if info.norm is not None}
+    stray = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and n not in norms]
+    if stray:
+        raise ValueError(f"BatchNorm layer(s) {stray} do not follow a conv/linear directly; cannot slim them")
     spec = SlimSpec(widths, len(widths), shape, groups, {n: i.out_channels for n, i in infos.items()},
                     follows, fixed, norms, reference)
     tables = [channels_at(spec, w) for w in widths]
@@ -139,11 +142,6 @@ def make_slimmable(
     for norm, layer in norms.items():
         _replace(model, norm, SwitchableBatchNorm2d.from_dense(model.get_submodule(norm),
                                                                [t[layer] for t in tables]))
-    switched = {id(bn) for m in model.modules() if isinstance(m, SwitchableBatchNorm2d) for bn in m.bns}
-    stray = [n for n, m in model.named_modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in switched]
-    if stray:
-        raise ValueError(f"BatchNorm layer(s) {stray} do not follow a conv/linear directly; cannot slim them")
     for module in model.modules():
         if isinstance(module, BasicBlock) and module.downsample is None and module.pad:
             module.register_forward_pre_hook(_pad_shortcut)
