@@ -4,7 +4,7 @@ widths, with the same Lightning loop, optimiser (SGD nesterov, cosine), lr, epoc
 
 Writes ``slimmable_<backbone>.{csv,md}``; the md ends with the exact command and setup.
 
-    nice -n 10 python experiments/slimmable.py --train-subset 10000 --test-subset 2000 --epochs 2
+    nice -n 10 python experiments/slimmable.py --train-subset 4000 --test-subset 2000 --epochs 2
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="resnet20")
     parser.add_argument("--widths", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--train-subset", type=int, default=10000, help="first N training images (0 = all 60k)")
+    parser.add_argument("--train-subset", type=int, default=4000, help="first N training images (0 = all 60k)")
     parser.add_argument("--test-subset", type=int, default=2000, help="0 = all 10k test images")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--num-random", type=int, default=2, help="random widths per sandwich step")
