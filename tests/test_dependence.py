@@ -52,7 +52,7 @@ def test_class_dependent_flops():
     means = [c["flops_ratio"] for c in stats["classes"]]
     assert means[:3] == pytest.approx([0.3, 0.6, 0.9]) and means[3] is None
     assert [c["inputs"] for c in stats["classes"]] == [2, 2, 2, 0]
-    assert stats["class_spread"] == pytest.approx(3.0)
+    assert stats["class_spread"] == pytest.approx(3.0) and stats["flops_mean_ratio"] == pytest.approx(0.6)
     # linear-interpolated quantiles of [0.2, 0.4, 0.6, 0.6, 0.8, 1.0]
     assert (stats["flops_p10_ratio"], stats["flops_p50_ratio"], stats["flops_p90_ratio"]) == (
         pytest.approx(0.3), pytest.approx(0.6), pytest.approx(0.9))
