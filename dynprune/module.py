@@ -246,13 +246,13 @@ class GatedClassifier(L.LightningModule):
                 g.set_mode(modes[n])
 
     def _greedy(self, x: Tensor, y: Tensor) -> Any:
-        """A lazy rollout of the same batch with hard gates: (task loss (N,), {site: own cost (N,)}).
+        """A lazy rollout of the same batch with hard gates: (task loss (N,), {site: own cost (N,)}, cost (N,)).
 
         BatchNorm running statistics and the gates' last decisions are left as the training pass set them.
         """
-        cache: list[tuple[Tensor, dict[str, Tensor]]] = []
+        cache: list[tuple[Tensor, dict[str, Tensor], Tensor]] = []
 
-        def rollout() -> tuple[Tensor, dict[str, Tensor]]:
+        def rollout() -> tuple[Tensor, dict[str, Tensor], Tensor]:
             if cache:
                 return cache[0]
             all_gates = gates_of(self.model)
@@ -263,12 +263,12 @@ class GatedClassifier(L.LightningModule):
                 m._buffers.update({k: v.clone() for k, v in m._buffers.items() if v is not None})
             with torch.no_grad(), self._hard_gates():
                 task = F.cross_entropy(self.model(x), y, reduction="none")
-                _, _, site = self.objective.costs(collect_masks(self.model), self.profile)
+                cost, _, site = self.objective.costs(collect_masks(self.model), self.profile)
             for m, buffers in zip(norms, saved, strict=True):
                 m._buffers.update(buffers)
             for n, g in all_gates.items():
                 g.mask, g.probs = kept[n]
-            cache.append((task, site))
+            cache.append((task, site, cost))
             return cache[0]
 
         return rollout
