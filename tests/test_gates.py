@@ -24,8 +24,8 @@ def test_gate_contract(family: str) -> None:
     mask = gate.train()(x)
     assert mask.shape == (8, 5) and ((mask >= 0) & (mask <= 1)).all()
     assert gate.probs is not None and gate.mask is mask
-    ctx = GateContext(torch.rand(8), torch.rand(8), torch.tensor(1.0), lambda: (torch.rand(8), {"g": torch.rand(8)}, torch.rand(8)),
-                      0.5, "g")
+    greedy = torch.rand(8), {"g": torch.rand(8)}, torch.rand(8)
+    ctx = GateContext(torch.rand(8), torch.rand(8), torch.tensor(1.0), lambda: greedy, 0.5, "g")
     extra = gate.training_loss(ctx)
     loss = mask.sum() + (extra if extra is not None else 0)
     loss.backward()

@@ -51,7 +51,8 @@ def _exec_rate(lam: float) -> float:
     dm.setup()
     module.eval()
     with torch.no_grad():
-        rates = [torch.cat(list(module.masks().values())).mean() for x, _ in dm.val_dataloader() if module(x) is not None]
+        rates = [torch.cat(list(module.masks().values())).mean()
+                 for x, _ in dm.val_dataloader() if module(x) is not None]
     return torch.stack(rates).mean().item()
 
 
