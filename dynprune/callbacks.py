@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from dynprune.io import save_figure, write_csv, write_json
+from dynprune.io import run_dir, save_figure, write_csv, write_json
 
 
 def flops_stats(flops: Tensor, dense: int) -> dict[str, float]:
@@ -50,10 +50,10 @@ def format_report(report: dict[str, Any]) -> str:
 class FlopsCallback(L.Callback):
     """Gathers per-input effective FLOPs and per-layer keep rates over a validation/test epoch
     (across DDP ranks), logs summary statistics and writes ``flops.json``, ``flops_layers.csv``
-    and ``flops_hist_<stage>.png`` to ``dirpath`` (default: the trainer's log dir).
+    and ``flops_hist_<stage>.png`` to ``dirpath`` (default: the run's folder, next to ``checkpoints/``).
 
     Args:
-        dirpath: where to write; None uses ``trainer.log_dir`` (or ``default_root_dir``).
+        dirpath: where to write; None uses the run's folder (:func:`dynprune.io.run_dir`).
         log_layers: also log each layer's keep rate as ``<stage>/keep/<layer>``.
         plot: write the histogram PNG.
         verbose: print the report at test end.
@@ -129,8 +129,8 @@ class FlopsCallback(L.Callback):
                 rank_zero_info(format_report(report))
 
     def output_dir(self, trainer: L.Trainer) -> Path:
-        """Folder of the outputs: ``dirpath``, else the log dir, else ``default_root_dir``."""
-        return Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
+        """Folder of the outputs: ``dirpath``, else the run's own folder (:func:`dynprune.io.run_dir`)."""
+        return Path(self.dirpath) if self.dirpath else run_dir(trainer)
 
     def _write(self, trainer: L.Trainer, stage: str, report: dict[str, Any], flops: Tensor) -> None:
         out = self.output_dir(trainer)

@@ -1,21 +1,38 @@
-"""Atomic file outputs: write to a temp file in the same folder, then rename over the target."""
+"""Where a run's outputs go, and atomic file outputs: write to a temp file in the same folder, then rename
+over the target (the file gets the umask's permissions, like any other file the run writes)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import lightning as L
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """The folder of a run's outputs: ``<save_dir>/<name>/<version>`` of the first logger (the folder that
+    ModelCheckpoint puts ``checkpoints/`` in, unique per run for every logger), else ``default_root_dir``."""
+    logger = trainer.logger
+    if logger is None:
+        return Path(trainer.default_root_dir)
+    if logger.version is None and hasattr(logger, "experiment"):
+        logger.experiment  # noqa: B018 (a wandb run gets its id when it starts)
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None], mode: str = "w") -> Path:
     """Call ``write(f)`` on a temp file next to ``path`` and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
