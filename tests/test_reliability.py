@@ -4,6 +4,7 @@ input validation, atomic outputs."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch import nn
 import dynprune as dp
 from dynprune.cli import cli_main
 from dynprune.guard import CollapseGuard, GuardError
+from dynprune.io import write_json
 from dynprune.static import prune_model
 
 CONF = Path(__file__).parent / "conf"
@@ -308,3 +310,13 @@ def test_flops_json_survives_a_crash_mid_write(tmp_path: Path, monkeypatch: pyte
         trainer.validate(module, dm, verbose=False)
     assert (tmp_path / "flops.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flops.json", "flops_layers.csv"]  # no temp file left
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_outputs_honour_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    old = os.umask(umask)
+    try:
+        path = write_json(tmp_path / "x.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == mode and json.loads(path.read_text()) == {"a": 1}
