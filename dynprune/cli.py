@@ -54,10 +54,10 @@ class ConfigError(ValueError):
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a Lightning checkpoint with ``weights_only=True``; a truncated or foreign file is an error naming it."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint {path} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
     except Exception as err:  # zip, unpickling and OS errors: the reasons a file is not a checkpoint
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         reason = f" ({type(err).__name__}: {first})" if first and "weights_only" not in first else ""
@@ -198,6 +198,7 @@ class DynpruneCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Replaces LightningCLI's, which silently overwrote the config with the checkpoint's hyperparameters:
         resolve ``last``, refuse evaluation without weights, and apply the precedence rules (module docstring)."""
+        self._csv_history: list[dict[str, str]] = []
         sub = self.config.get("subcommand")
         if not sub:
             return
@@ -257,9 +258,8 @@ class DynpruneCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """A resumed CSVLogger run keeps the rows logged up to its checkpoint (CSVLogger empties metrics.csv)."""
-        history = getattr(self, "_csv_history", [])
-        if history and isinstance(self.trainer.logger, CSVLogger) and self.trainer.is_global_zero:
-            self.trainer.logger.experiment.metrics[:0] = history
+        if self._csv_history and isinstance(self.trainer.logger, CSVLogger) and self.trainer.is_global_zero:
+            self.trainer.logger.experiment.metrics[:0] = self._csv_history
 
     def instantiate_trainer(self, **kwargs: object) -> L.Trainer:
         """Add the data/model check, and a RichProgressBar unless the config disables the bar or brings one."""

@@ -452,7 +452,8 @@ def run_sweep(sweep: Sweep, root: str | os.PathLike[str] = "runs", count: int | 
     handlers = {sig: signal.signal(sig, _raise_exit) for sig in STOP_SIGNALS} if main_thread else {}
     try:
         with sweep_lock(out):
-            check_points({rid: sweep.command_for(point, out / rid) for rid, point in zip(ids, points, strict=True)})
+            check_points({rid: sweep.command_for(point, out / rid) for rid, point in zip(ids, points, strict=True)
+                          if _finished(out / rid, point) is None})
             return _run_points(sweep, out, ids, points, echo)
     finally:
         for sig, handler in handlers.items():
