@@ -44,8 +44,9 @@ from dynprune.module import GatedClassifier
 
 LAST = "last.ckpt"
 EVAL_COMMANDS = ("validate", "test", "predict")
-TRAINING_ONLY = ("lam", "cost", "target", "optimizer", "lr", "momentum", "weight_decay", "gate_lr",
-                 "baseline_momentum", "bn_recalibration", "init_from")
+TRAINING_ONLY = ("lam", "cost", "target", "target_loss", "optimizer", "lr", "momentum", "weight_decay", "gate_lr",
+                 "bn_recalibration", "init_from", "budget", "budget_width", "budget_anneal", "batch_shaping",
+                 "batch_shaping_warmup", "distill", "distill_temperature", "frozen")
 
 
 class ConfigError(ValueError):
