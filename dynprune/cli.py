@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -39,7 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from dynprune.callbacks import EpochTimer, FlopsCallback
 from dynprune.data import check_num_classes
 from dynprune.guard import CollapseGuard
-from dynprune.io import atomic_write, run_dir
+from dynprune.io import CheckpointError, atomic_write, read_checkpoint, run_dir
 from dynprune.module import GatedClassifier
 
 LAST = "last.ckpt"
@@ -51,24 +50,6 @@ TRAINING_ONLY = ("lam", "cost", "target", "target_loss", "optimizer", "lr", "mom
 
 class ConfigError(ValueError):
     """A config that cannot mean what it says (conflicts with its checkpoint, no weights to evaluate, ...)."""
-
-
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a Lightning checkpoint with ``weights_only=True``; a truncated or foreign file is an error naming it."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # zip, unpickling and OS errors: the reasons a file is not a checkpoint
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        reason = f" ({type(err).__name__}: {first})" if first and "weights_only" not in first else ""
-        raise ConfigError(f"cannot read checkpoint {path}: it is truncated, corrupt or not a PyTorch "
-                          f"checkpoint{reason}. Checkpoints are loaded as weights only; use a last.ckpt/best.ckpt "
-                          "written by dynprune (an interrupted write leaves the previous file intact).") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ConfigError(f"{path} is not a Lightning checkpoint (no 'state_dict'); for a plain state_dict of a "
-                          "dense backbone use --model.init_from")
-    return ckpt
 
 
 def _plain(value: Any) -> Any:
@@ -303,7 +284,7 @@ def _wandb_run() -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``dynprune`` console script; a :class:`ConfigError` exits with status 2."""
+    """Entry point of the ``dynprune`` console script; a config or checkpoint error exits with status 2."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "sweep":
         from dynprune.sweep import sweep_main
@@ -312,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     try:
         cli_main(argv)
-    except ConfigError as err:
+    except (ConfigError, CheckpointError) as err:
         print(f"dynprune: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

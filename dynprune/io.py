@@ -1,5 +1,6 @@
-"""Where a run's outputs go, and atomic file outputs: write to a temp file in the same folder, then rename
-over the target (the file gets the umask's permissions, like any other file the run writes)."""
+"""Reading checkpoints safely, where a run's outputs go, and atomic file outputs: write to a temp file in the
+same folder, then rename over the target (the file gets the umask's permissions, like any other file the run
+writes)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,33 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+import torch
+
 if TYPE_CHECKING:
     import lightning as L
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, truncated, corrupt or not a Lightning checkpoint; names the file."""
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a Lightning checkpoint with ``weights_only=True``; a missing, truncated or foreign file is a
+    CheckpointError naming it (never advising an unsafe load)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # zip, unpickling and OS errors: the reasons a file is not a checkpoint
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        reason = f" ({type(err).__name__}: {first})" if first and "weights_only" not in first else ""
+        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated, corrupt or not a PyTorch "
+                              f"checkpoint{reason}. Checkpoints are loaded as weights only; use a last.ckpt/best.ckpt "
+                              "written by dynprune (an interrupted write leaves the previous file intact).") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict'); for a plain state_dict of a "
+                              "dense backbone use --model.init_from")
+    return ckpt
 
 
 def run_dir(trainer: L.Trainer) -> Path:
