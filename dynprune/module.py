@@ -26,6 +26,8 @@ from dynprune import backbones
 from dynprune.flops import FlopsProfile
 from dynprune.gates import list_gates
 from dynprune.granularity import resolve
+from dynprune.io import read_checkpoint
+from dynprune.data import check_num_classes
 from dynprune.inject import collect_masks, gate_model, gates_disabled, gates_of
 from dynprune.losses import distillation_loss
 from dynprune.objective import Objective
@@ -162,7 +164,7 @@ class GatedClassifier(L.LightningModule):
 
     def _warm_start(self, path: str) -> None:
         """Load a dense (or gated) checkpoint's backbone weights; only gate parameters may be missing."""
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(path)
         state = ckpt.get("state_dict", ckpt)
         if any(k.startswith("model.") for k in state):
             state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
@@ -198,7 +200,9 @@ class GatedClassifier(L.LightningModule):
             self._teacher.to(self.device)
 
     def _check_data(self, datamodule: L.LightningDataModule | None) -> None:
-        """The datamodule's ``in_chans``/``input_size`` (when it declares them) must match the model's."""
+        """The datamodule's classes and ``in_chans``/``input_size`` (when it declares them) must match the model's."""
+        if datamodule is not None:
+            check_num_classes(datamodule, self.hparams.num_classes)
         shape = self.profile.input_shape
         if len(shape) != 3:
             return
