@@ -23,12 +23,12 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from dynprune import backbones
+from dynprune.data import check_num_classes
 from dynprune.flops import FlopsProfile
 from dynprune.gates import list_gates
 from dynprune.granularity import resolve
-from dynprune.io import read_checkpoint
-from dynprune.data import check_num_classes
 from dynprune.inject import collect_masks, gate_model, gates_disabled, gates_of
+from dynprune.io import read_checkpoint
 from dynprune.losses import distillation_loss
 from dynprune.objective import Objective
 from dynprune.trace import GATE_ATTR, trace_layers
