@@ -88,7 +88,7 @@ class SlimmableClassifier(L.LightningModule):
         self.example_input_array = torch.zeros(2, *shape)
         self.flops = {w: count_flops(set_width(model, w), shape)[0] for w in self.widths}
         set_width(model, self.widths[-1])
-        self.profile = FlopsProfile.build(model, shape, trace_layers(model, torch.zeros(1, *shape)), set())
+        self.profile = FlopsProfile.build(model, shape, trace_layers(model, torch.zeros(1, *shape)))
         self.train_acc = MulticlassAccuracy(num_classes)
         self.val_acc = nn.ModuleList(MulticlassAccuracy(num_classes) for _ in self.widths)
         self.test_acc = nn.ModuleList(MulticlassAccuracy(num_classes) for _ in self.widths)
@@ -149,7 +149,7 @@ class SlimmableClassifier(L.LightningModule):
         metrics[f"{stage}/acc"] = accs[-1]
         self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
         return {"flops": torch.full((len(x),), float(self.flops[self.widths[-1]]), device=x.device),
-                "keep": {}, "layer_flops": {}}
+                "labels": y.detach(), "keep": {}, "layer_flops": {}}
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
         return self._eval_step(batch, "val", self.val_acc)
