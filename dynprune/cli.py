@@ -65,6 +65,12 @@ def hparam_conflicts(config: dict[str, Any], hparams: dict[str, Any]) -> dict[st
             if not k.startswith("_") and k in config and _plain(config[k]) != _plain(v)}
 
 
+def _model_args(config: Namespace) -> Namespace:
+    """The model's init arguments (the CLI takes any LightningModule subclass, GatedClassifier by default)."""
+    model = config.model
+    return model.init_args if isinstance(model, Namespace) and "class_path" in model else model
+
+
 def _first_logger(trainer: Namespace) -> Any:
     logger = trainer.get("logger")
     return logger[0] if isinstance(logger, list) and logger else logger
@@ -160,6 +166,8 @@ class DynpruneCLI(LightningCLI):
     ``--ckpt_path last`` that resumes the experiment's last run, and explicit checkpoint/config precedence."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        if self.subclass_mode_model:  # any LightningModule (e.g. SlimmableClassifier); GatedClassifier by default
+            parser.set_defaults({"model": {"class_path": "dynprune.module.GatedClassifier"}})
         parser.add_lightning_class_args(FlopsCallback, "flops")
         parser.add_lightning_class_args(EpochTimer, "timer")
         parser.add_lightning_class_args(CollapseGuard, "guard")
@@ -188,7 +196,7 @@ class DynpruneCLI(LightningCLI):
         _wandb_under_root(config.trainer)
         if config.get("ckpt_path") == "last":
             config.ckpt_path = self._resolve_last(config, sub)
-        if sub in EVAL_COMMANDS and not config.get("ckpt_path") and not config.model.get("init_from") \
+        if sub in EVAL_COMMANDS and not config.get("ckpt_path") and not _model_args(config).get("init_from") \
                 and not config.allow_untrained:
             raise ConfigError(f"`dynprune {sub}` needs weights: pass --ckpt_path PATH (or last, or best) or "
                               "--model.init_from PATH; to evaluate the untrained initial weights on purpose, "
@@ -214,8 +222,8 @@ class DynpruneCLI(LightningCLI):
     def _check_hparams(self, config: Namespace, sub: str) -> None:
         path = config.ckpt_path
         hparams = read_checkpoint(path).get("hyper_parameters", {})
-        model = config.model.as_dict()
-        conflicts = hparam_conflicts(model, hparams)
+        args = _model_args(config)
+        conflicts = hparam_conflicts(args.as_dict(), hparams)
         if "backbone" in conflicts:
             ours, theirs = conflicts["backbone"]
             raise ConfigError(f"checkpoint {path} holds a '{theirs}' model but the config's model.backbone is "
@@ -233,7 +241,7 @@ class DynpruneCLI(LightningCLI):
         elif conflicts:
             rank_zero_warn(f"`{sub}` uses the training-only values of checkpoint {path}: {listing}")
             for key, (_, theirs) in conflicts.items():
-                config.model[key] = theirs
+                args[key] = theirs
 
     def before_instantiate_classes(self) -> None:
         _wandb_under_root(self._get(self.config, "trainer"))
@@ -266,8 +274,9 @@ def cli_main(args: Sequence[str] | None = None) -> DynpruneCLI:
     outer = _wandb_run()
     try:
         return DynpruneCLI(
-            GatedClassifier,
+            L.LightningModule,
             L.LightningDataModule,
+            subclass_mode_model=True,
             subclass_mode_data=True,
             args=args,
             save_config_callback=SaveConfigToRunDir,

@@ -15,6 +15,7 @@ import yaml
 
 import dynprune as dp
 from dynprune.cli import DynpruneCLI, cli_main, main
+from dynprune.slimmable import SlimmableClassifier
 
 CONF = Path(__file__).parent / "conf"
 
@@ -47,7 +48,7 @@ def test_print_config_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     config = yaml.safe_load(printed)
-    assert config["model"]["lam"] == 0.7 and config["data"]["class_path"].endswith("DigitsDataModule")
+    assert config["model"]["init_args"]["lam"] == 0.7 and config["data"]["class_path"].endswith("DigitsDataModule")
     path = tmp_path / "printed.yaml"
     path.write_text(printed)
     cli = cli_main(["fit", "--config", str(path), "--trainer.fast_dev_run=true",
@@ -180,3 +181,20 @@ def test_num_classes_must_match_the_data(tmp_path: Path) -> None:
                                              r"\(DigitsDataModule\) has 10 classes"):
             cli_main(["fit", "--config", str(CONF / "digits_sigmoid.yaml"), f"--model.num_classes={n}",
                       "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}"])
+
+
+def test_fit_slimmable_config(tmp_path: Path) -> None:
+    cli = cli_main(["fit", "--config", str(Path(__file__).parents[1] / "configs" / "fmnist_resnet20_slimmable.yaml"),
+                    "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}",
+                    "--data.init_args.train_subset=256", "--data.init_args.test_subset=64",
+                    "--data.init_args.batch_size=32", "--model.init_args.widths=[0.25, 1.0]"])
+    assert isinstance(cli.model, SlimmableClassifier) and cli.model.widths == [0.25, 1.0]
+    metrics = cli.trainer.callback_metrics
+    assert {"test/acc_w0.25", "test/acc_w1", "test/flops_w0.25"} <= set(metrics)
+    assert float(metrics["test/flops_w0.25"]) == cli.model.flops[0.25] < 0.1 * float(metrics["test/flops_w1"])
+
+
+def test_flat_gated_config_still_works(tmp_path: Path) -> None:
+    cli = cli_main(["fit", "--config", str(CONF / "digits_sigmoid.yaml"), "--model.lam", "0.123",
+                    "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}"])
+    assert type(cli.model).__name__ == "GatedClassifier" and cli.model.hparams.lam == 0.123

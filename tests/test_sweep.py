@@ -88,7 +88,7 @@ def test_resolved_config_saved_next_to_checkpoints(tmp_path: Path) -> None:
               f"--trainer.default_root_dir={tmp_path}"])
     saved = yaml.safe_load((tmp_path / "checkpoints" / "config.yaml").read_text())
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
-    assert saved["model"]["lam"] == 0.3 and saved["trainer"]["default_root_dir"] == str(tmp_path)
+    assert saved["model"]["init_args"]["lam"] == 0.3 and saved["trainer"]["default_root_dir"] == str(tmp_path)
 
 
 def _in_process(command: list[str], run_dir: Path, env: dict[str, str]) -> int:
