@@ -337,10 +337,26 @@ def test_static_pruning_callback_through_the_cli(tmp_path, monkeypatch: pytest.M
 
 
 @pytest.mark.parametrize("path", ["configs/static_l1_filter.yaml", "configs/static_l1_unstructured.yaml",
-                                  "configs/static_random_filter.yaml"])
+                                  "configs/static_random_filter.yaml", "configs/static_group_norm.yaml"])
 def test_static_configs_parse(path: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "argv", ["dynprune"])
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", path, "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "dynprune.static.StaticPruning" in capsys.readouterr().out
+
+
+def test_mobilenetv2_group_norm_through_the_cli_reports_physical_flops(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["dynprune"])
+    cli = cli_main(["fit", "--config", "configs/static_group_norm.yaml", "--model.backbone=mobilenetv2",
+                    "--model.width_mult=0.5", "--model.input_size=16", "--trainer.max_epochs=2",
+                    "--trainer.callbacks.init_args.start_epoch=0", "--trainer.limit_train_batches=2",
+                    "--trainer.limit_val_batches=1", "--trainer.logger=false",
+                    "--trainer.enable_progress_bar=false", "--test_after_fit=false",
+                    "--data=dynprune.data.DigitsDataModule", "--data.init_args.input_size=16",
+                    f"--trainer.default_root_dir={tmp_path}", f"--flops.dirpath={tmp_path}"])
+    model = cli.model.model
+    assert set(channel_sparsity(model).values()) == {0.5} and len(channel_sparsity(model)) == 14
+    report = json.loads((tmp_path / "flops.json").read_text())["val"]
+    assert report["summary"]["flops_mean"] == physical_flops(model) < 0.6 * report["dense_flops"]
