@@ -128,6 +128,7 @@ class GatedClassifier(L.LightningModule):
             self.profile = model.dynprune.flops
         else:
             self.profile = FlopsProfile.build(model, shape, trace_layers(model, torch.zeros(1, *shape)))
+        self.static_flops: int | None = None  # set by dynprune.static.StaticPruning: physically pruned FLOPs
         if init_from is not None:
             self._warm_start(init_from)
         object.__setattr__(self, "_teacher", self._make_teacher() if distill > 0 else None)  # not a submodule
@@ -316,7 +317,7 @@ class GatedClassifier(L.LightningModule):
         masks = self.masks()
         per_layer = self.profile.per_layer(masks) if masks else {}
         flops = self.profile.total(per_layer) if masks else torch.full(
-            (len(x),), float(self.profile.dense_total), device=x.device)
+            (len(x),), float(self.static_flops or self.profile.dense_total), device=x.device)
         self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": acc,
                        f"{stage}/flops_ratio": flops.mean() / self.profile.dense_total},
                       prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)

@@ -39,7 +39,8 @@ from dynprune.static import (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="resnet20")
-    parser.add_argument("--method", default="l1_structured")
+    parser.add_argument("--method", default="l1_structured",
+                        help="structured method: l1_structured, l2_structured, random_structured, group_norm")
     parser.add_argument("--ratios", type=float, nargs="+", default=[2.0, 4.0], help="FLOPs reductions")
     parser.add_argument("--epochs", type=int, default=8, help="dense training epochs")
     parser.add_argument("--finetune-epochs", type=int, default=4)

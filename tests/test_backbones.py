@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import dynprune as dp
 from dynprune.gates import GateContext
@@ -59,6 +60,31 @@ def test_width_mult_scales_channels(width: float) -> None:
 def test_depth_mult_scales_blocks() -> None:
     assert len(dp.backbones.create("resnet20", depth_mult=2.0).layer1) == 6
     assert len(dp.backbones.create("resnet56").layer1) == 9
+
+
+def test_unsupported_arguments_are_errors_naming_the_backbones_that_take_them() -> None:
+    with pytest.raises(ValueError, match="backbone 'vgg11' does not support depth_mult=2; backbones that do: "
+                                         "mobilenetv2, resnet20, resnet56"):
+        dp.backbones.create("vgg11", depth_mult=2)
+    with pytest.raises(ValueError, match="backbone 'lenet5' does not support shortcut='B'; backbones that do: "
+                                         "resnet20, resnet56"):
+        dp.backbones.create("lenet5", shortcut="B")
+    with pytest.raises(ValueError, match="'resnet20' does not support widht_mult=0.5; backbones that do: none"):
+        dp.backbones.create("resnet20", widht_mult=0.5)
+    assert dp.backbones.create("vgg11", depth_mult=1.0).classifier.in_features == 512  # the default is a no-op
+
+
+@pytest.mark.parametrize("name", dp.list_backbones())
+def test_flops_profile_equals_flopcounter_of_the_ungated_backbone(name: str) -> None:
+    dense = dp.backbones.create(name, width_mult=SMALL.get(name, 1.0))
+    with FlopCounterMode(display=False) as counter:
+        dense.eval()(torch.zeros(1, 1, 28, 28))
+    model = dp.gate_model(dp.backbones.create(name, width_mult=SMALL.get(name, 1.0)), gate="sigmoid")
+    model.eval()(torch.zeros(2, 1, 28, 28))
+    profile = dp.gating_info(model).flops
+    ones = {n: torch.ones_like(m) for n, m in dp.collect_masks(model).items()}
+    assert profile.dense_total == counter.get_total_flops() > 0
+    assert torch.equal(profile.ratio(ones), torch.ones(2))  # every gate on: dense FLOPs exactly
 
 
 def test_subpackages_are_reachable_from_the_top_level() -> None:

@@ -54,14 +54,12 @@ class LeNet300100(nn.Module):
 
 
 @register_backbone("lenet5")
-def lenet5(num_classes: int, in_chans: int, input_size: int, width_mult: float, depth_mult: float) -> nn.Module:
+def lenet5(num_classes: int, in_chans: int, input_size: int, width_mult: float = 1.0) -> nn.Module:
     """LeNet-5 with 'same' padding on the first conv (28x28 input as in MNIST practice)."""
     return LeNet5(num_classes, in_chans, input_size, width_mult)
 
 
 @register_backbone("lenet300_100")
-def lenet300_100(
-    num_classes: int, in_chans: int, input_size: int, width_mult: float, depth_mult: float
-) -> nn.Module:
+def lenet300_100(num_classes: int, in_chans: int, input_size: int, width_mult: float = 1.0) -> nn.Module:
     """LeNet-300-100 (Han et al., Deep Compression Table 1)."""
     return LeNet300100(num_classes, in_chans, input_size, width_mult)

@@ -59,7 +59,7 @@ class MobileNetV2(nn.Module):
 
 @register_backbone("mobilenetv2")
 def mobilenetv2(
-    num_classes: int, in_chans: int, input_size: int, width_mult: float, depth_mult: float
+    num_classes: int, in_chans: int, input_size: int, width_mult: float = 1.0, depth_mult: float = 1.0
 ) -> nn.Module:
     """MobileNetV2-style net (shortened schedule for 28-32 px inputs)."""
     return MobileNetV2(num_classes, in_chans, width_mult, depth_mult)

@@ -1,4 +1,5 @@
-"""The backbone registry: ``@register_backbone("name")`` on a factory taking the common kwargs."""
+"""The backbone registry: ``@register_backbone("name")`` on a factory taking ``num_classes``, ``in_chans``,
+``input_size`` and, as keywords, only the options it supports (``width_mult``, ``depth_mult``, ...)."""
 
 from __future__ import annotations
 

@@ -81,7 +81,7 @@ class CifarResNet(nn.Module):
 
 def _factory(depth: int):
     def build(
-        num_classes: int, in_chans: int, input_size: int, width_mult: float, depth_mult: float,
+        num_classes: int, in_chans: int, input_size: int, width_mult: float = 1.0, depth_mult: float = 1.0,
         shortcut: str = "A",
     ) -> nn.Module:
         return CifarResNet(depth, num_classes, in_chans, width_mult, depth_mult, shortcut)

@@ -37,12 +37,12 @@ class VGG(nn.Module):
 
 
 @register_backbone("vgg11")
-def vgg11(num_classes: int, in_chans: int, input_size: int, width_mult: float, depth_mult: float) -> nn.Module:
+def vgg11(num_classes: int, in_chans: int, input_size: int, width_mult: float = 1.0) -> nn.Module:
     """VGG-11 (BN)."""
     return VGG(11, num_classes, in_chans, width_mult)
 
 
 @register_backbone("vgg16")
-def vgg16(num_classes: int, in_chans: int, input_size: int, width_mult: float, depth_mult: float) -> nn.Module:
+def vgg16(num_classes: int, in_chans: int, input_size: int, width_mult: float = 1.0) -> nn.Module:
     """VGG-16 (BN)."""
     return VGG(16, num_classes, in_chans, width_mult)

@@ -21,12 +21,16 @@ from dynprune.static.train import evaluate, train_epochs
 
 @dataclass
 class DeepCompressionConfig:
-    """Hyper-parameters of the three stages (sparsity per layer name or one float for all)."""
+    """Hyper-parameters of the three stages (sparsity per layer name or one float for all).
+
+    ``prune_epochs`` retrain after every pruning round, ``final_epochs`` more after the last one.
+    """
 
     sparsity: Amount = 0.9
     prune_start: float = 0.5
     prune_step: float = 0.1
     prune_epochs: int = 1
+    final_epochs: int = 0
     prune_lr: float = 1e-3
     conv_bits: int = 8
     fc_bits: int = 5
@@ -67,6 +71,7 @@ def deep_compression(
     targets = sparsity_schedule(cfg.sparsity, cfg.prune_start, cfg.prune_step)
     iterative_prune(model, "l1_unstructured", targets, train_loader, test_loader, cfg.prune_epochs, cfg.prune_lr,
                     log=log, optimizer=cfg.optimizer)
+    train_epochs(model, train_loader, cfg.final_epochs, cfg.prune_lr, optimizer=cfg.optimizer)
     pruned_acc = evaluate(model, test_loader)
     quantize_model(model, layer_bits(model, cfg.conv_bits, cfg.fc_bits, cfg.bits), cfg.seed)
     kmeans_acc = evaluate(model, test_loader)

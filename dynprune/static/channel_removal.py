@@ -1,104 +1,125 @@
 """Physical channel removal: turn a structured-pruned model into a genuinely smaller dense model.
 
-For every ``ChannelGroup`` (see ``groups.py``) the output channels of the producer that are exactly
-zero (weight row, bias and the following BatchNorm's affine entries all zero, as structured pruning
-leaves them) are sliced out of the producer, the norm and the consumer's inputs. The result computes
-the same function as the masked model (eval mode), with fewer FLOPs and a lower latency.
+For every checked ``ChannelGroup`` (``dependency.py``, Torch-Pruning's ``DependencyGraph``) the root
+channels whose producing parameters are all exactly zero (weight rows, biases, norm affine entries, as
+structured pruning leaves them) are removed from the whole group. The result computes the same
+function as the masked model (eval mode), which is checked before it is returned, with fewer FLOPs.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import prune
 
 from dynprune.flops import count_flops
-from dynprune.static.groups import ChannelGroup, channel_groups
-from dynprune.static.prune import make_permanent, prune_model
+from dynprune.static.dependency import (
+    ChannelGroup,
+    channel_groups,
+    dependency_graph,
+    fold_masks,
+    input_shape_of,
+    prune_group,
+)
+from dynprune.static.prune import prune_model
 
 
-def remove_channels(model: nn.Module) -> nn.Module:
-    """A smaller copy of ``model`` without its all-zero output channels; ``model`` is not modified."""
-    with torch.no_grad():
-        for m in model.modules():  # masked tensors with autograd history cannot be deep-copied
-            for hook in m._forward_pre_hooks.values():
-                if isinstance(hook, prune.BasePruningMethod):
-                    hook(m, None)
-        small = make_permanent(copy.deepcopy(model))
-        for group in channel_groups(small):
-            _slice_group(small, group)
+def zero_channels(model: nn.Module, group: ChannelGroup) -> Tensor:
+    """(C,) bool: root channels of ``group`` whose producing weight rows and biases are all zero."""
+    zero = torch.ones(group.channels, dtype=torch.bool)
+    for member in group.members:
+        module = model.get_submodule(member.name)
+        for pname in ("weight", "bias"):
+            p = getattr(module, pname, None)
+            if p is not None:
+                nonzero = (p.detach()[member.rows].reshape(len(member.rows), -1) != 0).any(1).cpu()
+                zero[member.root_rows[nonzero]] = False
+    return zero
+
+
+def remove_channels(model: nn.Module, input_shape: Sequence[int] | None = None) -> nn.Module:
+    """A smaller copy of ``model`` without its all-zero channel groups; ``model`` is not modified.
+
+    ``input_shape`` (C, H, W) defaults to ``model.input_shape`` (set by ``dynprune.backbones.create``).
+    """
+    shape = input_shape_of(model, input_shape)
+    groups = channel_groups(model, shape)
+    small = fold_masks(model)
+    zeros = {g.root: zero_channels(small, g) for g in groups}
+    graph = dependency_graph(small, shape)
+    for g in groups:
+        zero = zeros[g.root]
+        if zero.all():  # a zero-width layer is not a module; one zero channel changes nothing
+            zero[0] = False
+        if zero.any():
+            prune_group(graph, small, g.root, zero.nonzero().flatten().tolist())
+    small.input_shape = shape
+    _check_same_outputs(model, small, shape)
     return small
 
 
-def _zero_units(module: nn.Module | None, keep: Tensor) -> Tensor:
-    """Update ``keep`` (C,) bool: a unit stays when any of the module's per-unit parameters is non-zero."""
-    if module is None:
-        return keep
-    for pname in ("weight", "bias"):
-        p = getattr(module, pname, None)
-        if p is not None:
-            keep = keep | (p.detach().reshape(p.shape[0], -1) != 0).any(1)
-    return keep
+def _check_same_outputs(model: nn.Module, small: nn.Module, shape: tuple[int, ...]) -> None:
+    """ValueError unless ``small`` maps a random (2, *shape) batch to ``model``'s outputs (eval mode)."""
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)).to(next(model.parameters()).device)
+    was_training = model.training
+    with torch.no_grad():
+        want, got = model.eval()(x), small.eval()(x)
+    model.train(was_training)
+    if want.shape != got.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max())):
+        raise ValueError(f"removing the zero channels of {type(model).__name__} changed its outputs "
+                         f"(max difference {float((got - want).abs().max()) if want.shape == got.shape else 'shape'})")
 
 
-def _slice_group(model: nn.Module, group: ChannelGroup) -> None:
-    """Drop the all-zero units of ``group.producer`` from it, its norm and its consumer, in place."""
-    producer = model.get_submodule(group.producer)
-    norm = model.get_submodule(group.norm) if group.norm else None
-    consumer = model.get_submodule(group.consumer)
-    units = producer.weight.shape[0]
-    keep = _zero_units(norm, _zero_units(producer, torch.zeros(units, dtype=torch.bool)))
-    if not keep.any():
-        keep[0] = True  # a zero-width layer is not a module; one zero channel changes nothing
-    idx = keep.nonzero().flatten()
-    if len(idx) == units:
-        return
-    _take(producer, ("weight", "bias"), idx, dim=0)
-    if isinstance(producer, nn.Conv2d):
-        producer.out_channels = len(idx)
-    else:
-        producer.out_features = len(idx)
-    if norm is not None:
-        _take(norm, ("weight", "bias", "running_mean", "running_var"), idx, dim=0)
-        norm.num_features = len(idx)
-    inputs = (idx[:, None] * group.per_unit + torch.arange(group.per_unit)).flatten()
-    _take(consumer, ("weight",), inputs, dim=1)
-    if isinstance(consumer, nn.Conv2d):
-        consumer.in_channels = len(inputs)
-    else:
-        consumer.in_features = len(inputs)
+def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
+    """Load the state dict of a physically pruned copy of ``model``'s architecture into ``model``,
+    shrinking each conv / linear / norm to the saved shapes first; returns ``model``."""
+    for name, module in model.named_modules():
+        shapes = {p: state_dict[f"{name}.{p}" if name else p].shape for p, _ in
+                  [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+                  if (f"{name}.{p}" if name else p) in state_dict}
+        for pname, new_shape in shapes.items():
+            old = getattr(module, pname)
+            if old.shape != new_shape:
+                fresh = old.new_empty(new_shape)
+                setattr(module, pname, nn.Parameter(fresh, old.requires_grad) if isinstance(old, nn.Parameter)
+                        else fresh)
+        _resize_attributes(module)
+    model.load_state_dict(state_dict)
+    return model
 
 
-def _take(module: nn.Module, names: tuple[str, ...], idx: Tensor, dim: int) -> None:
-    """Replace each named parameter / buffer of ``module`` by its ``index_select(dim, idx)``."""
-    for name in names:
-        t = getattr(module, name, None)
-        if t is None:
-            continue
-        sliced = t.detach().index_select(dim, idx).clone()
-        if isinstance(t, nn.Parameter):
-            setattr(module, name, nn.Parameter(sliced, requires_grad=t.requires_grad))
-        else:
-            setattr(module, name, sliced)
+def _resize_attributes(module: nn.Module) -> None:
+    """Set a layer's channel attributes from its (resized) weight / running stats."""
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        depthwise = module.groups == module.in_channels == module.out_channels and module.groups > 1
+        module.out_channels = module.weight.shape[0]
+        module.groups = module.out_channels if depthwise else module.groups
+        module.in_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module.num_features = module.running_mean.shape[0] if module.running_mean is not None \
+            else module.weight.shape[0]
 
 
 def fraction_for_flops(
-    model: nn.Module, ratio: float, input_shape: Sequence[int], method: str = "l1_structured", tol: float = 1e-3,
+    model: nn.Module, ratio: float, input_shape: Sequence[int] | None = None, method: str = "l1_structured",
+    tol: float = 1e-3,
 ) -> float:
     """Smallest uniform per-group channel fraction whose physically pruned model has at most
     1/``ratio`` of ``model``'s FLOPs (bisection; ``model`` is not modified)."""
     if ratio <= 1:
         raise ValueError(f"ratio must be > 1, got {ratio}")
-    budget = count_flops(model, tuple(input_shape))[0] / ratio
+    shape = input_shape_of(model, input_shape)
+    budget = count_flops(model, shape)[0] / ratio
 
     def flops_at(fraction: float) -> int:
-        return count_flops(remove_channels(prune_model(copy.deepcopy(model), method, fraction)), tuple(input_shape))[0]
+        pruned = prune_model(copy.deepcopy(model), method, fraction, shape)
+        return count_flops(remove_channels(pruned, shape), shape)[0]
 
-    widths = [model.get_submodule(g.producer).weight.shape[0] for g in channel_groups(model)]
-    lo, hi = 0.0, min((c - 1) / c for c in widths)  # every group keeps at least one channel
+    lo, hi = 0.0, min((g.channels - 1) / g.channels for g in channel_groups(model, shape))
     if flops_at(hi) > budget:
         raise ValueError(f"pruning channel groups alone cannot reduce FLOPs by {ratio}x")
     while hi - lo > tol:

@@ -7,32 +7,42 @@ sequence of calls, and each layer ends at exactly ``round(fraction * units)`` pr
 
 - unstructured (units = weights of every Conv2d / Linear): ``l1_unstructured``,
   ``random_unstructured`` (per layer), ``global_l1_unstructured``, ``global_random_unstructured``;
-- structured (units = output channels of each ``ChannelGroup`` producer, see ``groups.py``):
-  ``l1_structured``, ``l2_structured`` (Ln-norm filter pruning, dim 0), ``random_structured``.
-  Structured methods also mask the coupled bias and BatchNorm affine parameters, so a pruned channel
-  outputs exactly zero and ``remove_channels`` can drop it without changing the outputs.
+- structured (units = output channels of each ``ChannelGroup`` root, see ``dependency.py``; amounts
+  by root name): ``l1_structured``, ``l2_structured`` (Ln norm of the root's filters, Li et al.),
+  ``random_structured``, and ``group_norm`` (Torch-Pruning's group L2-norm importance over every
+  coupled parameter). Structured methods mask every producing parameter of a group (weight rows, bias,
+  norm affine), so a pruned channel outputs exactly zero and ``remove_channels`` can drop it without
+  changing the outputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from functools import partial
+from collections.abc import Callable, Mapping, Sequence
+from functools import cache, partial
+from typing import Any
 
 import torch
+import torch_pruning as tp
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from dynprune.registry import Registry
-from dynprune.static.groups import channel_groups
+from dynprune.static.dependency import ChannelGroup, channel_groups, dependency_graph, input_shape_of
 
 Amount = float | Mapping[str, float]
 PRUNERS: Registry[None] = Registry("pruning method")
 register_pruner = PRUNERS.register
 
 
-def prune_model(model: nn.Module, method: str, amount: Amount) -> nn.Module:
-    """Prune ``model`` in place with registered ``method`` up to total sparsity ``amount``; returns it."""
-    PRUNERS.get(method)(model, amount)
+def prune_model(
+    model: nn.Module, method: str, amount: Amount, input_shape: Sequence[int] | None = None,
+) -> nn.Module:
+    """Prune ``model`` in place with registered ``method`` up to total sparsity ``amount``; returns it.
+
+    Structured methods trace the model on one (1, *input_shape) input; ``input_shape`` defaults to
+    ``model.input_shape`` (set by ``dynprune.backbones.create``).
+    """
+    PRUNERS.get(method)(model, amount, input_shape)
     return model
 
 
@@ -46,7 +56,7 @@ def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
-def _targets(eligible: Mapping[str, nn.Module], amount: Amount) -> dict[str, tuple[nn.Module, float]]:
+def _targets(eligible: Mapping[str, Any], amount: Amount) -> dict[str, tuple[Any, float]]:
     """Resolve ``amount`` to {name: (module, fraction)}, validating names and fractions."""
     wanted = dict(amount) if isinstance(amount, Mapping) else dict.fromkeys(eligible, amount)
     unknown = sorted(set(wanted) - set(eligible))
@@ -72,12 +82,14 @@ def _zeros(module: nn.Module) -> int:
     return int((mask == 0).sum()) if mask is not None else 0
 
 
-def _per_layer_unstructured(fn: Callable[..., nn.Module], model: nn.Module, amount: Amount) -> None:
+def _per_layer_unstructured(fn: Callable[..., nn.Module], model: nn.Module, amount: Amount, _: object) -> None:
     for name, (m, frac) in _targets(weight_layers(model), amount).items():
         fn(m, "weight", amount=_extra(_zeros(m), m.weight.numel(), frac, name))
 
 
-def _global_unstructured(method: type[prune.BasePruningMethod], model: nn.Module, amount: Amount) -> None:
+def _global_unstructured(
+    method: type[prune.BasePruningMethod], model: nn.Module, amount: Amount, _: object,
+) -> None:
     if isinstance(amount, Mapping):
         raise ValueError("global pruning takes one float amount, not a per-layer mapping")
     layers = _targets(weight_layers(model), amount)
@@ -88,30 +100,54 @@ def _global_unstructured(method: type[prune.BasePruningMethod], model: nn.Module
     )
 
 
-def _channel_keep(module: nn.Module) -> Tensor:
-    """(C_out,) float mask of the output channels left by structured pruning of ``module.weight``."""
-    mask = getattr(module, "weight_mask", torch.ones_like(module.weight))
-    return mask.flatten(1).amax(1)
+Score = Callable[[nn.Module, ChannelGroup, Callable[[], tp.DependencyGraph]], Tensor]
 
 
-def _structured(fn: Callable[..., nn.Module], model: nn.Module, amount: Amount) -> None:
-    groups = {g.producer: g for g in channel_groups(model)}
-    producers = {name: model.get_submodule(name) for name in groups}
-    for name, (m, frac) in _targets(producers, amount).items():
-        units = m.weight.shape[0]
-        already = int((_channel_keep(m) == 0).sum())
-        extra = _extra(already, units, frac, name)
-        if extra + already >= units:
-            raise ValueError(f"amount {frac} would prune all {units} channels of '{name}'")
-        fn(m, "weight", amount=extra, dim=0)
-        keep = _channel_keep(m)
-        coupled = [(m, "bias")]
-        if groups[name].norm is not None:
-            norm = model.get_submodule(groups[name].norm)
-            coupled += [(norm, "weight"), (norm, "bias")]
-        for module, pname in coupled:
-            if getattr(module, pname, None) is not None:
-                prune.custom_from_mask(module, pname, keep)
+def pruned_channels(model: nn.Module, group: ChannelGroup) -> Tensor:
+    """(C,) bool: root channels of ``group`` whose filter (root weight row, masks applied) is all zero."""
+    rows = model.get_submodule(group.root).weight.detach()
+    return (rows.reshape(group.channels, -1) == 0).all(1).cpu()
+
+
+def _structured(score: Score, model: nn.Module, amount: Amount, input_shape: Sequence[int] | None) -> None:
+    """Mask the lowest-``score`` channels of each group up to its fraction (already pruned ones stay)."""
+    shape = input_shape_of(model, input_shape)
+    groups = {g.root: g for g in channel_groups(model, shape)}
+    graph = cache(partial(dependency_graph, model, shape))  # traced once, only when a score needs it
+    for name, (group, frac) in _targets(groups, amount).items():
+        pruned = pruned_channels(model, group)
+        already = int(pruned.sum())
+        extra = _extra(already, group.channels, frac, name)
+        if extra + already >= group.channels:
+            raise ValueError(f"amount {frac} would prune all {group.channels} channels of '{name}'")
+        scores = score(model, group, graph).detach().float().cpu().masked_fill(pruned, float("inf"))
+        pruned[scores.argsort()[:extra]] = True
+        for member, rows in group.member_rows(pruned).items():
+            module = model.get_submodule(member)
+            for pname in ("weight", "bias"):
+                if getattr(module, pname, None) is not None:
+                    mask = torch.ones_like(getattr(module, pname))
+                    mask[rows] = 0
+                    prune.custom_from_mask(module, pname, mask)
+
+
+def _filter_norm(p: int, model: nn.Module, group: ChannelGroup, _: object) -> Tensor:
+    """(C,) Lp norm of each filter of the group's root (Li et al.'s filter pruning for p = 1)."""
+    return model.get_submodule(group.root).weight.reshape(group.channels, -1).norm(p=p, dim=1)
+
+
+def _random_score(model: nn.Module, group: ChannelGroup, _: object) -> Tensor:
+    """(C,) uniform random scores from the global torch RNG."""
+    return torch.rand(group.channels)
+
+
+def _group_norm(model: nn.Module, group: ChannelGroup, traced: Callable[[], tp.DependencyGraph]) -> Tensor:
+    """(C,) Torch-Pruning's group L2-norm importance: every coupled parameter of a channel, mean-reduced."""
+    graph = traced()
+    root = model.get_submodule(group.root)
+    tp_group = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels,
+                                       list(range(group.channels)))
+    return tp.importance.GroupMagnitudeImportance(p=2)(tp_group)
 
 
 def make_permanent(model: nn.Module) -> nn.Module:
@@ -134,19 +170,17 @@ def global_sparsity(model: nn.Module) -> float:
     return sum(int((m.weight == 0).sum()) for m in layers) / sum(m.weight.numel() for m in layers)
 
 
-def channel_sparsity(model: nn.Module) -> dict[str, float]:
-    """Fraction of all-zero output channels of each channel-group producer."""
-    out = {}
-    for g in channel_groups(model):
-        w = model.get_submodule(g.producer).weight
-        out[g.producer] = float((w.flatten(1).abs().amax(1) == 0).sum()) / w.shape[0]
-    return out
+def channel_sparsity(model: nn.Module, input_shape: Sequence[int] | None = None) -> dict[str, float]:
+    """Fraction of all-zero filters of each channel group's root."""
+    return {g.root: float(pruned_channels(model, g).float().mean())
+            for g in channel_groups(model, input_shape_of(model, input_shape))}
 
 
 register_pruner("l1_unstructured")(partial(_per_layer_unstructured, prune.l1_unstructured))
 register_pruner("random_unstructured")(partial(_per_layer_unstructured, prune.random_unstructured))
 register_pruner("global_l1_unstructured")(partial(_global_unstructured, prune.L1Unstructured))
 register_pruner("global_random_unstructured")(partial(_global_unstructured, prune.RandomUnstructured))
-register_pruner("l1_structured")(partial(_structured, partial(prune.ln_structured, n=1)))
-register_pruner("l2_structured")(partial(_structured, partial(prune.ln_structured, n=2)))
-register_pruner("random_structured")(partial(_structured, prune.random_structured))
+register_pruner("l1_structured")(partial(_structured, partial(_filter_norm, 1)))
+register_pruner("l2_structured")(partial(_structured, partial(_filter_norm, 2)))
+register_pruner("random_structured")(partial(_structured, _random_score))
+register_pruner("group_norm")(partial(_structured, _group_norm))

@@ -1,0 +1,213 @@
+"""Channel groups of any model, from Torch-Pruning's ``DependencyGraph``.
+
+A group is the set of output channels of a root conv / linear layer together with every parameter
+coupled to them: the root's bias, the BatchNorm after it, a depthwise conv that reads them, the other
+producers of a residual sum they join, and the inputs of every consumer. Static structured pruning
+masks a group's *producing* parameters (weight rows, bias, norm affine), so a pruned channel outputs
+exactly zero everywhere; physical removal slices the whole group, which then computes the same
+function.
+
+Torch-Pruning follows any traced model, but not every op it meets maps channel indices as it assumes
+(e.g. ``F.pad`` over channels in a ResNet option-A shortcut), and a grouped (not depthwise) conv cannot
+lose single channels. So each group is *checked*: one channel
+is masked in one copy and removed in another, and a group whose two copies disagree (or whose removal
+fails) is left out. A model without any checked group raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+# Module types whose per-channel parameters a mask can zero so that the channel's output is exactly 0.
+MASKABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+_CACHE: dict[tuple, tuple[list[ChannelGroup], list[str]]] = {}
+
+
+@dataclass(frozen=True, eq=False)
+class Member:
+    """Rows ``rows`` (dim 0 of weight and bias) of module ``name`` produce root channels ``root_rows``."""
+
+    name: str
+    rows: Tensor
+    root_rows: Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelGroup:
+    """The ``channels`` output channels of layer ``root`` and the ``members`` that produce them."""
+
+    root: str
+    channels: int
+    members: tuple[Member, ...]
+
+    def member_rows(self, channels: Tensor) -> dict[str, Tensor]:
+        """{member name: rows to zero / remove} for the (C,) bool selection ``channels`` of the root."""
+        return {m.name: m.rows[channels[m.root_rows]] for m in self.members}
+
+
+def input_shape_of(model: nn.Module, input_shape: Sequence[int] | None) -> tuple[int, ...]:
+    """``input_shape`` (C, H, W), else the ``input_shape`` a registered backbone records."""
+    shape = input_shape if input_shape is not None else getattr(model, "input_shape", None)
+    if shape is None:
+        raise ValueError(f"{type(model).__name__} has no input_shape attribute; pass input_shape=(C, H, W)")
+    return tuple(int(s) for s in shape)
+
+
+def fold_masks(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every ``torch.nn.utils.prune`` mask folded into its parameter."""
+    with torch.no_grad():
+        for m in model.modules():  # masked tensors with autograd history cannot be deep-copied
+            for hook in m._forward_pre_hooks.values():
+                if isinstance(hook, prune.BasePruningMethod):
+                    hook(m, None)
+    copied = copy.deepcopy(model)
+    for m in copied.modules():
+        names = [h._tensor_name for h in m._forward_pre_hooks.values() if isinstance(h, prune.BasePruningMethod)]
+        for pname in names:
+            prune.remove(m, pname)
+    return copied
+
+
+def dependency_graph(model: nn.Module, input_shape: Sequence[int]) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of ``model``, traced in eval mode on one (1, *input_shape) input."""
+    was_training = model.training
+    device = next(model.parameters()).device
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(
+                model.eval(), example_inputs=torch.zeros(1, *input_shape, device=device), verbose=False)
+    except Exception as err:  # the tracer raises anything from a failed forward to an assertion
+        raise ValueError(f"cannot trace the channel dependencies of {type(model).__name__}: {err}") from err
+    finally:
+        model.train(was_training)
+
+
+def prune_group(graph: tp.DependencyGraph, model: nn.Module, root: str, channels: Sequence[int]) -> None:
+    """Physically remove output ``channels`` of layer ``root`` and everything coupled to them, in place."""
+    layer = model.get_submodule(root)
+    graph.get_pruning_group(layer, graph.get_pruner_of_module(layer).prune_out_channels, list(channels)).prune()
+
+
+def channel_groups(model: nn.Module, input_shape: Sequence[int] | None = None) -> list[ChannelGroup]:
+    """The checked channel groups of ``model`` (roots in module order); cached per architecture."""
+    shape = input_shape_of(model, input_shape)
+    key = (type(model), shape, tuple((n, type(m), m.extra_repr()) for n, m in model.named_modules()))
+    if key not in _CACHE:
+        folded = fold_masks(model)
+        candidates = _candidate_groups(folded, shape)
+        checks = _removal_matches(folded, candidates, shape)
+        good = [g for g, ok in zip(candidates, checks, strict=True) if ok]
+        if not good:
+            raise ValueError(f"no channel group of {type(model).__name__} can be removed without changing its "
+                             f"outputs (checked: {', '.join(g.root for g in candidates) or 'none found'})")
+        _CACHE[key] = (good, [g.root for g, ok in zip(candidates, checks, strict=True) if not ok])
+    good, left_out = _CACHE[key]
+    if left_out:  # the warnings module shows it once per call site
+        warnings.warn(f"channel groups rooted at {left_out} are not prunable: removing one of their channels "
+                      "fails or changes the outputs (e.g. a grouped conv, or F.pad over channels)", stacklevel=2)
+    return good
+
+
+def _output_layers(model: nn.Module, shape: tuple[int, ...]) -> list[nn.Module]:
+    """Leaf layers whose output is the model's output (their output channels are the logits)."""
+    outputs: dict[int, nn.Module] = {}
+    handles = [m.register_forward_hook(lambda mod, _, out: outputs.__setitem__(id(out), mod))
+               for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            result = model.eval()(torch.zeros(1, *shape, device=next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    found = outputs.get(id(result))
+    return [found] if found is not None else []
+
+
+def _candidate_groups(model: nn.Module, shape: tuple[int, ...]) -> list[ChannelGroup]:
+    """Every Torch-Pruning group rooted at a conv / linear whose producing members can all be masked."""
+    graph = dependency_graph(model, shape)
+    names = {m: n for n, m in model.named_modules()}
+    groups = []
+    for group in graph.get_all_groups(ignored_layers=_output_layers(model, shape),
+                                      root_module_types=(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        members, maskable = [], True
+        for item in group:
+            module = item.dep.target.module
+            if not graph.is_out_channel_pruning_fn(item.dep.handler) or module not in names:
+                continue  # inputs of consumers and Torch-Pruning's own op nodes need no mask
+            maskable &= isinstance(module, MASKABLE)
+            members.append(Member(names[module], torch.as_tensor(item.idxs), torch.as_tensor(item.root_idxs)))
+        root = group[0].dep.target.module
+        if maskable and members:
+            groups.append(ChannelGroup(names[root], len(group[0].idxs), tuple(members)))
+    order = {n: i for i, n in enumerate(names.values())}
+    return sorted(groups, key=lambda g: order[g.root])
+
+
+def zero_rows(model: nn.Module, rows: dict[str, Tensor]) -> None:
+    """Set rows (dim 0) of each named module's weight and bias to zero, in place."""
+    with torch.no_grad():
+        for name, idx in rows.items():
+            for pname in ("weight", "bias"):
+                p = getattr(model.get_submodule(name), pname, None)
+                if p is not None:
+                    p[idx] = 0
+
+
+def _removal_matches(folded: nn.Module, groups: list[ChannelGroup], shape: tuple[int, ...]) -> list[bool]:
+    """Per group: masking its middle channel and removing it give the same outputs (random input).
+
+    Groups are tried together and a failing set is split in halves (group testing), restoring the
+    modules that Torch-Pruning changed in place after each try (one traced graph for all tries).
+    """
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)).to(next(folded.parameters()).device)
+    removed = copy.deepcopy(folded).eval()
+    graph = dependency_graph(removed, shape)
+    saved = {m: _snapshot(m) for m in removed.modules()}
+
+    def matches(tried: list[ChannelGroup]) -> bool:
+        masked = copy.deepcopy(folded).eval()
+        try:
+            for g in tried:
+                one = torch.zeros(g.channels, dtype=torch.bool)
+                one[g.channels // 2] = True
+                zero_rows(masked, g.member_rows(one))
+                prune_group(graph, removed, g.root, [g.channels // 2])
+            with torch.no_grad():
+                want, got = masked(x), removed(x)
+        except (RuntimeError, ValueError, IndexError, AssertionError):
+            return False
+        finally:
+            for m, state in saved.items():
+                m.__dict__.update(_snapshot_copy(state))
+        scale = float(want.abs().max())
+        return want.shape == got.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
+
+    def search(tried: list[ChannelGroup]) -> list[bool]:
+        if matches(tried):
+            return [True] * len(tried)
+        if len(tried) == 1:
+            return [False]
+        half = len(tried) // 2
+        return search(tried[:half]) + search(tried[half:])
+
+    return search(groups) if groups else []
+
+
+def _snapshot(module: nn.Module) -> dict:
+    """The module state Torch-Pruning replaces when it prunes: parameter / buffer dicts and attributes."""
+    return _snapshot_copy({k: v for k, v in module.__dict__.items() if not k.startswith("_")
+                           or k in ("_parameters", "_buffers")})
+
+
+def _snapshot_copy(state: dict) -> dict:
+    """Shallow copies of the dicts in ``state`` (so restoring twice works)."""
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in state.items()}

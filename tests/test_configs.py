@@ -1,0 +1,56 @@
+"""Configs compose: an experiment file names a base data config and states only what differs, and a second
+``--config`` overrides a shipped experiment; both resolve to exactly the old flat config."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dynprune.cli import cli_main
+
+ROOT = Path(__file__).parent.parent
+# configs/fmnist_resnet20_l1.yaml before composition (every key spelled out, data inline).
+FLAT_L1 = """seed_everything: 0
+test_after_fit: true
+model:
+  backbone: resnet20
+  gate: l1
+  lam: 0.2
+  cost: flops
+  in_chans: 1
+  input_size: 28
+  optimizer: sgd
+  lr: 0.1
+  gate_lr: 1.0
+data:
+  class_path: dynprune.data.FashionMNISTDataModule
+  init_args:
+    batch_size: 128
+trainer:
+  max_epochs: 8
+  default_root_dir: runs/fmnist_resnet20_l1
+"""
+
+
+def _resolved(capsys: pytest.CaptureFixture[str], *paths: Path) -> dict:
+    """The full config LightningCLI resolves from ``--config`` files in order (``--print_config``)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", *[a for p in paths for a in ("--config", str(p))], "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_base_plus_override_equals_the_flat_config(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["dynprune"])
+    flat = tmp_path / "flat.yaml"
+    flat.write_text(FLAT_L1)
+    override = tmp_path / "l1.yaml"
+    override.write_text("model: {gate: l1}\ntrainer: {default_root_dir: runs/fmnist_resnet20_l1}\n")
+    want = _resolved(capsys, flat)
+    assert want["model"]["gate"] == "l1" and want["data"]["init_args"]["batch_size"] == 128
+    assert _resolved(capsys, ROOT / "configs" / "fmnist_resnet20_l1.yaml") == want
+    assert _resolved(capsys, ROOT / "configs" / "fmnist_resnet20_sigmoid.yaml", override) == want
