@@ -9,7 +9,7 @@ Public API::
     trainer = lightning.Trainer(max_epochs=1, callbacks=[dp.FlopsCallback()])
 """
 
-from dynprune import backbones, gates
+from dynprune import backbones, gates, granularity
 from dynprune.backbones import list_backbones, register_backbone
 from dynprune.callbacks import EpochTimer, FlopsCallback
 from dynprune.data import (
@@ -20,7 +20,8 @@ from dynprune.data import (
 )
 from dynprune.flops import FlopsProfile, count_flops
 from dynprune.gates import Gate, create_gate, list_gates, register_gate
-from dynprune.inject import collect_masks, gate_model, gated_layers, gating_info
+from dynprune.granularity import list_granularities
+from dynprune.inject import collect_masks, gate_model, gated_modules, gates_disabled, gates_of, gating_info
 from dynprune.module import GatedClassifier
 
 __version__ = "0.1.0"
@@ -40,6 +41,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "CIFAR10DataModule", "DigitsDataModule", "EpochTimer", "FashionMNISTDataModule", "FlopsCallback", "FlopsProfile",
     "Gate", "GatedClassifier", "ImageFolderDataModule", "backbones", "collect_masks", "count_flops",
-    "create_gate", "gate_model", "gated_layers", "gates", "gating_info", "list_backbones", "list_gates",
+    "create_gate", "gate_model", "gated_modules", "gates", "gates_disabled", "gates_of", "gating_info", "granularity",
+    "list_backbones", "list_gates", "list_granularities",
     "register_backbone", "register_gate",
 ]

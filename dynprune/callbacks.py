@@ -9,20 +9,24 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from dynprune.dependence import format_dependence, input_dependence, plot_class_flops
 from dynprune.io import save_figure, write_csv, write_json
+
+TARGET_TOLERANCE = 0.05
 
 
 def flops_stats(flops: Tensor, dense: int) -> dict[str, float]:
-    """Mean/p50/p90/min/max of per-input FLOPs (N,), absolute and as a ratio of ``dense``."""
+    """Mean/p10/p50/p90/min/max of per-input FLOPs (N,), absolute and as a ratio of ``dense``."""
     flops = flops.double()
-    q = torch.quantile(flops, torch.tensor([0.5, 0.9], dtype=flops.dtype, device=flops.device))
-    stats = {"mean": flops.mean(), "p50": q[0], "p90": q[1], "min": flops.min(), "max": flops.max()}
+    q = torch.quantile(flops, torch.tensor([0.1, 0.5, 0.9], dtype=flops.dtype, device=flops.device))
+    stats = {"mean": flops.mean(), "p10": q[0], "p50": q[1], "p90": q[2], "min": flops.min(), "max": flops.max()}
     out = {f"flops_{k}": float(v) for k, v in stats.items()}
     out.update({f"flops_{k}_ratio": float(v) / dense for k, v in stats.items()})
     out["flops_saved"] = 1.0 - out["flops_mean_ratio"]
+    out["flops_p90_p10"] = out["flops_p90"] / out["flops_p10"] if out["flops_p10"] > 0 else float("inf")
     return out
 
 
@@ -35,22 +39,30 @@ def format_report(report: dict[str, Any]) -> str:
         f"  gates          : {report['gate_flops'] / 1e6:10.3f} MFLOPs (not in the ratios below)",
         f"  effective mean : {s['flops_mean'] / 1e6:10.3f} MFLOPs  ({s['flops_mean_ratio']:.1%} of dense,"
         f" {s['flops_saved']:.1%} saved)",
-        f"  p50 / p90      : {s['flops_p50'] / 1e6:.3f} / {s['flops_p90'] / 1e6:.3f} MFLOPs",
+        f"  p10 / p50 / p90: {s['flops_p10'] / 1e6:.3f} / {s['flops_p50'] / 1e6:.3f} / {s['flops_p90'] / 1e6:.3f}"
+        f" MFLOPs (p90/p10 {s['flops_p90_p10']:.2f})",
         f"  min / max      : {s['flops_min'] / 1e6:.3f} / {s['flops_max'] / 1e6:.3f} MFLOPs",
     ]
+    if report.get("target_missed"):
+        lines.append(f"  WARNING: mean FLOPs {s['flops_mean_ratio']:.3f} of dense missed the target {report['target']}"
+                     f" by more than {TARGET_TOLERANCE}")
     if report["layers"]:
         lines.append(f"  {'layer':<28}{'keep':>8}{'dense MFLOPs':>14}{'eff. MFLOPs':>13}")
         for row in report["layers"]:
             keep = "-" if row["keep"] is None else f"{row['keep']:.3f}"
             lines.append(f"  {row['layer']:<28}{keep:>8}{row['dense_flops'] / 1e6:>14.3f}"
                          f"{row['effective_flops'] / 1e6:>13.3f}")
+    if report.get("dependence"):
+        lines.append(format_dependence(report["dependence"]))
     return "\n".join(lines)
 
 
 class FlopsCallback(L.Callback):
-    """Gathers per-input effective FLOPs and per-layer keep rates over a validation/test epoch
-    (across DDP ranks), logs summary statistics and writes ``flops.json``, ``flops_layers.csv``
-    and ``flops_hist_<stage>.png`` to ``dirpath`` (default: the trainer's log dir).
+    """Gathers per-input effective FLOPs, per-site decisions and labels over a validation/test epoch
+    (across DDP ranks); logs summary and input-dependence statistics (p10/p90 FLOPs, dynamic units,
+    unique masks, per-class FLOPs), warns when a FLOPs target is missed by more than 0.05, and writes
+    ``flops.json``, ``flops_layers.csv``, ``flops_hist_<stage>.png`` and ``flops_class_<stage>.png`` to
+    ``dirpath`` (default: the trainer's log dir).
 
     Args:
         dirpath: where to write; None uses ``trainer.log_dir`` (or ``default_root_dir``).
@@ -64,20 +76,24 @@ class FlopsCallback(L.Callback):
         super().__init__()
         self.dirpath, self.log_layers, self.plot, self.verbose = dirpath, log_layers, plot, verbose
         self._flops: list[Tensor] = []
+        self._labels: list[Tensor] = []
         self._keep: dict[str, list[Tensor]] = {}
         self._layer: dict[str, list[Tensor]] = {}
+        self._masks: dict[str, list[Tensor]] = {}
         self.reports: dict[str, dict[str, Any]] = {}
 
     def _reset(self) -> None:
-        self._flops, self._keep, self._layer = [], {}, {}
+        self._flops, self._labels, self._keep, self._layer, self._masks = [], [], {}, {}, {}
 
     def _collect(self, outputs: Any) -> None:
         if not isinstance(outputs, dict) or "flops" not in outputs:
             raise TypeError("FlopsCallback needs a module whose eval steps return "
                             "{'flops', 'keep', 'layer_flops'} (e.g. dynprune.GatedClassifier)")
         self._flops.append(outputs["flops"])
-        for store, key in ((self._keep, "keep"), (self._layer, "layer_flops")):
-            for name, value in outputs[key].items():
+        if "labels" in outputs:
+            self._labels.append(outputs["labels"])
+        for store, key in ((self._keep, "keep"), (self._layer, "layer_flops"), (self._masks, "masks")):
+            for name, value in outputs.get(key, {}).items():
                 store.setdefault(name, []).append(value)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -102,7 +118,9 @@ class FlopsCallback(L.Callback):
     def _gather(pl_module: L.LightningModule, parts: list[Tensor]) -> Tensor:
         """Concatenate this rank's per-input values and gather them from every rank."""
         local = torch.cat(parts)
-        return pl_module.all_gather(local).reshape(-1) if pl_module.trainer.world_size > 1 else local
+        if pl_module.trainer.world_size == 1:
+            return local
+        return pl_module.all_gather(local).reshape(-1, *local.shape[1:])
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not self._flops:
@@ -112,14 +130,29 @@ class FlopsCallback(L.Callback):
         keep = {n: self._gather(pl_module, v).mean().item() for n, v in self._keep.items()}
         layer_eff = {n: self._gather(pl_module, v).mean().item() for n, v in self._layer.items()}
         summary = flops_stats(flops, profile.dense_total)
+        masks = {n: self._gather(pl_module, [m.to(torch.uint8) for m in v]).bool() for n, v in self._masks.items()}
+        labels = self._gather(pl_module, self._labels) if self._labels else None
+        hparams = getattr(pl_module, "hparams", {})
+        dependence = input_dependence(masks, flops, labels, profile.dense_total,
+                                      hparams.get("num_classes")) if masks else None
+        target = hparams.get("target") if masks else None
+        missed = target is not None and abs(summary["flops_mean_ratio"] - target) > TARGET_TOLERANCE
         layers = [{"layer": lay.name, "gated": lay.gated, "keep": keep.get(lay.name),
                    "dense_flops": lay.dense, "effective_flops": layer_eff.get(lay.name, lay.dense)}
                   for lay in profile.layers]
         report = {"stage": stage, "inputs": int(flops.numel()), "dense_flops": profile.dense_total,
                   "gate_flops": profile.gate_flops, "summary": summary, "layers": layers,
-                  "epoch": trainer.current_epoch}
+                  "epoch": trainer.current_epoch, "target": target, "target_missed": missed,
+                  "dependence": dependence}
         self.reports[stage] = report
         metrics = {f"{stage}/{k}": v for k, v in summary.items()}
+        if dependence is not None:
+            metrics[f"{stage}/dynamic_frac"] = dependence["dynamic_frac"]
+            if dependence["class_spread"] is not None:
+                metrics[f"{stage}/class_flops_spread"] = dependence["class_spread"]
+        if missed:
+            rank_zero_warn(f"{stage}: mean FLOPs {summary['flops_mean_ratio']:.3f} of dense missed the target "
+                           f"{target} by more than {TARGET_TOLERANCE}")
         if self.log_layers:
             metrics.update({f"{stage}/keep/{n}": v for n, v in keep.items()})
         pl_module.log_dict(metrics, sync_dist=False, rank_zero_only=True)
@@ -142,6 +175,8 @@ class FlopsCallback(L.Callback):
         write_csv(out / "flops_layers.csv", rows)
         if self.plot:
             self._histogram(out / f"flops_hist_{stage}.png", flops / report["dense_flops"], stage)
+            if report["dependence"] and report["dependence"]["classes"]:
+                plot_class_flops(report["dependence"], out / f"flops_class_{stage}.png")
 
     @staticmethod
     def _histogram(path: Path, ratios: Tensor, stage: str) -> None:

@@ -1,53 +1,79 @@
-"""Modules that apply a gate's per-input mask to a layer's output channels."""
+"""Forward hooks that apply a gate's per-input decisions to a module, leaving the module itself as it is.
+
+A gated module keeps its type, attributes and ``state_dict`` keys (its gate is a child named
+``dynprune_gate``, or, for a container such as ``nn.Sequential`` that runs all its children, a child
+of the nearest non-container ancestor named ``dynprune_gate__<path>``), so a model's own code that
+reads ``conv.stride`` or checks ``isinstance`` keeps working. The hooks are small picklable objects
+(not closures), so ``copy.deepcopy`` of a gated model gives an independent gated model.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch import Tensor, nn
 
 from dynprune.gates.base import Gate
 
 
-def apply_mask(out: Tensor, mask: Tensor) -> Tensor:
-    """Multiply (N, C, ...) by a mask (N, C), broadcasting over the trailing dims."""
-    return out * mask.view(*mask.shape, *([1] * (out.dim() - 2)))
+class HookSwitch:
+    """One per gated model: ``enabled = False`` makes every hook a no-op (tracing, dense counts)."""
+
+    def __init__(self) -> None:
+        self.enabled = True
 
 
-class GatedLayer(nn.Module):
-    """Wraps a Conv2d/Linear: the gate reads the layer input, its mask zeroes output channels.
+def apply_mask(out: Tensor, mask: Tensor, channel_dim: int = 1) -> Tensor:
+    """Multiply (N, ..., C, ...) by a mask (N, C) along ``channel_dim``, broadcasting elsewhere."""
+    dim = channel_dim % out.dim()
+    shape = [1] * out.dim()
+    shape[0], shape[dim] = mask.shape[0], mask.shape[1]
+    return out * mask.reshape(shape)
 
-    When a BatchNorm normalises this layer's raw output, ``mask_output`` is False and the mask is
-    applied after that BatchNorm (by :class:`MaskAfter`), so gated channels are exactly zero and
-    BN running statistics see the dense activations.
+
+class DecideHook:
+    """Forward pre-hook: the gate reads the module's input and decides (kept on the gate)."""
+
+    def __init__(self, switch: HookSwitch, gate: Gate) -> None:
+        self.switch, self.gate = switch, gate
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        if self.switch.enabled:
+            self.gate(inputs[0])
+
+
+class MaskHook:
+    """Forward hook: zero the output channels that ``source``'s gate turned off.
+
+    Registered on the gated layer itself, or on the BatchNorm that normalises its raw output (so BN
+    statistics see the dense activations and gated channels are exactly zero).
     """
 
-    def __init__(self, layer: nn.Module, gate: Gate, mask_output: bool = True) -> None:
-        super().__init__()
-        self.layer, self.gate, self.mask_output = layer, gate, mask_output
+    def __init__(self, switch: HookSwitch, gate: Gate, channel_dim: int) -> None:
+        self.switch, self.gate, self.channel_dim = switch, gate, channel_dim
 
-    @property
-    def mask(self) -> Tensor | None:
-        """The mask (N, C_out) of the last forward pass."""
-        return self.gate.mask
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(N, C_in, ...) -> (N, C_out, ...), channels off where the mask is 0."""
-        mask = self.gate(x)
-        out = self.layer(x)
-        return apply_mask(out, mask) if self.mask_output else out
-
-
-class MaskAfter(nn.Module):
-    """Wraps the BatchNorm that follows a GatedLayer and applies that layer's mask to its output."""
-
-    def __init__(self, module: nn.Module, source: GatedLayer) -> None:
-        super().__init__()
-        self.module = module
-        # A plain attribute, not a submodule: the source is owned by its own parent.
-        object.__setattr__(self, "source", source)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Normalise, then zero the channels the source's gate turned off."""
-        mask = self.source.mask
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        if not self.switch.enabled:
+            return None
+        mask = self.gate.mask
         if mask is None:
-            raise RuntimeError("MaskAfter ran before its GatedLayer produced a mask")
-        return apply_mask(self.module(x), mask)
+            raise RuntimeError("a gated layer's mask was applied before its gate decided")
+        if output.shape[self.channel_dim] != mask.shape[1]:
+            raise ValueError(f"gated output has {output.shape[self.channel_dim]} channels on dim "
+                             f"{self.channel_dim}, its gate decides {mask.shape[1]}")
+        return apply_mask(output, mask.to(output.dtype), self.channel_dim)
+
+
+class SkipHook:
+    """Forward hook of a gated block, decision d (N, 1): a residual branch gives d * f(x); a whole
+    block gives d * f(x) + (1 - d) * x (a skipped block passes its input through)."""
+
+    def __init__(self, switch: HookSwitch, gate: Gate, whole: bool) -> None:
+        self.switch, self.gate, self.whole = switch, gate, whole
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        if not self.switch.enabled:
+            return None
+        d = self.gate.mask
+        d = d.to(output.dtype).reshape(d.shape[0], *([1] * (output.dim() - 1)))
+        return d * output + (1 - d) * inputs[0] if self.whole else d * output

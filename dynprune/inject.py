@@ -1,35 +1,55 @@
-"""``gate_model``: add per-layer gates to ANY nn.Module without editing its source.
+"""``gate_model``: add gates to ANY nn.Module without editing its source, at any granularity.
 
-The model is traced once (:mod:`dynprune.trace`) to find every Conv2d/Linear, the BatchNorm that
-normalises it, and which outputs feed a residual addition. Eligible layers are wrapped in a
-:class:`GatedLayer`; their BatchNorm (if any) in a :class:`MaskAfter`, so gated channels are
-exactly zero after normalisation.
+The model is traced once (:mod:`dynprune.trace`); the granularity (:mod:`dynprune.granularity`) picks
+the eligible sites, attaches a gate to each (a child module named ``dynprune_gate``) and the forward
+hooks that apply its decisions. Gated modules keep their type, attributes and ``state_dict`` keys.
+A model may be gated at several granularities (e.g. block gates outside, channel gates inside).
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
-from dataclasses import dataclass
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from dynprune.flops import FlopsProfile, count_flops
-from dynprune.gated import GatedLayer, MaskAfter
-from dynprune.gates import Gate, create_gate
-from dynprune.trace import LayerInfo, trace_layers
+from dynprune.gated import HookSwitch
+from dynprune.gates import Gate
+from dynprune.granularity import GRANULARITIES, Granularity, Site
+from dynprune.trace import LayerInfo, ModuleInfo, Trace, trace_model
 
 
 @dataclass
 class GatingInfo:
     """What ``gate_model`` did; stored on the model as ``model.dynprune``."""
 
-    gate: str
-    gated: list[str]
+    sites: dict[str, Site]
     layers: dict[str, LayerInfo]
+    modules: dict[str, ModuleInfo]
     flops: FlopsProfile
-    bypassed: list[str]
+    switch: HookSwitch
+    bypassed: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def gated(self) -> list[str]:
+        """Names of the gated sites (modules), in call order."""
+        return list(self.sites)
+
+    @property
+    def granularities(self) -> list[str]:
+        """The granularities this model is gated at."""
+        return sorted({s.granularity for s in self.sites.values()})
+
+    @property
+    def gate(self) -> str:
+        """The gate family (or families, joined by '+')."""
+        return "+".join(sorted({s.family for s in self.sites.values()}))
 
 
 def bypassed_layers(infos: dict[str, LayerInfo], names: Sequence[str]) -> list[str]:
@@ -40,84 +60,138 @@ def bypassed_layers(infos: dict[str, LayerInfo], names: Sequence[str]) -> list[s
         consumers = [i for i in infos.values() if i.producer == name and i.name not in seen]
         return any(c.residual or reaches_residual(c.name, seen | {name}) for c in consumers)
 
-    return [n for n in names if reaches_residual(n)]
+    return [n for n in names if n in infos and reaches_residual(n)]
 
 
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def _select(infos: dict[str, LayerInfo], where: Sequence[str] | None, skip_first: bool,
-            skip_last: bool) -> list[str]:
-    """Names of layers to gate: ``where`` patterns (fnmatch), else all but first and last."""
-    ordered = sorted(infos.values(), key=lambda i: i.order)
-    if where is not None:
-        for pattern in where:
-            if pattern in infos and infos[pattern].residual:
-                raise ValueError(
-                    f"layer '{pattern}' feeds a residual addition; gating its channels would not "
-                    "skip them (the shortcut still fills them). Gate the block's inner layers instead."
-                )
-        unmatched = [p for p in where if not any(fnmatch.fnmatchcase(i.name, p) for i in ordered)]
-        if unmatched:
-            raise ValueError(f"where pattern(s) {unmatched} match no Conv2d/Linear; layers are: "
-                             f"{[i.name for i in ordered]}")
-        chosen = [i for i in ordered if any(fnmatch.fnmatchcase(i.name, p) for p in where)]
+def _select(gran: Granularity, trace: Trace, where: Sequence[str] | None, skip_first: bool,
+            skip_last: bool) -> tuple[list[str], dict[str, str]]:
+    """(site names to gate, {name: why not} for the candidates left out)."""
+    skipped: dict[str, str] = {}
+    if where is None:
+        names = gran.default(trace, skip_first, skip_last)
     else:
-        chosen = ordered[1 if skip_first else 0 : len(ordered) - 1 if skip_last else None]
-    return [i.name for i in chosen if not i.residual and i.calls == 1 and i.out_channels > 1]
+        candidates = gran.candidates(trace)
+        unmatched = [p for p in where if not any(fnmatch.fnmatchcase(c, p) for c in candidates)]
+        if unmatched:
+            shown = ", ".join(candidates[:40]) + (" ..." if len(candidates) > 40 else "")
+            raise ValueError(f"where pattern(s) {unmatched} match no module that granularity '{gran.name}' "
+                             f"can gate; candidates: {shown}")
+        for pattern in where:  # an exact name must be gateable; a wildcard skips what is not
+            if pattern in candidates and (reason := gran.ineligible(trace, pattern)):
+                raise ValueError(f"cannot gate '{pattern}' at granularity '{gran.name}': {reason}")
+        names = [c for c in candidates if any(fnmatch.fnmatchcase(c, p) for p in where)]
+    chosen = []
+    for name in names:
+        reason = gran.ineligible(trace, name)
+        if reason is None:
+            chosen.append(name)
+        else:
+            skipped[name] = reason
+    reused = [n for n, r in skipped.items() if "reused" in r]
+    if reused:
+        warnings.warn(f"not gated (called several times per forward pass): {reused}", stacklevel=3)
+    return chosen, skipped
+
+
+def _input_shape(model: nn.Module, input_shape: Sequence[int] | None) -> tuple[int, ...]:
+    shape = input_shape if input_shape is not None else getattr(model, "input_shape", None)
+    if shape is None:
+        raise ValueError("pass input_shape=(C, H, W): the model has no `input_shape` attribute")
+    if not isinstance(shape, Sequence) or not shape or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise ValueError(f"input_shape must be a non-empty sequence of positive ints (one input without the "
+                         f"batch dim, e.g. (C, H, W)), got {shape!r}")
+    return tuple(shape)
+
+
+def _check_dtype(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    if param is None:
+        raise ValueError("model has no parameters to gate")
+    bad = {p.dtype for p in model.parameters() if p.dtype != torch.float32}
+    if bad:
+        raise ValueError(f"gate_model needs a float32 model (gates are trained in float32); it has parameters of "
+                         f"dtype {sorted(map(str, bad))}: gate it first, then cast (e.g. .half()) for inference")
+    return param.device
+
+
+@contextmanager
+def gates_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, the model runs as if it were not gated (dense, gates not evaluated)."""
+    info = getattr(model, "dynprune", None)
+    if not isinstance(info, GatingInfo):
+        yield model
+        return
+    previous, info.switch.enabled = info.switch.enabled, False
+    try:
+        yield model
+    finally:
+        info.switch.enabled = previous
 
 
 def gate_model(
     model: nn.Module,
     gate: str = "sigmoid",
+    granularity: str = "channel",
     where: Sequence[str] | None = None,
     input_shape: Sequence[int] | None = None,
     skip_first: bool = True,
     skip_last: bool = True,
     **gate_kwargs: float,
 ) -> nn.Module:
-    """Wrap the eligible conv/linear layers of ``model`` with gates of family ``gate`` (in place).
+    """Gate ``model`` (in place) with gates of family ``gate`` at ``granularity``.
 
     Args:
-        model: any nn.Module; ``input_shape`` (C, H, W) defaults to ``model.input_shape``.
+        model: any float32 nn.Module; ``input_shape`` (C, H, W) defaults to ``model.input_shape``.
         gate: a registered gate family (see ``dynprune.list_gates()``).
-        where: module-name patterns (fnmatch) selecting the layers; default: every Conv2d/Linear
-            except the first and the classifier (last) and those feeding a residual addition.
+        granularity: ``channel`` (output channels of conv/linear layers) or ``block`` (run or skip residual
+            blocks/branches); see ``dynprune.granularity.list_granularities()``. Call again with another
+            granularity to combine them.
+        where: module-name patterns (fnmatch). An exact name that cannot be gated is an error saying why;
+            patterns skip what cannot be gated. Default: channel = every Conv2d/Linear except the first, the
+            classifier and those feeding a residual addition; block = every shape-preserving residual block.
         gate_kwargs: passed to the gate, e.g. ``reduction=4, init_bias=3.0``.
     Returns:
         the same model, with ``model.dynprune`` (:class:`GatingInfo`) attached.
     """
-    if hasattr(model, "dynprune"):
-        raise ValueError("model is already gated (it has a `dynprune` attribute)")
-    shape = tuple(input_shape or getattr(model, "input_shape", ()))
-    if not shape:
-        raise ValueError("pass input_shape=(C, H, W): the model has no `input_shape` attribute")
-    example = torch.zeros(1, *shape, device=next(model.parameters()).device)
-    try:
-        infos = trace_layers(model, example)
-    except RuntimeError as err:
-        raise ValueError(f"model does not accept input of shape (N, {', '.join(map(str, shape))}): "
-                         f"{err}") from err
-    names = _select(infos, where, skip_first, skip_last)
+    gran = GRANULARITIES.get(granularity)()
+    existing = getattr(model, "dynprune", None)
+    if existing is not None and not isinstance(existing, GatingInfo):
+        raise ValueError("model has a `dynprune` attribute that dynprune did not set")
+    if existing is not None and granularity in existing.granularities:
+        raise ValueError(f"model is already gated at granularity '{granularity}' (it has a `dynprune` attribute)")
+    shape = _input_shape(model, input_shape)
+    device = _check_dtype(model)
+    example = torch.zeros(1, *shape, device=device)
+    with gates_disabled(model):
+        try:
+            trace = trace_model(model, example)
+        except (RuntimeError, IndexError, ValueError, TypeError) as err:
+            raise ValueError(f"model does not accept input of shape (N, {', '.join(map(str, shape))}): "
+                             f"{err}") from err
+    names, skipped = _select(gran, trace, where, skip_first, skip_last)
     if not names:
-        raise ValueError(f"no eligible Conv2d/Linear layers to gate (where={where}); layers: "
-                         f"{list(infos)}")
-    profile = FlopsProfile.build(model, shape, infos, set(names))
+        raise ValueError(f"nothing to gate at granularity '{granularity}' (where={where}); "
+                         f"not eligible: {skipped or list(trace.layers)}")
+    switch = existing.switch if existing else HookSwitch()
+    dense = existing.flops if existing else FlopsProfile.build(model, shape, trace.layers)
+    sites = dict(existing.sites) if existing else {}
     for name in names:
-        info, layer = infos[name], model.get_submodule(name)
-        gate_net = create_gate(gate, info.in_channels, info.out_channels, **gate_kwargs)
-        gate_net.to(example.device)
-        gated = GatedLayer(layer, gate_net, mask_output=info.norm is None)
-        _set_submodule(model, name, gated)
-        if info.norm is not None:
-            _set_submodule(model, info.norm, MaskAfter(model.get_submodule(info.norm), gated))
-    gated_total, per_module = count_flops(model, shape)
-    profile.gate_flops = sum(per_module.get(f"{n}.gate", 0) for n in names)
-    if gated_total - profile.gate_flops != profile.dense_total:
-        raise RuntimeError("FLOPs of the gated backbone differ from the dense count; please report")
-    model.dynprune = GatingInfo(gate, names, infos, profile, bypassed_layers(infos, names))
+        site = gran.attach(model, trace, name, gate, dict(gate_kwargs), switch)
+        site.family = gate
+        sites[name] = site
+    order = {n: i.order for n, i in trace.modules.items()}
+    sites = dict(sorted(sites.items(), key=lambda kv: order.get(kv[0], -1)))
+    profile = dense.with_sites(sites, {n: s.units for n, s in sites.items()})
+    gated_total, _ = count_flops(model, shape)
+    profile.gate_flops = gated_total - profile.dense_total
+    channel_sites = [n for n, s in sites.items() if s.granularity == "channel"]
+    info = GatingInfo(sites, trace.layers, trace.modules, profile, switch,
+                      bypassed_layers(trace.layers, channel_sites), skipped)
+    model.dynprune = info
+    with gates_disabled(model):
+        if count_flops(model, shape)[0] != profile.dense_total:
+            raise RuntimeError("FLOPs of the gated backbone with its gates off differ from the dense count; "
+                               "please report")
     return model
 
 
@@ -129,21 +203,21 @@ def gating_info(model: nn.Module) -> GatingInfo:
     return info
 
 
-def gated_layers(model: nn.Module) -> dict[str, GatedLayer]:
-    """{layer name: GatedLayer} of a gated model, in call order."""
-    return {name: model.get_submodule(name) for name in gating_info(model).gated}
+def gated_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """{site name: the gated module (a layer or a block)} of a gated model, in call order."""
+    return {name: model.get_submodule(name) for name in gating_info(model).sites}
 
 
-def gates(model: nn.Module) -> list[Gate]:
-    """The Gate modules of a gated model."""
-    return [layer.gate for layer in gated_layers(model).values()]
+def gates_of(model: nn.Module) -> dict[str, Gate]:
+    """{site name: Gate} of a gated model, in call order."""
+    return {name: model.get_submodule(site.gate_path) for name, site in gating_info(model).sites.items()}
 
 
 def collect_masks(model: nn.Module) -> dict[str, Tensor]:
-    """{layer name: mask (N, C_out)} from the last forward pass."""
+    """{site name: decisions (N, units)} from the last forward pass."""
     masks = {}
-    for name, layer in gated_layers(model).items():
-        if layer.mask is None:
-            raise RuntimeError(f"gated layer '{name}' has no mask yet; run a forward pass first")
-        masks[name] = layer.mask
+    for name, gate in gates_of(model).items():
+        if gate.mask is None:
+            raise RuntimeError(f"gated site '{name}' has no decisions yet; run a forward pass first")
+        masks[name] = gate.mask
     return masks

@@ -1,15 +1,19 @@
 """GatedClassifier: a LightningModule training a backbone and its gates jointly.
 
-loss = task + lam * penalty(cost), cost per input being the effective-FLOPs ratio
-(``cost="flops"``) or the mean kept fraction over gated layers (``cost="count"``), and
-penalty(c) = c, or |c - target| in target mode. Policy gates add the REINFORCE term
--(R - b) * log pi(m|x) with R = -(task loss) - lam * penalty(cost) per input and b a moving
-average of R; the backbone is trained by the task loss alone.
+loss = task + lam * penalty(cost) [+ per-layer budget + batch shaping + distillation] + the gate
+families' own terms. cost per input is the effective-FLOPs ratio (``cost="flops"``) or the mean kept
+fraction (``cost="count"``); penalty(c) = c, or |c - target| / (c - target)^2 in target mode. The
+module knows the Gate interface only: what a family adds (a REINFORCE surrogate, ...) comes from
+``Gate.training_loss``. The same module trains dense and statically pruned models (``gate=None``), so
+every method in a comparison shares one loop, optimiser and schedule.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import copy
+import fnmatch
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -20,73 +24,70 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from dynprune import backbones
 from dynprune.flops import FlopsProfile
-from dynprune.gates import L1Gate, PolicyGate, list_gates
-from dynprune.inject import collect_masks, gate_model, gated_layers, gates
-from dynprune.trace import trace_layers
+from dynprune.gates import list_gates
+from dynprune.granularity import resolve
+from dynprune.inject import collect_masks, gate_model, gates_disabled, gates_of
+from dynprune.losses import distillation_loss
+from dynprune.objective import Objective
+from dynprune.trace import GATE_ATTR, trace_layers
 
-COSTS = ("flops", "count")
 
-
-def _check_args(gate: str | None, lam: float, cost: str, target: float | None, optimizer: str) -> None:
+def _check_args(gate: str | None, optimizer: str, distill: float, init_from: str | None) -> None:
     if gate is not None and gate not in list_gates():
         raise ValueError(f"unknown gate '{gate}'; choose one of: {', '.join(list_gates())} (or null)")
-    if lam < 0:
-        raise ValueError(f"lam must be >= 0, got {lam}")
-    if cost not in COSTS:
-        raise ValueError(f"unknown cost '{cost}'; choose one of: {', '.join(COSTS)}")
-    if target is not None and not 0 < target <= 1:
-        raise ValueError(f"target (FLOPs ratio) must be in (0, 1], got {target}")
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"unknown optimizer '{optimizer}'; choose one of: adam, sgd")
-
-
-def dense_to_gated_keys(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """Rename a dense backbone's state_dict keys to those of its gated version."""
-    renames = {}
-    for name in gated_layers(model):
-        renames[name] = f"{name}.layer"
-        info = model.dynprune.layers[name]
-        if info.norm is not None:
-            renames[info.norm] = f"{info.norm}.module"
-    out = {}
-    for key, value in state_dict.items():
-        module, _, param = key.rpartition(".")
-        out[f"{renames.get(module, module)}.{param}"] = value
-    return out
+    if distill < 0:
+        raise ValueError(f"distill weight must be >= 0, got {distill}")
+    if distill > 0 and init_from is None:
+        raise ValueError("distill > 0 distils from the dense model: set init_from to its checkpoint")
 
 
 class GatedClassifier(L.LightningModule):
-    """Backbone + gates, trained with task loss + lam * cost.
+    """Backbone + gates, trained with task loss + lam * cost (+ optional terms).
 
     Args:
         backbone: a registered backbone name, or an nn.Module (gated already or not).
-        gate: gate family (``sigmoid``, ``l1``, ``policy``) or None for a dense baseline.
+        gate: gate family (``sigmoid``, ``l1``, ``policy``, ``gumbel``, ...) or None for a dense/static model.
+        granularity: ``channel``, ``block`` or a list of them (block gates outside, channel gates inside).
         lam: weight of the cost penalty (>= 0).
         cost: ``flops`` (effective-FLOPs ratio) or ``count`` (mean kept fraction).
-        target: if set, penalise |cost - target| instead of cost (easier to aim than lam).
-        where: layer-name patterns to gate (default: every eligible conv/linear).
+        target: if set, penalise the distance of the batch-mean cost to ``target`` instead of the cost.
+        target_loss: ``abs`` (|c - t|) or ``squared`` ((c - t)^2).
+        where: module-name patterns to gate (a list, or {granularity: list} with several granularities).
         gate_kwargs: e.g. ``{"reduction": 4, "init_bias": 3.0}``.
         init_from: a checkpoint of a dense run of the same backbone to warm-start from.
-        gate_lr: learning rate of gate parameters (default ``lr``); gates get no weight decay.
-        baseline_momentum: momentum of the REINFORCE moving-average baseline.
-        bn_recalibration: for soft-mask (l1) gates: before each validation, re-estimate BatchNorm running
-            statistics over this many training batches with the thresholded (eval) masks, so the network
-            that is evaluated has statistics of the network that runs (0 disables).
+        gate_lr: learning rate of gate parameters (default 10 x ``lr``, so gates move as fast as the
+            cost asks); gates get no weight decay.
+        bn_recalibration: for families with soft training decisions (``needs_bn_recalibration``): before each
+            validation, re-estimate BatchNorm statistics over this many training batches with hard decisions.
+        budget: weight of the per-layer bounded budget: each site's FLOPs ratio kept within
+            [target - budget_width, target + budget_width], the bounds annealed from [0, 1] over the first
+            ``budget_anneal`` of training (DGNet/DynConv style).
+        batch_shaping: weight of the batch-shaping loss (Bejnordi et al.: per gate, the batch's probabilities
+            match a Beta(0.6, 0.4) prior), decayed linearly to 0 over the first ``batch_shaping_warmup`` of training.
+        distill: weight of KL(teacher || student) from the frozen dense model of ``init_from`` (0: off).
+        distill_temperature: softmax temperature of distillation.
+        frozen: module-name patterns kept in eval mode with frozen parameters during fit (default: none;
+            every other part of the model is put in train mode at the start of each fit, whatever mode
+            the model object arrived in).
     """
 
     def __init__(
         self,
         backbone: str | nn.Module = "resnet20",
         gate: str | None = "sigmoid",
-        lam: float = 0.5,
+        granularity: str | list[str] = "channel",
+        lam: float = 2.0,
         cost: str = "flops",
         target: float | None = None,
+        target_loss: str = "abs",
         num_classes: int = 10,
         in_chans: int = 1,
         input_size: int = 28,
         width_mult: float = 1.0,
         depth_mult: float = 1.0,
-        where: list[str] | None = None,
+        where: list[str] | dict[str, list[str]] | None = None,
         gate_kwargs: dict[str, float] | None = None,
         init_from: str | None = None,
         optimizer: str = "sgd",
@@ -94,20 +95,29 @@ class GatedClassifier(L.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         gate_lr: float | None = None,
-        baseline_momentum: float = 0.9,
         bn_recalibration: int = 50,
+        budget: float = 0.0,
+        budget_width: float = 0.1,
+        budget_anneal: float = 1 / 3,
+        batch_shaping: float = 0.0,
+        batch_shaping_warmup: float = 1.0,
+        distill: float = 0.0,
+        distill_temperature: float = 4.0,
+        frozen: list[str] | None = None,
     ) -> None:
         super().__init__()
-        _check_args(gate, lam, cost, target, optimizer)
+        _check_args(gate, optimizer, distill, init_from)
+        self.objective = Objective(lam, cost, target, target_loss, budget, budget_width, budget_anneal,
+                                   batch_shaping, batch_shaping_warmup)
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         if isinstance(backbone, str):
             model = backbones.create(backbone, num_classes, in_chans, input_size, width_mult, depth_mult)
         else:
             model = backbone
-        if gate is not None and not hasattr(model, "dynprune"):
-            gate_model(model, gate, where=where, **(gate_kwargs or {}))
         self.model = model
         self.gated = hasattr(model, "dynprune")
+        if gate is not None and not self.gated:
+            self._gate(gate, resolve(granularity), where, gate_kwargs or {})
         shape = model.dynprune.flops.input_shape if self.gated else tuple(
             getattr(model, "input_shape", (in_chans, input_size, input_size)))
         self._check_outputs(shape, num_classes)
@@ -115,14 +125,26 @@ class GatedClassifier(L.LightningModule):
         if self.gated:
             self.profile = model.dynprune.flops
         else:
-            self.profile = FlopsProfile.build(model, shape, trace_layers(model, torch.zeros(1, *shape)), set())
+            self.profile = FlopsProfile.build(model, shape, trace_layers(model, torch.zeros(1, *shape)))
         if init_from is not None:
             self._warm_start(init_from)
-        self.register_buffer("reward_baseline", torch.zeros(()))
-        self.register_buffer("baseline_steps", torch.zeros((), dtype=torch.long))
+        object.__setattr__(self, "_teacher", self._make_teacher() if distill > 0 else None)  # not a submodule
         self.train_acc = MulticlassAccuracy(num_classes)
         self.val_acc = MulticlassAccuracy(num_classes)
         self.test_acc = MulticlassAccuracy(num_classes)
+
+    def _gate(self, gate: str, granularities: list[str], where: list[str] | dict[str, list[str]] | None,
+              gate_kwargs: dict[str, float]) -> None:
+        if isinstance(where, dict):
+            unknown = set(where) - set(granularities)
+            if unknown:
+                raise ValueError(f"where has keys {sorted(unknown)} that are not among granularity={granularities}")
+        elif where is not None and len(granularities) > 1:
+            raise ValueError("with several granularities, give where as {granularity: [patterns]}")
+        for g in granularities:
+            patterns = where.get(g) if isinstance(where, dict) else where
+            gate_model(self.model, gate, granularity=g, where=patterns, **gate_kwargs)
+        self.gated = True
 
     @torch.no_grad()
     def _check_outputs(self, shape: tuple[int, ...], num_classes: int) -> None:
@@ -139,21 +161,41 @@ class GatedClassifier(L.LightningModule):
             raise ValueError(f"num_classes={num_classes} but the backbone outputs shape {tuple(out.shape[1:])}")
 
     def _warm_start(self, path: str) -> None:
+        """Load a dense (or gated) checkpoint's backbone weights; only gate parameters may be missing."""
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        state = {k.removeprefix("model."): v for k, v in ckpt.get("state_dict", ckpt).items()
-                 if k.startswith("model.") or "state_dict" not in ckpt}
-        if self.gated:
-            state = dense_to_gated_keys(state, self.model)
+        state = ckpt.get("state_dict", ckpt)
+        if any(k.startswith("model.") for k in state):
+            state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
         missing, unexpected = self.model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if ".gate." not in k]
+        missing = [k for k in missing if GATE_ATTR not in k]
         if missing or unexpected:
             raise ValueError(f"init_from={path} does not match the backbone: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
+
+    def _make_teacher(self) -> nn.Module:
+        """A frozen copy of the warm-started dense model (gates switched off), not a submodule."""
+        teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if hasattr(teacher, "dynprune"):
+            teacher.dynprune.switch.enabled = False
+        return teacher
 
     def setup(self, stage: str) -> None:
         """Flush denormals: soft masks near 0 otherwise make CPU convolutions ~10x slower."""
         torch.set_flush_denormal(True)
         self._check_data(getattr(self._trainer, "datamodule", None))
+
+    def on_fit_start(self) -> None:
+        """Own the model's mode: train mode for everything but the ``frozen`` parts (a model handed over in
+        eval mode would otherwise train with frozen BatchNorm statistics)."""
+        self.model.train()
+        for pattern in self.hparams.frozen or []:
+            matched = [m for n, m in self.model.named_modules() if fnmatch.fnmatchcase(n, pattern)]
+            if not matched:
+                raise ValueError(f"frozen pattern '{pattern}' matches no module of the model")
+            for module in matched:
+                module.eval().requires_grad_(False)
+        if self._teacher is not None:
+            self._teacher.to(self.device)
 
     def _check_data(self, datamodule: L.LightningDataModule | None) -> None:
         """The datamodule's ``in_chans``/``input_size`` (when it declares them) must match the model's."""
@@ -167,7 +209,7 @@ class GatedClassifier(L.LightningModule):
                                  f"(input shape {shape}); set model.{attr}={value} or change the data")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the torch RNG state: policy gates sample from it, so a resumed run stays exact."""
+        """Keep the torch RNG state: stochastic gates sample from it, so a resumed run stays exact."""
         checkpoint["torch_rng_state"] = torch.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -180,63 +222,87 @@ class GatedClassifier(L.LightningModule):
         return self.model(x)
 
     def masks(self) -> dict[str, Tensor]:
-        """Masks of the last forward pass ({} for a dense model)."""
+        """Decisions of the last forward pass per site ({} for a dense model)."""
         return collect_masks(self.model) if self.gated else {}
 
-    def cost_per_input(self, masks: dict[str, Tensor], flops_ratio: Tensor) -> Tensor:
-        """(N,) cost of each input: the effective-FLOPs ratio (given) or the mean kept fraction."""
-        if self.hparams.cost == "count":
-            return torch.stack([m.mean(dim=1) for m in masks.values()]).mean(dim=0)
-        return flops_ratio
+    def progress(self) -> float:
+        """Fraction of training done, in [0, 1]."""
+        if self._trainer is None:
+            return 0.0
+        total = self.trainer.estimated_stepping_batches
+        return min(1.0, self.global_step / total) if total and total != float("inf") else 0.0
 
-    def _penalty(self, cost: Tensor) -> Tensor:
-        target = self.hparams.target
-        return cost if target is None else (cost - target).abs()
+    @contextmanager
+    def _hard_gates(self) -> Iterator[None]:
+        """Every gate decides deterministically (BatchNorm keeps its own mode)."""
+        all_gates = gates_of(self.model)
+        modes = {n: g.mode for n, g in all_gates.items()}
+        for g in all_gates.values():
+            g.set_mode("hard")
+        try:
+            yield
+        finally:
+            for n, g in all_gates.items():
+                g.set_mode(modes[n])
+
+    def _greedy(self, x: Tensor, y: Tensor) -> Any:
+        """A lazy rollout of the same batch with hard gates: (task loss (N,), {site: own cost (N,)}).
+
+        BatchNorm running statistics and the gates' last decisions are left as the training pass set them.
+        """
+        cache: list[tuple[Tensor, dict[str, Tensor]]] = []
+
+        def rollout() -> tuple[Tensor, dict[str, Tensor]]:
+            if cache:
+                return cache[0]
+            all_gates = gates_of(self.model)
+            kept = {n: (g.mask, g.probs) for n, g in all_gates.items()}
+            norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            saved = [dict(m._buffers) for m in norms]
+            for m in norms:  # the rollout updates copies: the training graph holds the originals
+                m._buffers.update({k: v.clone() for k, v in m._buffers.items() if v is not None})
+            with torch.no_grad(), self._hard_gates():
+                task = F.cross_entropy(self.model(x), y, reduction="none")
+                _, _, site = self.objective.costs(collect_masks(self.model), self.profile)
+            for m, buffers in zip(norms, saved, strict=True):
+                m._buffers.update(buffers)
+            for n, g in all_gates.items():
+                g.mask, g.probs = kept[n]
+            cache.append((task, site))
+            return cache[0]
+
+        return rollout
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        """task loss + lam * penalty (+ REINFORCE term for policy gates)."""
+        """task loss + lam * penalty (+ optional terms, + the gate families' own terms)."""
         x, y = batch
         logits = self(x)
         task = F.cross_entropy(logits, y, reduction="none")
         loss = task.mean()
         self.train_acc(logits, y)
-        metrics = {"train/task_loss": loss.detach(), "train/acc": self.train_acc}
+        metrics: dict[str, Any] = {"train/task_loss": loss.detach(), "train/acc": self.train_acc}
         if self.gated:
-            masks = self.masks()
-            flops_ratio = self.profile.ratio(masks)
-            cost = self.cost_per_input(masks, flops_ratio)
-            lam = self.hparams.lam
-            if self.hparams.target is None:
-                loss = loss + lam * cost.mean()
-            else:
-                loss = loss + lam * (cost.mean() - self.hparams.target).abs()
-            log_probs = [g.gate.log_prob for g in gated_layers(self.model).values()
-                         if isinstance(g.gate, PolicyGate)]
-            if log_probs:
-                reward = self.reward(task.detach(), self._penalty(cost.detach()))
-                advantage = reward - self._update_baseline(reward)
-                loss = loss - (advantage * torch.stack(log_probs).sum(dim=0)).mean()
-                metrics["train/reward"] = reward.mean()
-            metrics["train/flops_ratio"] = flops_ratio.mean().detach()
+            masks, all_gates, progress = self.masks(), gates_of(self.model), self.progress()
+            cost, ratio, site_costs = self.objective.costs(masks, self.profile)
+            penalty = self.objective.penalty(cost.mean())
+            terms = {"penalty": penalty, **self.objective.extra_terms(all_gates, masks, self.profile, progress)}
+            family = self.objective.family_terms(all_gates, task, site_costs, self.objective.price(cost.mean()),
+                                                 self._greedy(x, y), progress)
+            if family is not None:
+                terms["family"] = family
+            loss = loss + sum(terms.values())
+            metrics.update({f"train/{k}": v.detach() for k, v in terms.items()})
+            metrics["train/flops_ratio"] = ratio.mean().detach()
             metrics["train/keep"] = torch.cat([m.detach().flatten() for m in masks.values()]).mean()
+        if self._teacher is not None:
+            with torch.no_grad(), gates_disabled(self._teacher):
+                teacher_logits = self._teacher(x)
+            kd = self.hparams.distill * distillation_loss(logits, teacher_logits, self.hparams.distill_temperature)
+            loss = loss + kd
+            metrics["train/distill"] = kd.detach()
         metrics["train/loss"] = loss.detach()
         self.log_dict(metrics, prog_bar=False, on_step=False, on_epoch=True)
         return loss
-
-    def reward(self, task_loss: Tensor, penalty: Tensor) -> Tensor:
-        """REINFORCE reward per input (N,): -(task loss) - lam * penalty; loss and cost are bad."""
-        return -(task_loss + self.hparams.lam * penalty)
-
-    def _update_baseline(self, reward: Tensor) -> Tensor:
-        """Moving-average baseline b (a buffer, so it is checkpointed); returns b before the update."""
-        mean = reward.mean()
-        if self.baseline_steps == 0:
-            self.reward_baseline.copy_(mean)
-        baseline = self.reward_baseline.clone()
-        m = self.hparams.baseline_momentum
-        self.reward_baseline.mul_(m).add_((1 - m) * mean)
-        self.baseline_steps += 1
-        return baseline
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, acc: MulticlassAccuracy) -> dict[str, Any]:
         x, y = batch
@@ -250,13 +316,14 @@ class GatedClassifier(L.LightningModule):
         self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": acc,
                        f"{stage}/flops_ratio": flops.mean() / self.profile.dense_total},
                       prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
-        return {"flops": flops.detach(),
+        return {"flops": flops.detach(), "labels": y.detach(),
                 "keep": {n: m.detach().mean(dim=1) for n, m in masks.items()},
+                "masks": {n: m.detach() >= 0.5 for n, m in masks.items()},
                 "layer_flops": {n: f.detach() for n, f in per_layer.items()}}
 
     def on_validation_epoch_start(self) -> None:
-        """Soft-mask gates are thresholded at eval: recalibrate BatchNorm statistics for that network."""
-        soft = self.gated and any(isinstance(g, L1Gate) for g in gates(self.model))
+        """Families with soft training decisions are hard at eval: recalibrate BatchNorm for that network."""
+        soft = self.gated and any(g.needs_bn_recalibration for g in gates_of(self.model).values())
         if soft and self.hparams.bn_recalibration > 0 and self.trainer.state.fn == "fit" \
                 and not self.trainer.sanity_checking:
             self.recalibrate_norms(self.trainer.train_dataloader, self.hparams.bn_recalibration)
@@ -264,7 +331,7 @@ class GatedClassifier(L.LightningModule):
     @torch.no_grad()
     def recalibrate_norms(self, loader: Iterable[tuple[Tensor, Tensor]], batches: int) -> None:
         """Recompute every BatchNorm's running mean/var as the average over ``batches`` batches of
-        ``loader``, with the network in train mode but its gates in eval mode (thresholded masks)."""
+        ``loader``, with the network in train mode but its gates deciding hard."""
         norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         momenta = [m.momentum for m in norms]
         was_training = self.model.training
@@ -272,11 +339,10 @@ class GatedClassifier(L.LightningModule):
             m.reset_running_stats()
             m.momentum = None  # cumulative average
         self.model.train()
-        for layer in gated_layers(self.model).values():
-            layer.gate.eval()
         try:
-            for _, (x, _) in zip(range(batches), loader, strict=False):
-                self.model(x.to(self.device))
+            with self._hard_gates():
+                for _, (x, _) in zip(range(batches), loader, strict=False):
+                    self.model(x.to(self.device))
         finally:
             for m, momentum in zip(norms, momenta, strict=True):
                 m.momentum = momentum
@@ -295,12 +361,12 @@ class GatedClassifier(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """SGD (nesterov) or Adam with cosine decay; gate parameters: own lr, no weight decay."""
         hp = self.hparams
-        gate_params = [p for n, p in self.model.named_parameters() if ".gate." in n]
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        gate_params = [p for n, p in trainable if GATE_ATTR in n]
         gate_ids = {id(p) for p in gate_params}
-        groups = [{"params": [p for p in self.model.parameters() if id(p) not in gate_ids],
-                   "weight_decay": hp.weight_decay}]
+        groups = [{"params": [p for _, p in trainable if id(p) not in gate_ids], "weight_decay": hp.weight_decay}]
         if gate_params:
-            gate_lr = hp.lr if hp.gate_lr is None else hp.gate_lr
+            gate_lr = 10 * hp.lr if hp.gate_lr is None else hp.gate_lr
             groups.append({"params": gate_params, "weight_decay": 0.0, "lr": gate_lr})
         if hp.optimizer == "sgd":
             opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=True)

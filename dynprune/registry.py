@@ -26,6 +26,12 @@ class Registry(Generic[T]):
 
         return deco
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (e.g. a component a test registered for itself)."""
+        if name not in self._items:
+            raise ValueError(f"{self.kind} '{name}' is not registered")
+        del self._items[name]
+
     def get(self, name: str) -> Callable[..., T]:
         """The factory for ``name``, or a ValueError listing the valid names."""
         if name not in self._items:

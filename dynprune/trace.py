@@ -1,9 +1,12 @@
 """Data-flow trace of any nn.Module: which conv/linear feeds which, which BatchNorm normalises a
-layer's raw output, and which outputs reach a residual addition.
+layer's raw output, which outputs reach a residual addition, and which modules are residual
+branches or whole residual blocks.
 
 One forward pass runs under a TorchFunctionMode that follows each layer's output through
-channel-preserving ops (ReLU, pooling, flatten, ...). No source code is parsed, so it works on
-models the library has never seen, including ones with Python control flow.
+channel-preserving ops (ReLU, pooling, flatten, ...) and counts every use of every tensor. No source
+code is parsed, so it works on models the library has never seen, including ones with Python
+control flow. Gates added by :func:`dynprune.gate_model` (children named ``dynprune_gate*``) are not
+traced.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 TRACED_TYPES = (nn.Conv2d, nn.Linear)
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+GATE_ATTR = "dynprune_gate"
 
 # Ops after which a channel that was exactly zero is still exactly zero and stays in place.
 _PRESERVING = {
@@ -41,6 +45,7 @@ class LayerInfo:
     producer: str | None = None
     residual: bool = False
     calls: int = 0
+    channel_dim: int = 1
 
     @property
     def depthwise(self) -> bool:
@@ -48,14 +53,53 @@ class LayerInfo:
         return self.groups > 1 and self.groups == self.in_channels == self.out_channels
 
 
-class _FlowMode(TorchFunctionMode):
-    """Propagates (source layer, raw) tags along tensors through channel-preserving ops."""
+@dataclass
+class ModuleInfo:
+    """What the trace learned about any module: shapes, calls and its place around residual additions.
 
-    def __init__(self, infos: dict[str, LayerInfo]) -> None:
+    ``merges`` counts the residual additions executed inside the module; ``feeds_merge`` is True when
+    its output goes straight into one; ``uses`` counts the ops and modules that consumed its output.
+    """
+
+    name: str
+    order: int
+    in_shape: tuple[int, ...] | None = None
+    out_shape: tuple[int, ...] | None = None
+    calls: int = 0
+    merges: int = 0
+    feeds_merge: bool = False
+    uses: int = 0
+    identity: bool = False
+
+    @property
+    def branch(self) -> bool:
+        """A residual branch: its output only feeds a residual addition (skipping it adds zeros)."""
+        return self.feeds_merge and self.uses == 1 and not self.identity and self.calls == 1
+
+    @property
+    def whole_block(self) -> bool:
+        """A whole residual block: it contains an addition and keeps its input's shape."""
+        return self.merges >= 1 and self.calls == 1 and self.in_shape == self.out_shape
+
+
+@dataclass
+class Trace:
+    """The layers (conv/linear) and all modules of a traced model, in call order."""
+
+    layers: dict[str, LayerInfo]
+    modules: dict[str, ModuleInfo]
+
+
+class _FlowMode(TorchFunctionMode):
+    """Propagates (source layer, raw) tags along tensors and counts tensor uses and merges."""
+
+    def __init__(self, infos: dict[str, LayerInfo], modules: dict[str, ModuleInfo]) -> None:
         super().__init__()
-        self.infos = infos
+        self.infos, self.modules = infos, modules
         self.tags: dict[int, tuple[str, bool]] = {}
-        self.alive: list[Tensor] = []
+        self.outputs: dict[int, str] = {}  # tensor id -> module whose output it is (last one wins)
+        self.stack: list[str] = []
+        self.alive: list[Tensor] = []  # keeps traced tensors alive so ids are not reused
 
     def tag(self, t: Tensor, source: str, raw: bool) -> None:
         self.tags[id(t)] = (source, raw)
@@ -64,9 +108,23 @@ class _FlowMode(TorchFunctionMode):
     def tag_of(self, t: Any) -> tuple[str, bool] | None:
         return self.tags.get(id(t)) if isinstance(t, Tensor) else None
 
+    def use(self, t: Any, merge: bool = False) -> None:
+        """Record that an op (or a module) consumed tensor ``t``."""
+        owner = self.outputs.get(id(t)) if isinstance(t, Tensor) else None
+        if owner is not None:
+            self.modules[owner].uses += 1
+            self.modules[owner].feeds_merge |= merge
+
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", "")
+        merge = name in _MERGING and sum(isinstance(a, Tensor) for a in args) == 2
+        if merge:
+            for module in self.stack:
+                self.modules[module].merges += 1
+        if name not in ("dim", "size", "__get__", "shape") and not name.startswith("_") or merge:
+            for a in args:
+                self.use(a, merge)
         sources = {tag[0] for a in args if (tag := self.tag_of(a)) is not None}
         if isinstance(out, Tensor) and id(out) in self.tags and name not in _PRESERVING:
             del self.tags[id(out)]  # an in-place op we cannot vouch for
@@ -80,48 +138,70 @@ class _FlowMode(TorchFunctionMode):
         return out
 
 
+def _traced_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Named modules of ``model``, without the gates that dynprune added."""
+    gate_paths = [n for n, _ in model.named_modules() if n.split(".")[-1].startswith(GATE_ATTR)]
+    return [(n, m) for n, m in model.named_modules()
+            if not any(n == g or n.startswith(g + ".") for g in gate_paths)]
+
+
+def _shape(t: Any) -> tuple[int, ...] | None:
+    return tuple(t.shape[1:]) if isinstance(t, Tensor) else None
+
+
 @torch.no_grad()
-def trace_layers(model: nn.Module, example: Tensor) -> dict[str, LayerInfo]:
-    """Run ``model(example)`` once in eval mode and return LayerInfo per conv/linear, in call order."""
+def trace_model(model: nn.Module, example: Tensor) -> Trace:
+    """Run ``model(example)`` once in eval mode and return what every layer and module does."""
     infos: dict[str, LayerInfo] = {}
-    mode = _FlowMode(infos)
+    modules: dict[str, ModuleInfo] = {}
+    mode = _FlowMode(infos, modules)
     handles = []
 
-    def pre_layer(name: str):
+    def pre_module(name: str):
         def hook(module: nn.Module, inputs: tuple) -> None:
-            info = infos.get(name)
-            if info is None:
-                groups = getattr(module, "groups", 1)
-                cin = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
-                cout = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
-                info = infos[name] = LayerInfo(name, len(infos), cin, cout, groups)
+            info = modules.setdefault(name, ModuleInfo(name, len(modules)))
             info.calls += 1
-            tag = mode.tag_of(inputs[0])
-            info.producer = tag[0] if tag else None
+            info.in_shape = _shape(inputs[0]) if inputs else None
+            if inputs:
+                mode.use(inputs[0])
+            mode.stack.append(name)
+            if isinstance(module, TRACED_TYPES):
+                layer = infos.get(name)
+                if layer is None:
+                    conv = isinstance(module, nn.Conv2d)
+                    cin = module.in_channels if conv else module.in_features
+                    cout = module.out_channels if conv else module.out_features
+                    layer = infos[name] = LayerInfo(name, len(infos), cin, cout, getattr(module, "groups", 1),
+                                                    channel_dim=1 if conv else -1)
+                layer.calls += 1
+                tag = mode.tag_of(inputs[0])
+                layer.producer = tag[0] if tag else None
 
         return hook
 
-    def post_layer(name: str):
-        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            mode.tag(output, name, raw=True)
+    def post_module(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            mode.stack.pop()
+            info = modules[name]
+            info.out_shape = _shape(output)
+            info.identity = bool(inputs) and output is inputs[0]
+            if isinstance(output, Tensor) and not info.identity:
+                mode.outputs[id(output)] = name
+                mode.alive.append(output)
+            if isinstance(module, TRACED_TYPES):
+                mode.tag(output, name, raw=True)
+            elif isinstance(module, NORM_TYPES):
+                tag = mode.tag_of(inputs[0])
+                if tag is not None and tag[1] and infos[tag[0]].norm in (None, name):
+                    infos[tag[0]].norm = name
+                    mode.tag(output, tag[0], raw=False)
 
         return hook
 
-    def post_norm(name: str):
-        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            tag = mode.tag_of(inputs[0])
-            if tag is not None and tag[1] and infos[tag[0]].norm in (None, name):
-                infos[tag[0]].norm = name
-                mode.tag(output, tag[0], raw=False)
-
-        return hook
-
-    for name, module in model.named_modules():
-        if isinstance(module, TRACED_TYPES):
-            handles.append(module.register_forward_pre_hook(pre_layer(name)))
-            handles.append(module.register_forward_hook(post_layer(name)))
-        elif isinstance(module, NORM_TYPES):
-            handles.append(module.register_forward_hook(post_norm(name)))
+    for name, module in _traced_modules(model):
+        if name:
+            handles.append(module.register_forward_pre_hook(pre_module(name)))
+            handles.append(module.register_forward_hook(post_module(name)))
     was_training = model.training
     model.eval()
     try:
@@ -131,4 +211,9 @@ def trace_layers(model: nn.Module, example: Tensor) -> dict[str, LayerInfo]:
         model.train(was_training)
         for h in handles:
             h.remove()
-    return infos
+    return Trace(infos, modules)
+
+
+def trace_layers(model: nn.Module, example: Tensor) -> dict[str, LayerInfo]:
+    """LayerInfo per conv/linear of ``model``, in call order (see :func:`trace_model`)."""
+    return trace_model(model, example).layers

@@ -6,6 +6,13 @@ import pytest
 import torch
 
 import dynprune as dp
+from dynprune.gates import GateContext
+
+
+def random_context(n: int, name: str) -> GateContext:
+    """A GateContext with random per-input losses and costs, for families with their own term."""
+    greedy = torch.rand(n), {name: torch.rand(n)}
+    return GateContext(torch.rand(n), torch.rand(n), torch.tensor(1.0), lambda: greedy, 0.5, name)
 
 SMALL = {"vgg11": 0.25, "vgg16": 0.25, "mobilenetv2": 0.5}
 
@@ -25,13 +32,11 @@ def test_backbone_gate_forward_backward(name: str, gate: str) -> None:
     masks = dp.collect_masks(model)
     assert masks and all(m.shape[0] == 3 for m in masks.values())
     assert all(((m >= 0) & (m <= 1)).all() for m in masks.values())
-    if gate == "policy":
-        # policy gates learn only from REINFORCE: their log-probs carry the gradient.
-        loss = torch.stack([layer.gate.log_prob for layer in dp.gated_layers(model).values()]).sum()
-    else:
-        loss = out.square().mean() + sum(m.mean() for m in masks.values())
+    loss = out.square().mean() + sum(m.mean() for m in masks.values())
+    family = [g.training_loss(random_context(3, name)) for name, g in dp.gates_of(model).items()]
+    loss = loss + sum(t for t in family if t is not None)  # e.g. REINFORCE: the policy's own surrogate
     loss.backward()
-    grads = [layer.gate.fc2.weight.grad for layer in dp.gated_layers(model).values()]
+    grads = [g.fc2.weight.grad for g in dp.gates_of(model).values()]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
     model.eval()
     with torch.no_grad():

@@ -18,6 +18,7 @@ def test_flops_stats_numbers() -> None:
     assert stats["flops_mean"] == 25.0 and stats["flops_min"] == 10.0 and stats["flops_max"] == 40.0
     assert stats["flops_p50"] == pytest.approx(25.0) and stats["flops_p90"] == pytest.approx(37.0)
     assert stats["flops_mean_ratio"] == 0.625 and stats["flops_saved"] == 0.375
+    assert stats["flops_p10"] == pytest.approx(13.0) and stats["flops_p90_p10"] == pytest.approx(37.0 / 13.0)
 
 
 def test_callback_matches_masks_and_writes_outputs(tmp_path) -> None:
@@ -45,3 +46,27 @@ def test_callback_matches_masks_and_writes_outputs(tmp_path) -> None:
     assert (tmp_path / "flops_hist_test.png").stat().st_size > 1000
     text = format_report(report)
     assert "saved" in text and "layer1.0.conv1" in text
+    # input dependence, recomputed from the masks: unique masks per site, per-class FLOPs, the class PNG
+    dep = report["dependence"]
+    module.eval()
+    with torch.no_grad():
+        masks = [(module(x), {n: m.bool() for n, m in module.masks().items()})[1] for x, _ in dm.test_dataloader()]
+    first = dp.gating_info(module.model).gated[0]
+    unique = torch.cat([m[first] for m in masks]).unique(dim=0).shape[0]
+    assert dep["sites"][0]["site"] == first and dep["sites"][0]["unique_masks"] == unique
+    labels = torch.cat([y for _, y in dm.test_dataloader()])
+    class0 = expected[labels == 0].double().mean().item() / module.profile.dense_total
+    assert dep["classes"][0]["flops_ratio"] == pytest.approx(class0, rel=1e-6)
+    assert "Input dependence" in text and "p90/p10" in text
+    assert (tmp_path / "flops_class_test.png").stat().st_size > 1000
+    assert report["target"] is None and not report["target_missed"]
+
+
+def test_a_missed_flops_target_is_reported_loudly(tmp_path) -> None:
+    module = dp.GatedClassifier("resnet20", gate="sigmoid", input_size=8, width_mult=0.5, target=0.25)
+    cb = dp.FlopsCallback(dirpath=str(tmp_path), plot=False, verbose=False)
+    trainer = L.Trainer(callbacks=[cb], limit_test_batches=1, **quiet_trainer_kwargs())
+    with pytest.warns(UserWarning, match="missed the target 0.25"):
+        trainer.test(module, dp.DigitsDataModule(batch_size=50), verbose=False)
+    assert cb.reports["test"]["target_missed"]  # untrained gates: every channel is still open
+    assert "WARNING: mean FLOPs 1.000 of dense missed the target 0.25" in format_report(cb.reports["test"])

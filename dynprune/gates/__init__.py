@@ -1,18 +1,19 @@
-"""Gate families by name: ``create_gate("sigmoid", in_channels, out_channels)``; ``list_gates()``."""
+"""Gate families by name: ``create_gate("sigmoid", in_channels, units)``; ``list_gates()``."""
 
 from __future__ import annotations
 
-from dynprune.gates import l1, policy, sigmoid  # noqa: F401  (registers)
-from dynprune.gates.base import Gate
+from dynprune.gates import gumbel, l1, policy, sigmoid  # noqa: F401  (registers)
+from dynprune.gates.base import Gate, GateContext
+from dynprune.gates.gumbel import GumbelGate
 from dynprune.gates.l1 import L1Gate
 from dynprune.gates.policy import PolicyGate
 from dynprune.gates.registry import GATES, register_gate
 from dynprune.gates.sigmoid import SigmoidGate
 
 
-def create_gate(name: str, in_channels: int, out_channels: int, **kwargs: float) -> Gate:
-    """Instantiate the gate family ``name`` for a layer with the given channel counts."""
-    return GATES.get(name)(in_channels, out_channels, **kwargs)
+def create_gate(name: str, in_channels: int, units: int, **kwargs: float) -> Gate:
+    """Instantiate the gate family ``name`` deciding ``units`` things from ``in_channels`` inputs."""
+    return GATES.get(name)(in_channels, units, **kwargs)
 
 
 def list_gates() -> list[str]:
@@ -20,4 +21,5 @@ def list_gates() -> list[str]:
     return GATES.names()
 
 
-__all__ = ["Gate", "L1Gate", "PolicyGate", "SigmoidGate", "create_gate", "list_gates", "register_gate"]
+__all__ = ["Gate", "GateContext", "GumbelGate", "L1Gate", "PolicyGate", "SigmoidGate", "create_gate", "list_gates",
+           "register_gate"]

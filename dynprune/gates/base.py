@@ -1,55 +1,146 @@
-"""The Gate contract: a small SE-style network G mapping a layer's input to a channel mask.
+"""The Gate contract: a small SE-style network G mapping the input of what it gates to decisions.
 
-M(x) = sigma(G(x)) with G = global-avg-pool -> fc -> ReLU -> fc. Subclasses decide how the
-probabilities become the mask the layer multiplies by (hard, soft, sampled).
+M(x) = sigma(G(x)) with G = global-avg-pool -> fc -> ReLU -> fc. A gate family (one subclass per
+file) owns how probabilities become the applied decisions while training (hard straight-through,
+soft, sampled, relaxed), any extra training term it contributes (e.g. the REINFORCE surrogate) and
+the state that term needs. At inference every family makes hard decisions ``1[G(x) >= 0]``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
+
+MODES = ("train", "hard")
+
+
+@dataclass
+class GateContext:
+    """What a gate family may use to build its own training term, per input of the batch.
+
+    Attributes:
+        task_loss: (N,) per-input task loss (detached).
+        site_cost: (N,) this gate's own share of the cost (its layers' effective FLOPs / dense FLOPs).
+        cost_weight: d(penalty)/d(cost) of the module's cost term (scalar, detached; e.g. lam, or
+            lam * sign(mean cost - target) in target mode): the price of one unit of cost.
+        greedy: returns (task loss (N,), {site: site cost (N,)}) of the same inputs with every gate
+            deterministic (hard), computed once per step on first use (a self-critical baseline).
+        progress: fraction of training done, in [0, 1].
+    """
+
+    task_loss: Tensor
+    site_cost: Tensor
+    cost_weight: Tensor
+    greedy: Callable[[], tuple[Tensor, dict[str, Tensor]]]
+    progress: float
+    name: str = ""
 
 
 class Gate(nn.Module, ABC):
-    """Maps a layer input (N, C_in, H, W) or (N, C_in) to a mask (N, C_out) in [0, 1].
+    """Maps an input (N, C_in, ...) (channels on ``channel_dim``) to decisions (N, units) in [0, 1].
 
     Args:
-        in_channels: channels of the gated layer's input.
-        out_channels: channels the mask covers (the layer's outputs).
+        in_channels: channels of the gated module's input.
+        units: decisions per input (a layer's output channels, 1 for a block, ...).
         reduction: hidden width is ``max(min_hidden, in_channels // reduction)``.
         init_bias: initial bias of the last fc; 3.0 means every gate starts ~95% open.
         min_hidden: smallest hidden width of G.
+        channel_dim: dimension of the input that holds channels (1, or -1 for channels-last).
     """
 
+    needs_bn_recalibration: ClassVar[bool] = False
+    """True for families whose training decisions differ in kind from eval's (soft vs hard), so the
+    BatchNorm statistics must be re-estimated with hard decisions before evaluation."""
+
     def __init__(
-        self, in_channels: int, out_channels: int, reduction: int = 4, init_bias: float = 3.0,
-        min_hidden: int = 8,
+        self, in_channels: int, units: int, reduction: int = 4, init_bias: float = 3.0,
+        min_hidden: int = 8, channel_dim: int = 1,
     ) -> None:
         super().__init__()
         if reduction < 1:
             raise ValueError(f"gate reduction must be >= 1, got {reduction}")
         hidden = max(min_hidden, in_channels // reduction)
         self.fc1 = nn.Linear(in_channels, hidden)
-        self.fc2 = nn.Linear(hidden, out_channels)
+        self.fc2 = nn.Linear(hidden, units)
         nn.init.constant_(self.fc2.bias, init_bias)
+        self.channel_dim = channel_dim
+        self.mode: str | None = None
+        self.forced: Tensor | None = None
+        self.probs: Tensor | None = None
         self.mask: Tensor | None = None
 
+    def set_mode(self, mode: str | None) -> Gate:
+        """``"train"``: the family's training decisions; ``"hard"``: deterministic 1[G(x) >= 0];
+        None: follow ``self.training``. Lets BatchNorm train while the gates decide hard."""
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"unknown gate mode '{mode}'; choose one of: {', '.join(MODES)} (or None)")
+        self.mode = mode
+        return self
+
+    def force(self, decisions: Tensor | None) -> Gate:
+        """Override the decisions with a fixed (N, units) or (units,) mask (None: back to G(x))."""
+        self.forced = decisions
+        return self
+
+    @property
+    def hard(self) -> bool:
+        """Whether this forward pass uses deterministic decisions."""
+        return self.mode == "hard" or (self.mode is None and not self.training)
+
+    def pool(self, x: Tensor) -> Tensor:
+        """Global average pool of every dim except batch and channels: -> (N, C_in)."""
+        if x.dim() <= 2:
+            return x
+        x = x.movedim(self.channel_dim, -1)
+        return x.flatten(1, -2).mean(1)
+
     def logits(self, x: Tensor) -> Tensor:
-        """G(x): (N, C_in, ...) -> (N, C_out) pre-sigmoid scores."""
-        pooled = x.flatten(2).mean(-1) if x.dim() > 2 else x
-        return self.fc2(self.fc1(pooled).relu())
+        """G(x): (N, C_in, ...) -> (N, units) pre-sigmoid scores."""
+        return self.fc2(self.fc1(self.pool(x)).relu())
 
     def forward(self, x: Tensor) -> Tensor:
-        """Mask (N, C_out) for input x; also kept as ``self.mask`` for losses and FLOPs."""
-        self.mask = self.mask_from_probs(self.logits(x).sigmoid())
-        return self.mask
+        """Decisions (N, units) for input x; kept as ``self.mask`` (and ``self.probs``) for losses."""
+        logits = self.logits(x)
+        self.probs = logits.sigmoid()
+        if self.forced is not None:
+            mask = self.forced.to(logits.dtype).expand_as(logits)
+        elif self.hard:
+            mask = self.hard_decisions(logits)
+        else:
+            mask = self.train_decisions(logits)
+        self.mask = mask
+        return mask
+
+    def hard_decisions(self, logits: Tensor) -> Tensor:
+        """Deterministic decisions at inference: 1[sigma(G(x)) >= 0.5]."""
+        return (logits >= 0).to(logits.dtype)
 
     @abstractmethod
-    def mask_from_probs(self, probs: Tensor) -> Tensor:
-        """Turn sigma(G(x)) (N, C_out) into the applied mask, train or eval behaviour."""
+    def train_decisions(self, logits: Tensor) -> Tensor:
+        """The family's decisions while training, from G(x) (N, units); gradients reach G here."""
+
+    def training_loss(self, ctx: GateContext) -> Tensor | None:
+        """The family's own extra training term (e.g. a REINFORCE surrogate); None if it has none."""
+        return None
 
     @staticmethod
     def cost(mask: Tensor) -> Tensor:
-        """Fraction of channels kept per sample: (N, C) -> (N,), differentiable where mask is."""
+        """Fraction of units kept per sample: (N, U) -> (N,), differentiable where mask is."""
         return mask.mean(dim=1)
+
+
+class StraightThrough(torch.autograd.Function):
+    """Forward: exactly 1[p >= 0.5]; backward: the gradient passes to p unchanged."""
+
+    @staticmethod
+    def forward(ctx: object, probs: Tensor) -> Tensor:
+        return (probs >= 0.5).to(probs.dtype)
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> Tensor:
+        return grad

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 from dynprune.gates.base import Gate
@@ -10,16 +12,22 @@ from dynprune.gates.registry import register_gate
 
 @register_gate("l1")
 class L1Gate(Gate):
-    """Training multiplies by the soft mask; eval keeps channels with sigma >= ``threshold``.
+    """Training multiplies by the soft mask; eval keeps units with sigma >= ``threshold``.
 
-    Reported accuracy is therefore the accuracy *after* thresholding.
+    Reported accuracy is therefore the accuracy *after* thresholding, and BatchNorm statistics are
+    re-estimated with the thresholded masks before evaluation (``needs_bn_recalibration``).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, threshold: float = 0.5, **kwargs: float) -> None:
-        super().__init__(in_channels, out_channels, **kwargs)
+    needs_bn_recalibration = True
+
+    def __init__(self, in_channels: int, units: int, threshold: float = 0.5, **kwargs: float) -> None:
+        super().__init__(in_channels, units, **kwargs)
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"l1 gate threshold must be in (0, 1), got {threshold}")
         self.threshold = threshold
 
-    def mask_from_probs(self, probs: Tensor) -> Tensor:
-        return probs if self.training else (probs >= self.threshold).to(probs.dtype)
+    def hard_decisions(self, logits: Tensor) -> Tensor:
+        return (logits >= math.log(self.threshold / (1 - self.threshold))).to(logits.dtype)
+
+    def train_decisions(self, logits: Tensor) -> Tensor:
+        return logits.sigmoid()

@@ -1,0 +1,15 @@
+"""Granularities by name (``channel``, ``block``); ``list_granularities()``."""
+
+from __future__ import annotations
+
+from dynprune.granularity import block, channel  # noqa: F401  (registers)
+from dynprune.granularity.base import (
+    GRANULARITIES,
+    Granularity,
+    Site,
+    list_granularities,
+    register_granularity,
+    resolve,
+)
+
+__all__ = ["GRANULARITIES", "Granularity", "Site", "list_granularities", "register_granularity", "resolve"]

@@ -1,0 +1,132 @@
+"""The granularity seam: *what* a gate decides about (channels of a layer, a whole block, a width),
+orthogonal to the gate family (*how* it decides).
+
+A granularity finds its candidate sites in the trace, says why a site is not eligible, attaches a gate
+and the hooks that apply its decisions, and says how a decision changes FLOPs: as output-channel masks
+(N, C) of some layers (the channel formula dense * keep_in * keep_out then applies) and/or as an
+execution factor (N,) of the layers inside it. Adding a granularity = one file + ``@register_granularity``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+from dynprune.gated import HookSwitch
+from dynprune.gates import Gate, create_gate
+from dynprune.registry import Registry
+from dynprune.trace import GATE_ATTR, Trace
+
+
+@dataclass
+class Site:
+    """One gated decision point of a model.
+
+    Attributes:
+        name: module path of the gated module (a layer or a block).
+        granularity: registered granularity name.
+        units: decisions per input.
+        kind: granularity-specific, e.g. ``channel``, ``branch`` (skipped: adds zeros) or ``whole``
+            (skipped: passes its input through).
+        layers: the traced conv/linear layers whose FLOPs the decision changes directly.
+        norm: the BatchNorm after which a channel mask is applied (None: on the layer's output).
+        channel_dim: dim of the channels the decision masks (1, or -1 for channels-last Linear).
+        family: the gate family deciding here.
+        gate_path: module path of the gate.
+    """
+
+    name: str
+    granularity: str
+    units: int
+    kind: str
+    layers: tuple[str, ...] = ()
+    norm: str | None = None
+    channel_dim: int = 1
+    family: str = ""
+    gate_path: str = ""
+
+    def flops_terms(self, mask: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
+        """({layer: output-channel mask (N, C)}, execution factor (N,) of ``layers`` or None)."""
+        return GRANULARITIES.get(self.granularity)().flops_terms(self, mask)
+
+
+class Granularity(ABC):
+    """One way of gating: candidates, eligibility, hooks and FLOPs terms."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def candidates(self, trace: Trace) -> list[str]:
+        """Every module name ``where`` patterns are matched against, in call order."""
+
+    @abstractmethod
+    def ineligible(self, trace: Trace, name: str) -> str | None:
+        """Why ``name`` cannot be gated at this granularity (None: it can)."""
+
+    @abstractmethod
+    def default(self, trace: Trace, skip_first: bool, skip_last: bool) -> list[str]:
+        """The sites gated when ``where`` is not given."""
+
+    @abstractmethod
+    def attach(self, model: nn.Module, trace: Trace, name: str, gate: str, gate_kwargs: dict[str, float],
+               switch: HookSwitch) -> Site:
+        """Add the gate (as ``<name>.dynprune_gate``) and the hooks applying its decisions."""
+
+    @abstractmethod
+    def flops_terms(self, site: Site, mask: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
+        """How decisions (N, units) change FLOPs; see :meth:`Site.flops_terms`."""
+
+
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def add_gate(model: nn.Module, name: str, gate: str, in_channels: int, units: int, gate_kwargs: dict[str, float],
+             channel_dim: int = 1) -> tuple[Gate, str]:
+    """Create a gate of family ``gate`` for module ``name`` and add it to the model: (gate, its path).
+
+    It becomes the module's child ``dynprune_gate``, unless the module is a container that runs every
+    child (``nn.Sequential``): then it is a child ``dynprune_gate__<path>`` of the nearest ancestor
+    that is not a container.
+    """
+    net = create_gate(gate, in_channels, units, channel_dim=channel_dim, **gate_kwargs)
+    net.to(next(model.parameters()).device)
+    parts = name.split(".")
+    for depth in range(len(parts), -1, -1):
+        owner_path = ".".join(parts[:depth])
+        owner = model.get_submodule(owner_path)
+        if not isinstance(owner, CONTAINERS):
+            break
+    else:
+        raise ValueError(f"cannot gate '{name}': it and every module around it are containers "
+                         "(nn.Sequential/ModuleList/ModuleDict) that would run the gate as a layer")
+    child = GATE_ATTR if depth == len(parts) else f"{GATE_ATTR}__{'__'.join(parts[depth:])}"
+    if hasattr(owner, child):
+        raise ValueError(f"module '{name}' already has a gate")
+    owner.add_module(child, net)
+    return net, ".".join(p for p in (owner_path, child) if p)
+
+
+def layers_inside(trace: Trace, name: str) -> tuple[str, ...]:
+    """Traced conv/linear layers at or below module path ``name``."""
+    return tuple(n for n in trace.layers if n == name or n.startswith(name + "."))
+
+
+GRANULARITIES: Registry[Granularity] = Registry("granularity")
+register_granularity = GRANULARITIES.register
+
+
+def list_granularities() -> list[str]:
+    """Names of every registered granularity."""
+    return GRANULARITIES.names()
+
+
+def resolve(names: str | Sequence[str]) -> list[str]:
+    """Validate one granularity name or a list of them (unknown names raise, naming the valid ones)."""
+    names = [names] if isinstance(names, str) else list(names)
+    for n in names:
+        GRANULARITIES.get(n)
+    return names

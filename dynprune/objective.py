@@ -1,0 +1,110 @@
+"""The gated training objective: task loss + lam * penalty(cost), plus the optional terms that make
+gates input-dependent (per-layer bounded budget, batch shaping) and each gate family's own term.
+
+The objective knows the Gate interface only (``training_loss(ctx)``, ``probs``, ``mask``), never a
+concrete family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dynprune.flops import FlopsProfile
+from dynprune.gates import Gate, GateContext
+from dynprune.losses import batch_shaping_loss, budget_bounds, budget_loss, target_penalty
+
+COSTS = ("flops", "count")
+TARGET_LOSSES = ("abs", "squared")
+
+
+@dataclass
+class Objective:
+    """Settings of the cost terms (see :class:`dynprune.GatedClassifier` for their meaning)."""
+
+    lam: float = 0.5
+    cost: str = "flops"
+    target: float | None = None
+    target_loss: str = "abs"
+    budget: float = 0.0
+    budget_width: float = 0.1
+    budget_anneal: float = 1 / 3
+    batch_shaping: float = 0.0
+    batch_shaping_warmup: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lam < 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam}")
+        if self.cost not in COSTS:
+            raise ValueError(f"unknown cost '{self.cost}'; choose one of: {', '.join(COSTS)}")
+        if self.target is not None and not 0 < self.target <= 1:
+            raise ValueError(f"target (FLOPs ratio) must be in (0, 1], got {self.target}")
+        if self.target_loss not in TARGET_LOSSES:
+            raise ValueError(f"unknown target_loss '{self.target_loss}'; choose one of: {', '.join(TARGET_LOSSES)}")
+        if self.budget < 0 or self.batch_shaping < 0:
+            raise ValueError(f"budget and batch_shaping weights must be >= 0, got {self.budget}, {self.batch_shaping}")
+        if self.budget > 0 and self.target is None:
+            raise ValueError("budget > 0 bounds each layer around the FLOPs target: set target too")
+        if not 0 < self.batch_shaping_warmup <= 1 or not 0 < self.budget_anneal <= 1:
+            raise ValueError("batch_shaping_warmup and budget_anneal are fractions of training in (0, 1]")
+
+    def penalty(self, mean_cost: Tensor) -> Tensor:
+        """lam * c, or lam * distance(c, target) in target mode, for the batch-mean cost c."""
+        if self.target is None:
+            return self.lam * mean_cost
+        return self.lam * target_penalty(mean_cost, self.target, self.target_loss)
+
+    def price(self, mean_cost: Tensor) -> Tensor:
+        """d penalty / d c at the batch-mean cost (detached): what one unit of cost is worth right now,
+        so a REINFORCE reward penalises exactly what the loss penalises."""
+        c = mean_cost.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(self.penalty(c), c)
+        return grad
+
+    def costs(self, masks: dict[str, Tensor], profile: FlopsProfile) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(cost per input (N,), FLOPs ratio per input (N,), {site: own cost (N,)})."""
+        per_layer = profile.per_layer(masks)
+        ratio = profile.total(per_layer) / profile.dense_total
+        if self.cost == "count":
+            site = {n: m.mean(dim=1) / len(masks) for n, m in masks.items()}
+            return sum(site.values()), ratio, site
+        return ratio, ratio, profile.site_costs(per_layer)
+
+    def site_ratios(self, masks: dict[str, Tensor], profile: FlopsProfile) -> Tensor:
+        """Each site's batch FLOPs ratio over the layers it decides for directly (S,)."""
+        per_layer = profile.per_layer(masks)
+        dense = {lay.name: lay.dense for lay in profile.layers}
+        out = []
+        for name in masks:
+            layers = [lay for lay in profile.dependents[name] if dense[lay] > 0]
+            out.append(sum(per_layer[lay].mean() for lay in layers) / max(sum(dense[lay] for lay in layers), 1))
+        return torch.stack(out)
+
+    def extra_terms(self, gates: dict[str, Gate], masks: dict[str, Tensor], profile: FlopsProfile,
+                    progress: float) -> dict[str, Tensor]:
+        """The per-layer budget and batch-shaping terms (weighted), those that are switched on."""
+        terms = {}
+        if self.budget > 0:
+            lb, ub = budget_bounds(progress, self.target, self.budget_anneal, self.budget_width)
+            terms["budget"] = self.budget * budget_loss(self.site_ratios(masks, profile), lb, ub)
+        if self.batch_shaping > 0 and progress < self.batch_shaping_warmup:
+            weight = self.batch_shaping * (1 - progress / self.batch_shaping_warmup)
+            probs = [g.probs for g in gates.values() if g.probs is not None]
+            terms["batch_shaping"] = weight * torch.stack([batch_shaping_loss(p) for p in probs]).mean()
+        return terms
+
+    @staticmethod
+    def family_terms(gates: dict[str, Gate], task_loss: Tensor, site_costs: dict[str, Tensor], price: Tensor,
+                     greedy: Callable[[], tuple[Tensor, dict[str, Tensor]]], progress: float) -> Tensor | None:
+        """Sum of every gate family's own training term (None when no family has one)."""
+        total = None
+        for name, gate in gates.items():
+            ctx = GateContext(task_loss.detach(), site_costs[name].detach(), price, greedy, progress, name)
+            term = gate.training_loss(ctx)
+            if term is not None:
+                total = term if total is None else total + term
+        return total
