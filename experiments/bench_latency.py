@@ -23,6 +23,7 @@ import copy
 import itertools
 import os
 import platform
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,7 +35,7 @@ from torch.utils import benchmark
 
 import dynprune as dp
 from dynprune.flops import count_flops
-from dynprune.io import atomic_write, save_figure, to_markdown, write_table
+from dynprune.io import atomic_write, save_figure, to_markdown, write_csv
 from dynprune.runtime import compile_for_inference
 from dynprune.runtime.blocks import SubBatchBlock
 from dynprune.runtime.channels import ThinLayer
@@ -59,11 +60,11 @@ class Settings:
     dynamic: float = 0.3
     batch_sizes: tuple[int, ...] = (1, 8, 64)
     threads: tuple[int, ...] = (1,)
-    repeats: int = 3
-    min_run_time: float = 0.1
+    repeats: int = 2
+    min_run_time: float = 0.05
     flops_tol: float = 1e-2
-    calib_size: int = 64
-    bisect_steps: int = 10
+    calib_size: int = 32
+    bisect_steps: int = 8
     seed: int = 0
 
 
@@ -202,7 +203,7 @@ def measure(form: Form, batches: Sequence[Tensor], threads: int, min_run_time: f
     cycle = itertools.cycle(batches)
     timer = benchmark.Timer("with torch.inference_mode(): run(next(cycle))",
                             globals={"run": form.run, "cycle": cycle, "torch": torch}, num_threads=threads)
-    timer.timeit(max(2, len(batches)))  # warm-up
+    timer.timeit(len(batches))  # warm-up: one pass over the batches
     return float(timer.blocked_autorange(min_run_time=min_run_time).median)
 
 
@@ -305,14 +306,40 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 def machine() -> str:
-    """CPU model, core count and torch version, for the result files."""
+    """CPU model, core count, torch version and load average, for the result files."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, nproc={os.cpu_count()}, torch {torch.__version__}"
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return f"{cpu}, nproc={os.cpu_count()}, torch {torch.__version__}, load average {load}"
+
+
+def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """achieved / theoretical per form, one row per model, threads and batch size (the ceiling: ``uniform``)."""
+    out: dict[tuple[str, int, int], dict[str, Any]] = {}
+    for r in rows:
+        if r["form"] != "dense":
+            key = (r["model"], r["threads"], r["batch"])
+            out.setdefault(key, {"model": key[0], "threads": key[1], "batch": key[2]})[r["form"]] = r["ratio"]
+    return list(out.values())
+
+
+def report(rows: Sequence[dict[str, Any]], cfg: Settings, command: str, start: str) -> str:
+    """The markdown result file: command, machine, settings, summary and full table."""
+    return (f"# Measured latency vs theoretical speedup at {cfg.ratio:g}x fewer FLOPs\n\n"
+            f"Command: `{command}`\n\nMachine: {start} at the start; {machine()} at the end. Threads: "
+            f"{', '.join(map(str, cfg.threads))} (`torch.utils.benchmark.Timer(num_threads=...)`).\n\n"
+            f"Timing: median of `blocked_autorange(min_run_time={cfg.min_run_time})` after a warm-up, fastest of "
+            f"{cfg.repeats} interleaved repeats; inputs cycle through {{8 // batch}} random batches. Gates: sigmoid, "
+            f"untrained, last bias calibrated on {cfg.calib_size} random inputs so that per layer a share "
+            f"{cfg.dynamic:g} of channels is input-dependent (on for half the inputs), the rest always on/off "
+            f"(blocks: every block input-dependent); mean keep rate bisected to the target FLOPs. Dense, static and "
+            f"uniform nets are BN-folded; `gate_share` = time of the gate calls alone / time of the compiled model."
+            f"\n\n## achieved / theoretical speedup (uniform = the static ceiling)\n\n{to_markdown(summary(rows))}"
+            f"\n## All rows\n\n{to_markdown(rows)}")
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -322,8 +349,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--dynamic", type=float, default=0.3, help="share of input-dependent channels per layer")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}))
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved measurements, fastest median kept")
-    parser.add_argument("--min-run-time", type=float, default=0.1, help="seconds per blocked_autorange")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved measurements, fastest median kept")
+    parser.add_argument("--min-run-time", type=float, default=0.05, help="seconds per blocked_autorange")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_latency")
     args = parser.parse_args(argv)
@@ -333,11 +360,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         models = {name: MODELS[name] for name in args.models}
         cfg = Settings(args.ratio, args.dynamic, tuple(args.batch_sizes), tuple(args.threads), args.repeats,
                        args.min_run_time)
+    start = machine()
     rows, profile = bench(models, cfg)
-    title = f"Latency vs theory at {cfg.ratio:g}x fewer FLOPs ({machine()})"
-    write_table(rows, args.out, title)
+    write_csv(args.out.with_name(args.out.name + ".csv"), rows)
+    command = "python experiments/bench_latency.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    atomic_write(args.out.with_name(args.out.name + ".md"), lambda f: f.write(report(rows, cfg, command, start)))
     plot(rows, args.out.with_name(args.out.name + ".png"))
     atomic_write(args.out.with_name(args.out.name + "_profile.txt"), lambda f: f.write(profile))
+    print(to_markdown(summary(rows)))
     print(profile)
     return rows
 

@@ -10,6 +10,7 @@ the gates' own decisions and with forced mixed decisions at batch 1 and batch > 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -76,7 +77,9 @@ def compile_for_inference(
         compiled = _build(model, sites, example, thin=True)
         try:
             _check(model, compiled, sites, example, tol)
-        except RuntimeError:  # a thin output reached something other than its one consumer: keep widths
+        except RuntimeError as err:  # a thin output reached more than its one consumer: keep full widths
+            warnings.warn(f"thin channel passing disagrees with the masked model ({err}); gated layers scatter "
+                          "their kept channels back to full width instead", stacklevel=2)
             compiled = _build(model, sites, example, thin=False)
             _check(model, compiled, sites, example, tol)
     finally:
@@ -126,7 +129,8 @@ def _thin_layers(net: nn.Module, channel: list[str], gates: dict[str, Gate], lay
     for name in channel:
         consumer = readers[name][0] if len(readers[name]) == 1 else None
         module = net.get_submodule(consumer.name) if consumer else None
-        if thin and consumer and consumer.calls == 1 and getattr(module, "groups", 1) == 1:
+        if (thin and consumer and consumer.calls == 1 and getattr(module, "groups", 1) == 1
+                and consumer.in_channels % layers[name].out_channels == 0):
             thin_source[consumer.name] = name
     executors: dict[str, ThinLayer] = {}
     for info in sorted(layers.values(), key=lambda i: i.order):
