@@ -208,7 +208,7 @@ def measure(form: Form, batches: Sequence[Tensor], threads: int, min_run_time: f
 
 
 def gate_share(form: Form, batch: Tensor, threads: int, min_run_time: float) -> float:
-    """Share of a compiled form's time spent deciding: every gate call of one forward pass (pooling and
+    """Seconds a compiled form spends deciding per batch: every gate call of one forward pass (pooling and
     scattering its input included) is recorded, then re-run alone and timed like the whole model."""
     calls: list[tuple[Callable[..., Tensor], tuple[Any, ...]]] = []
 
@@ -228,8 +228,7 @@ def gate_share(form: Form, batch: Tensor, threads: int, min_run_time: float) -> 
     timer = benchmark.Timer("with torch.inference_mode():\n    for f, a in calls: f(*a)",
                             globals={"calls": calls, "torch": torch}, num_threads=threads)
     timer.timeit(2)
-    gates = float(timer.blocked_autorange(min_run_time=min_run_time).median)
-    return gates / measure(form, [batch], threads, min_run_time)
+    return float(timer.blocked_autorange(min_run_time=min_run_time).median)
 
 
 def profile_summary(form: Form, batch: Tensor, threads: int, iters: int = 10) -> str:
@@ -241,8 +240,10 @@ def profile_summary(form: Form, batch: Tensor, threads: int, iters: int = 10) ->
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
 
 
-def bench(models: dict[str, dict[str, Any]], cfg: Settings) -> tuple[list[dict[str, Any]], str]:
-    """All rows of the table and the profile text of the worst dynamic row."""
+def bench(
+    models: dict[str, dict[str, Any]], cfg: Settings, done: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> tuple[list[dict[str, Any]], str]:
+    """All rows of the table and the profile text of the worst dynamic row; ``done(rows)`` after each model."""
     rows: list[dict[str, Any]] = []
     worst: tuple[float, Form, Tensor, int, str] | None = None
     for model_name, spec in models.items():
@@ -266,13 +267,15 @@ def bench(models: dict[str, dict[str, Any]], cfg: Settings) -> tuple[list[dict[s
                        "ceiling_ratio": ceiling, "of_ceiling": achieved / theoretical / ceiling,
                        "gate_share": ""}
                 if f.name.startswith("compiled"):
-                    row["gate_share"] = gate_share(f, batches[0], n_threads, cfg.min_run_time)
+                    row["gate_share"] = gate_share(f, batches[0], n_threads, cfg.min_run_time) / best[f.name]
                     if worst is None or row["ratio"] < worst[0]:
                         worst = (row["ratio"], f, batches[0], n_threads,
                                  f"{model_name} {f.name} batch {batch_size} threads {n_threads}")
                 rows.append(row)
             print(to_markdown([r for r in rows if r["model"] == model_name and r["batch"] == batch_size
                                and r["threads"] == n_threads]))
+        if done is not None:
+            done(rows)
     profile = ""
     if worst is not None:
         profile = f"# Worst compiled row: {worst[4]} (achieved/theoretical {worst[0]:.3f})\n\n"
@@ -361,10 +364,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         cfg = Settings(args.ratio, args.dynamic, tuple(args.batch_sizes), tuple(args.threads), args.repeats,
                        args.min_run_time)
     start = machine()
-    rows, profile = bench(models, cfg)
-    write_csv(args.out.with_name(args.out.name + ".csv"), rows)
     command = "python experiments/bench_latency.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    atomic_write(args.out.with_name(args.out.name + ".md"), lambda f: f.write(report(rows, cfg, command, start)))
+
+    def write(rows: list[dict[str, Any]]) -> None:
+        write_csv(args.out.with_name(args.out.name + ".csv"), rows)
+        atomic_write(args.out.with_name(args.out.name + ".md"), lambda f: f.write(report(rows, cfg, command, start)))
+
+    rows, profile = bench(models, cfg, write)
     plot(rows, args.out.with_name(args.out.name + ".png"))
     atomic_write(args.out.with_name(args.out.name + "_profile.txt"), lambda f: f.write(profile))
     print(to_markdown(summary(rows)))
