@@ -291,19 +291,23 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = sorted({(r["model"], r["threads"]) for r in rows})
+    forms = list(dict.fromkeys(r["form"] for r in rows if r["form"] != "dense"))
+    colors = dict(zip(forms, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False, sharey=True)
     for ax, (model, threads) in zip(axes[0], panels, strict=True):
-        sub = [r for r in rows if r["model"] == model and r["threads"] == threads and r["form"] != "dense"]
-        for form in dict.fromkeys(r["form"] for r in sub):
+        sub = [r for r in rows if r["model"] == model and r["threads"] == threads]
+        for form in forms:
             pts = sorted((r["batch"], r["ratio"]) for r in sub if r["form"] == form)
-            style = "--" if form.startswith("masked") else "-"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=form)
+            if pts:
+                style = "--" if form.startswith("masked") else "-"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", color=colors[form], label=form)
         ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.5)
         ax.set_title(f"{model}, {threads} thread(s)", fontsize=9)
         ax.set_xlabel("batch size")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("achieved / theoretical speedup")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7)
     save_figure(fig, path)
     plt.close(fig)
 
