@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynprune as dp
+from dynprune.io import write_csv
 from dynprune.runtime import compile_for_inference
 from dynprune.runtime.channels import ThinLayer
 from dynprune.runtime.compile import SUPPORTED
@@ -239,3 +240,21 @@ def test_smoke_benchmark_writes_the_table(tmp_path: Path) -> None:
         assert float(r["ratio"]) == pytest.approx(float(r["achieved"]) / theoretical)
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "Self CPU" in (tmp_path / "bench_profile.txt").read_text()
+
+
+def test_pareto_draws_accuracy_against_measured_latency(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("pareto_latency", SCRIPT.with_name("pareto.py"))
+    pareto = importlib.util.module_from_spec(spec)
+    sys.modules["pareto_latency"] = pareto
+    spec.loader.exec_module(pareto)
+    rows = [{"run": "a", "method": "sigmoid", "acc": 0.90, "flops_mean_ratio": 0.4, "latency_ms": 3.0},
+            {"run": "b", "method": "sigmoid", "acc": 0.92, "flops_mean_ratio": 0.5, "latency_ms": 2.0},
+            {"run": "c", "method": "sigmoid", "acc": 0.95, "flops_mean_ratio": 0.9}]
+    write_csv(tmp_path / "summary.csv", rows)
+    points = pareto.read_summary(tmp_path / "summary.csv")
+    assert pareto.pareto_front(points) == [0, 1, 2]  # by FLOPs every run is on the front
+    assert pareto.pareto_front(points[:2], "latency") == [1]  # b is faster and more accurate than a
+    pareto.main([str(tmp_path / "summary.csv"), "--x", "latency", "--out", str(tmp_path / "lat")])
+    table = (tmp_path / "lat.md").read_text()
+    assert "| sigmoid | – | 92.00 | 0.500 |" in table and "95.00" not in table  # c has no latency: left out
+    assert (tmp_path / "lat.png").read_bytes()[:4] == b"\x89PNG"
