@@ -216,7 +216,7 @@ def gate_share(form: Form, batch: Tensor, threads: int, min_run_time: float) -> 
         if isinstance(module, ThinLayer) and module.gate is not None:
             calls.append((module.decide, (args[0], module.input_columns())))
         elif isinstance(module, SubBatchBlock):
-            calls.append((module.gate, (args[0],)))
+            calls.append((module.decisions, (args[0],)))
 
     handles = [m.register_forward_pre_hook(record) for m in form.module.modules()
                if isinstance(m, (ThinLayer, SubBatchBlock))]

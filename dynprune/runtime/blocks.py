@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from dynprune.gates.base import Gate
+from dynprune.runtime.decide import decide, se_gate
 
 
 class SubBatchBlock(nn.Module):
@@ -25,10 +26,11 @@ class SubBatchBlock(nn.Module):
         super().__init__()
         self.block, self.gate, self.whole = block, gate, whole
         self.inner = list(inner)  # plain references: the gates belong to their own sites
+        self.se_gate = se_gate(gate)
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, ...) -> (N, ...) as the masked block: d * f(x) (+ (1 - d) * x for a whole block)."""
-        d = self.gate(x)[:, 0]
+        d, binary = self.decisions(x)
         run = d != 0
         n_run = int(run.sum())
         if n_run == 0:
@@ -39,13 +41,18 @@ class SubBatchBlock(nn.Module):
             idx = run.nonzero().flatten()
             inputs, d = x.index_select(0, idx), d.index_select(0, idx)
         out = self.run(inputs, idx, len(x))
-        if bool((d != 1).any()):  # non-binary decisions (forced or soft): the masked model's arithmetic
+        if not binary and bool((d != 1).any()):  # forced or soft decisions: the masked model's arithmetic
             d = d.to(out.dtype).view(-1, *[1] * (out.dim() - 1))
             out = d * out + (1 - d) * inputs if self.whole else d * out
         if idx is None:
             return out
         base = x.clone() if self.whole else out.new_zeros((len(x), *out.shape[1:]))
         return base.index_copy_(0, idx, out)
+
+    def decisions(self, x: Tensor) -> tuple[Tensor, bool]:
+        """Per-input decisions (N,) from the block input (N, C, ...), and whether they are binary."""
+        d, binary = decide(self.gate, self.gate.pool(x), self.se_gate)
+        return d[:, 0], binary
 
     def run(self, inputs: Tensor, idx: Tensor | None, batch: int) -> Tensor:
         """The block on the sub-batch ``inputs`` (rows ``idx`` of a batch of ``batch``; None: all rows)."""

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from dynprune.gated import apply_mask
 from dynprune.gates.base import Gate
+from dynprune.runtime.decide import decide, se_gate
 
 
 def conv_out_size(conv: nn.Conv2d, size: tuple[int, ...]) -> tuple[int, ...]:
@@ -65,8 +66,7 @@ class ThinLayer(nn.Module):
         self.register_buffer("unit_offsets", torch.arange(per_unit), persistent=False)
         self.kept: Tensor | None = None  # output channels present in the last output (None: all)
         self.pool_dims = (2, 3)
-        self.se_gate = gate is not None and type(gate).logits is Gate.logits and (
-            type(gate).hard_decisions is Gate.hard_decisions)
+        self.se_gate = gate is not None and se_gate(gate)
 
     def input_columns(self) -> Tensor | None:
         """Indices of this layer's inputs present in its (thin) input; None when all are."""
@@ -84,13 +84,7 @@ class ThinLayer(nn.Module):
             pooled = x
         if cols is not None:
             pooled = pooled.new_zeros(pooled.shape[0], self.in_channels).index_copy_(1, cols, pooled)
-        gate = self.gate
-        if gate.forced is not None or not gate.hard:
-            return gate(pooled), False
-        if self.se_gate:  # Gate.logits and Gate.hard_decisions, without the module-call overhead
-            hidden = F.linear(pooled, gate.fc1.weight, gate.fc1.bias).relu_()
-            return F.linear(hidden, gate.fc2.weight, gate.fc2.bias) >= 0, True
-        return gate.hard_decisions(gate.logits(pooled)) != 0, True
+        return decide(self.gate, pooled, self.se_gate)
 
     def forward(self, x: Tensor) -> Tensor:
         """Thin or full (N, C_in', ...) -> (N, C_out', ...); ``self.kept`` names the output channels present."""
