@@ -26,12 +26,12 @@ from dynprune.module import GatedClassifier
 
 __version__ = "0.1.0"
 
-_LAZY = ("static", "compression", "sweep", "guard")
+_LAZY = ("static", "compression", "sweep", "guard", "slimmable")
 
 
 def __getattr__(name: str) -> object:
-    """``dp.static``, ``dp.compression``, ``dp.sweep``, ``dp.guard``: imported on first use (they pull in
-    scikit-learn, bitarray, ...), so ``import dynprune`` stays light."""
+    """``dp.static``, ``dp.compression``, ``dp.sweep``, ``dp.guard``, ``dp.slimmable``: imported on first
+    use (they pull in scikit-learn, bitarray, ...), so ``import dynprune`` stays light."""
     if name in _LAZY:
         import importlib
 

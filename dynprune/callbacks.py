@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from dynprune.dependence import format_dependence, input_dependence, plot_class_flops
-from dynprune.io import save_figure, write_csv, write_json
+from dynprune.io import run_dir, save_figure, write_csv, write_json
 
 TARGET_TOLERANCE = 0.05
 
@@ -62,10 +62,10 @@ class FlopsCallback(L.Callback):
     (across DDP ranks); logs summary and input-dependence statistics (p10/p90 FLOPs, dynamic units,
     unique masks, per-class FLOPs), warns when a FLOPs target is missed by more than 0.05, and writes
     ``flops.json``, ``flops_layers.csv``, ``flops_hist_<stage>.png`` and ``flops_class_<stage>.png`` to
-    ``dirpath`` (default: the trainer's log dir).
+    ``dirpath`` (default: the run's folder, next to ``checkpoints/``).
 
     Args:
-        dirpath: where to write; None uses ``trainer.log_dir`` (or ``default_root_dir``).
+        dirpath: where to write; None uses the run's folder (:func:`dynprune.io.run_dir`).
         log_layers: also log each layer's keep rate as ``<stage>/keep/<layer>``.
         plot: write the histogram PNG.
         verbose: print the report at test end.
@@ -162,8 +162,8 @@ class FlopsCallback(L.Callback):
                 rank_zero_info(format_report(report))
 
     def output_dir(self, trainer: L.Trainer) -> Path:
-        """Folder of the outputs: ``dirpath``, else the log dir, else ``default_root_dir``."""
-        return Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
+        """Folder of the outputs: ``dirpath``, else the run's own folder (:func:`dynprune.io.run_dir`)."""
+        return Path(self.dirpath) if self.dirpath else run_dir(trainer)
 
     def _write(self, trainer: L.Trainer, stage: str, report: dict[str, Any], flops: Tensor) -> None:
         out = self.output_dir(trainer)

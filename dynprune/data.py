@@ -6,7 +6,9 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import zlib
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -19,18 +21,74 @@ FASHION_MNIST_HINT = "install it with `apt-get install dataset-fashion-mnist` or
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an IDX file (optionally gzipped) into a numpy array of its declared shape."""
+    """Read an IDX file (optionally gzipped) into a numpy array of its declared shape; a truncated or corrupt
+    file is a ValueError naming it."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise ValueError(f"{path} is truncated or corrupt ({err}); reinstall or re-download it") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path} is truncated: its header is cut short")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says {shape} but holds {body.size} values")
+        raise ValueError(f"{path}: header says {shape} but holds {body.size} values (truncated or corrupt)")
     return body.reshape(shape)
+
+
+def check_labels(y: Tensor, num_classes: int, source: str) -> None:
+    """Labels (N,) must lie in [0, num_classes); ``source`` names the file(s) they came from."""
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"{source}: labels span [{int(y.min())}, {int(y.max())}] but the data module declares "
+                         f"num_classes={num_classes} (labels 0..{num_classes - 1}); the file is corrupt or of "
+                         "another dataset")
+
+
+def check_num_classes(datamodule: Any, num_classes: int) -> None:
+    """The model's ``num_classes`` must equal the data's: fewer crashes the loss, more trains silently wrong."""
+    declared = getattr(datamodule, "num_classes", None)
+    if declared is not None and declared != num_classes:
+        raise ValueError(f"the model has num_classes={num_classes} but the data ({type(datamodule).__name__}) has "
+                         f"{declared} classes; set model.num_classes={declared}")
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles only builtin containers, strings, bytes, numbers and numpy arrays: a data file never runs
+    code (a pickle can name any callable, e.g. ``os.system``, and have it called)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("builtins", "set"), ("builtins", "frozenset")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load '{module}.{name}': only builtin containers, strings, "
+                                         "bytes, numbers and numpy arrays are allowed in a data file")
+        return super().find_class(module, name)
+
+
+def load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR python batch -> images (N, 3, 32, 32) uint8 and labels (N,) int64, loaded with a restricted
+    unpickler; anything else than the expected dict of arrays is a ValueError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            batch = _BatchUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
+        raise ValueError(f"{path} is not a CIFAR-10 python batch: {err}") from None
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(f"{path} is not a CIFAR-10 python batch: expected a dict with b'data' and b'labels', "
+                         f"got {keys}")
+    data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
+        raise ValueError(f"{path}: expected uint8 data (N, 3072) and N labels, got data {data.dtype} "
+                         f"{data.shape} and labels {labels.shape}")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -127,8 +185,13 @@ class FashionMNISTDataModule(_TensorDataModule):
                 f"Fashion-MNIST file(s) not found: {', '.join(missing)}; {FASHION_MNIST_HINT}"
             )
         images, labels = (read_idx(p) for p in paths)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ValueError(f"{paths[0]} holds images of shape {images.shape} but {paths[1]} holds labels of "
+                             f"shape {labels.shape}: expected (N, 28, 28) and (N,); a file is truncated or "
+                             "from another dataset")
         x = (torch.from_numpy(images.copy()).float().div_(255).sub_(self.MEAN).div_(self.STD))
         x, y = x.unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+        check_labels(y, self.num_classes, str(paths[1]))
         if limit:
             x, y = x[:limit], y[:limit]
         return x, y
@@ -173,7 +236,8 @@ class DigitsDataModule(_TensorDataModule):
 
 
 class CIFAR10DataModule(_TensorDataModule):
-    """CIFAR-10 from the user's python-pickle batches (``cifar-10-batches-py``); never downloads."""
+    """CIFAR-10 from the user's python-pickle batches (``cifar-10-batches-py``); never downloads. The batches
+    are read with a restricted unpickler (:func:`load_cifar_batch`): a crafted file cannot run code."""
 
     in_chans, input_size = 3, 32
     MEAN = (0.4914, 0.4822, 0.4465)
@@ -196,10 +260,10 @@ class CIFAR10DataModule(_TensorDataModule):
                     f"(data_batch_1..5, test_batch) extracted from cifar-10-python.tar.gz into "
                     f"{self.data_dir}"
                 )
-            with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
-            xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
+            x, y = load_cifar_batch(path)
+            check_labels(torch.from_numpy(y), self.num_classes, str(path))
+            xs.append(x)
+            ys.append(y)
         x = torch.from_numpy(np.concatenate(xs)).float() / 255
         mean, std = torch.tensor(self.MEAN).view(1, 3, 1, 1), torch.tensor(self.STD).view(1, 3, 1, 1)
         return (x - mean) / std, torch.from_numpy(np.concatenate(ys))

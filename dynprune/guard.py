@@ -3,9 +3,17 @@
 Failures are raised as :class:`GuardError` (a RuntimeError), so a CLI run exits non-zero with the
 message and a sweep can record the point as failed. The exception is raised before any checkpoint
 of the bad state is written: a NaN/inf loss is caught before its backward pass (the weights are
-still those of the last good step), a collapse at the end of the validation epoch (before
-ModelCheckpoint saves), and ``on_save_checkpoint`` refuses to write non-finite weights however
-they arose.
+still those of the last good step), a collapse at the end of validation (before ModelCheckpoint,
+which Lightning always runs last, saves), and ``on_save_checkpoint`` refuses to write non-finite
+weights however they arose.
+
+Two collapses are watched, on the gates' decisions over every validation input (read with
+``dynprune.inject.collect_masks``):
+
+- a **dead network**: every gate of every gated site is closed for every input, residual-branch and
+  block gates included, and validation accuracy is at most chance (1/num_classes) + ``chance_margin``;
+- a **dead layer**: one site is closed for every input where that cuts the network (a site whose
+  output only feeds a residual branch just skips the branch, which is legitimate, so it never counts).
 """
 
 from __future__ import annotations
@@ -14,9 +22,36 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from dynprune.inject import collect_masks, gating_info
 
 FAIL_ON = ("off", "on", "both", "none")
+NETWORK = ("stop", "warn", "ignore")
+
+
+def _is_gated(model: nn.Module) -> bool:
+    try:
+        gating_info(model)
+    except ValueError:
+        return False
+    return True
+
+
+def skippable_sites(model: nn.Module, names: list[str]) -> set[str]:
+    """Sites among ``names`` whose all-closed gate skips a residual branch or a block instead of cutting the
+    network: block sites, and layers whose output reaches a residual addition through the layers it feeds."""
+    info = gating_info(model)
+    layers = info.layers
+    sites = getattr(info, "sites", {})
+
+    def reaches_residual(name: str, seen: frozenset[str]) -> bool:
+        consumers = [i for i in layers.values() if i.producer == name and i.name not in seen]
+        return any(c.residual or reaches_residual(c.name, seen | {name}) for c in consumers)
+
+    return {n for n in names if getattr(sites.get(n), "granularity", "channel") != "channel"
+            or n not in layers or reaches_residual(n, frozenset())}
 
 
 class GuardError(RuntimeError):
@@ -24,53 +59,64 @@ class GuardError(RuntimeError):
 
 
 class CollapseGuard(L.Callback):
-    """Stops training when a layer's gates collapse or the training loss becomes NaN/inf.
+    """Stops training when the gates collapse or the training loss becomes NaN/inf.
 
-    A layer has collapsed "off" when every channel is off for every validation input, "on" when
-    every channel is on for every input (the gate never prunes). A layer inside a residual branch
-    (``model.dynprune.bypassed``, e.g. a ResNet block's conv1) that is always off only skips its
-    block, which is a legitimate outcome, so it never counts as "off". Either must persist for
-    ``patience`` consecutive validation epochs (sanity checks excluded).
+    Dead network (``network``): every gate of every site, residual and block gates included, is closed
+    for every validation input and the monitored accuracy is at most chance + ``chance_margin``, for
+    ``patience`` consecutive validation epochs (sanity checks excluded). A tiny network that still
+    classifies (accuracy above chance) is not a collapse.
+
+    Per site (``fail_on``): "off" when every unit is off for every validation input, except a site whose
+    output only feeds a residual branch (that skips the branch, a legitimate outcome); "on" when every unit
+    is on for every input (the gate never prunes). Either must persist for ``patience`` epochs.
 
     Args:
-        patience: consecutive validation epochs a collapse must last to stop the run.
-        fail_on: which collapse stops the run: ``off`` (default; a dead layer), ``on``, ``both``
-            or ``none`` (only the NaN/inf check).
+        patience: consecutive validation epochs a collapse must last.
+        fail_on: which per-site collapse stops the run: ``off`` (default; a dead layer), ``on``, ``both``
+            or ``none``.
+        network: what a dead network does in ``fit``: ``stop`` (default, raise GuardError), ``warn`` (a warning
+            each epoch) or ``ignore``; ``validate`` only warns.
+        chance_margin: accuracy up to 1/num_classes + this counts as chance.
+        monitor: the accuracy metric compared with chance.
         check_finite: stop on a NaN/inf training loss and refuse to checkpoint non-finite weights.
     """
 
-    def __init__(self, patience: int = 3, fail_on: str = "off", check_finite: bool = True) -> None:
+    def __init__(self, patience: int = 3, fail_on: str = "off", network: str = "stop", chance_margin: float = 0.05,
+                 monitor: str = "val/acc", check_finite: bool = True) -> None:
         super().__init__()
         if patience < 1:
             raise ValueError(f"patience must be >= 1, got {patience}")
         if fail_on not in FAIL_ON:
             raise ValueError(f"unknown fail_on '{fail_on}'; choose one of: {', '.join(FAIL_ON)}")
-        self.patience, self.fail_on, self.check_finite = patience, fail_on, check_finite
+        if network not in NETWORK:
+            raise ValueError(f"unknown network '{network}'; choose one of: {', '.join(NETWORK)}")
+        self.patience, self.fail_on, self.network = patience, fail_on, network
+        self.chance_margin, self.monitor, self.check_finite = chance_margin, monitor, check_finite
         self.streaks: dict[str, int] = {}
         self._lo: dict[str, Tensor] = {}
         self._hi: dict[str, Tensor] = {}
+        self._all_closed = False
 
     def _kinds(self) -> tuple[str, ...]:
         return {"off": ("off",), "on": ("on",), "both": ("off", "on"), "none": ()}[self.fail_on]
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._lo, self._hi = {}, {}
+        self._lo, self._hi, self._all_closed = {}, {}, False
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Track each layer's lowest and highest per-input keep fraction over the epoch."""
-        if trainer.sanity_checking or not self._kinds():
+        """Track each site's lowest and highest per-input kept fraction over the epoch."""
+        model = getattr(pl_module, "model", pl_module)
+        if trainer.sanity_checking or not _is_gated(model):
             return
-        if not isinstance(outputs, dict) or "keep" not in outputs:
-            raise TypeError("CollapseGuard needs a module whose validation step returns {'keep': "
-                            "{layer: (N,) kept fraction}} (e.g. dynprune.GatedClassifier)")
-        for name, keep in outputs["keep"].items():
-            lo, hi = keep.detach().min(), keep.detach().max()
+        for name, mask in collect_masks(model).items():
+            keep = mask.detach().float().mean(dim=1)
+            lo, hi = keep.min(), keep.max()
             self._lo[name] = torch.minimum(self._lo[name], lo) if name in self._lo else lo
             self._hi[name] = torch.maximum(self._hi[name], hi) if name in self._hi else hi
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Update the per-layer streaks and raise once one reaches ``patience``."""
+        """Update the per-site streaks and raise once one reaches ``patience``."""
         if trainer.sanity_checking or not self._lo:
             return
         names = list(self._lo)
@@ -78,16 +124,42 @@ class CollapseGuard(L.Callback):
         if trainer.world_size > 1:  # every rank must see the same verdict
             lo = pl_module.all_gather(lo).reshape(-1, len(names)).amin(dim=0)
             hi = pl_module.all_gather(hi).reshape(-1, len(names)).amax(dim=0)
+        self._all_closed = bool((hi == 0).all())
         state = {"off": hi == 0, "on": lo == 1}
-        info = getattr(getattr(pl_module, "model", None), "dynprune", None)
-        bypassed = set(getattr(info, "bypassed", ()))
+        skippable = skippable_sites(getattr(pl_module, "model", pl_module), names) if "off" in self._kinds() else set()
         for kind in self._kinds():
             for name, collapsed in zip(names, state[kind].tolist(), strict=True):
-                collapsed = collapsed and not (kind == "off" and name in bypassed)
+                collapsed = collapsed and not (kind == "off" and name in skippable)
                 key = f"{kind}:{name}"
                 self.streaks[key] = self.streaks.get(key, 0) + 1 if collapsed else 0
                 if self.streaks[key] >= self.patience:
                     raise GuardError(self._collapse_message(pl_module, name, kind, trainer.current_epoch))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The dead-network check, once the epoch's accuracy is known (before ModelCheckpoint saves)."""
+        if trainer.sanity_checking or not self._lo or self.network == "ignore":
+            return
+        acc = trainer.callback_metrics.get(self.monitor)
+        hp = getattr(pl_module, "hparams", {})
+        num_classes = hp.get("num_classes") or getattr(trainer.datamodule, "num_classes", None)
+        if acc is None or not num_classes:
+            return
+        chance = 1.0 / num_classes
+        dead = self._all_closed and float(acc) <= chance + self.chance_margin
+        self.streaks["network"] = self.streaks.get("network", 0) + 1 if dead else 0
+        if not dead:
+            return
+        message = (f"CollapseGuard: every gate of all {len(self._lo)} gated sites (residual and block gates "
+                   f"included) is closed for every validation input and {self.monitor}={float(acc):.4f} is at "
+                   f"chance (1/{num_classes} = {chance:.4f}, margin {self.chance_margin}) at epoch "
+                   f"{trainer.current_epoch} ({self.streaks['network']} consecutive epoch(s)): the network "
+                   f"computes nothing useful. Lower lam or raise target (now lam={hp.get('lam')}, "
+                   f"target={hp.get('target')}), or raise gate_kwargs.init_bias; --guard.network warn|ignore "
+                   "changes what happens.")
+        if self.network == "warn" or trainer.state.fn != "fit":  # evaluating a collapsed checkpoint: say so
+            rank_zero_warn(message)
+        elif self.streaks["network"] >= self.patience:
+            raise GuardError(message.replace("CollapseGuard:", "CollapseGuard: training stopped:", 1))
 
     def _collapse_message(self, pl_module: L.LightningModule, layer: str, kind: str, epoch: int) -> str:
         hp = getattr(pl_module, "hparams", {})

@@ -1,21 +1,64 @@
-"""Atomic file outputs: write to a temp file in the same folder, then rename over the target."""
+"""Reading checkpoints safely, where a run's outputs go, and atomic file outputs: write to a temp file in the
+same folder, then rename over the target (the file gets the umask's permissions, like any other file the run
+writes)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    import lightning as L
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, truncated, corrupt or not a Lightning checkpoint; names the file."""
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a Lightning checkpoint with ``weights_only=True``; a missing, truncated or foreign file is a
+    CheckpointError naming it (never advising an unsafe load)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # zip, unpickling and OS errors: the reasons a file is not a checkpoint
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        reason = f" ({type(err).__name__}: {first})" if first and "weights_only" not in first else ""
+        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated, corrupt or not a PyTorch "
+                              f"checkpoint{reason}. Checkpoints are loaded as weights only; use a last.ckpt/best.ckpt "
+                              "written by dynprune (an interrupted write leaves the previous file intact).") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict'); for a plain state_dict of a "
+                              "dense backbone use --model.init_from")
+    return ckpt
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """The folder of a run's outputs: ``<save_dir>/<name>/<version>`` of the first logger (the folder that
+    ModelCheckpoint puts ``checkpoints/`` in, unique per run for every logger), else ``default_root_dir``."""
+    logger = trainer.logger
+    if logger is None:
+        return Path(trainer.default_root_dir)
+    if logger.version is None and hasattr(logger, "experiment"):
+        logger.experiment  # noqa: B018 (a wandb run gets its id when it starts)
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None], mode: str = "w") -> Path:
     """Call ``write(f)`` on a temp file next to ``path`` and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
     try:
         with os.fdopen(fd, mode) as f:
             write(f)

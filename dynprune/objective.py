@@ -97,13 +97,14 @@ class Objective:
             terms["batch_shaping"] = weight * torch.stack([batch_shaping_loss(p) for p in probs]).mean()
         return terms
 
-    @staticmethod
-    def family_terms(gates: dict[str, Gate], task_loss: Tensor, site_costs: dict[str, Tensor], price: Tensor,
-                     greedy: Callable[[], tuple[Tensor, dict[str, Tensor]]], progress: float) -> Tensor | None:
+    def family_terms(self, gates: dict[str, Gate], task_loss: Tensor, site_costs: dict[str, Tensor], price: Tensor,
+                     greedy: Callable[[], tuple[Tensor, dict[str, Tensor], Tensor]],
+                     progress: float) -> Tensor | None:
         """Sum of every gate family's own training term (None when no family has one)."""
         total = None
         for name, gate in gates.items():
-            ctx = GateContext(task_loss.detach(), site_costs[name].detach(), price, greedy, progress, name)
+            ctx = GateContext(task_loss.detach(), site_costs[name].detach(), price, greedy, progress, name,
+                              self.price)
             term = gate.training_loss(ctx)
             if term is not None:
                 total = term if total is None else total + term

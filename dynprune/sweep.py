@@ -11,21 +11,36 @@ writes the run's final metrics to ``metrics.json`` (offline wandb keeps no reada
 run ``summary.csv`` (one row per run: method, gate, lam, acc, mean/p90 FLOPs ratio, ...) is rewritten
 atomically. A finished run leaves ``sweep_run.json``; running the sweep again skips those points, so an
 interrupted sweep resumes where it stopped.
+
+Safety: the sweep ``name`` must be a plain folder name (it is refused otherwise), so every run stays under
+``--root``. One runner per sweep folder: a second one exits naming the first (an ``fcntl`` lock on
+``<root>/<name>/.sweep.lock``, released by the OS however the runner ends). Before any point is launched, every
+point of a ``dynprune`` command is parsed by the CLI (``--print_config``), so an unknown key fails first. Each
+point runs in its own process group: a runner stopped by SIGINT/SIGTERM/SIGHUP ends that group, and a runner
+killed outright (SIGKILL) takes its direct child with it (Linux ``PR_SET_PDEATHSIG``). The sweep YAML's
+``command`` runs programs by design: run only sweep files you trust.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import fcntl
+import io
 import itertools
 import json
 import math
 import os
 import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +61,9 @@ ARG_MACROS = ("args", "args_no_hyphens", "args_no_boolean_flags", "args_no_equal
 MACROS = ("env", "interpreter", "program", "args_json_file", *ARG_MACROS)
 DEFAULT_COMMAND = ("${env}", "${interpreter}", "${program}", "${args}")
 ENVVAR = re.compile(r"\$\{envvar:([A-Za-z0-9_]*)\}")
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1
 
 
 class SweepConfigError(ValueError):
@@ -211,7 +229,12 @@ def load_sweep(path: str | os.PathLike[str]) -> Sweep:
     path = Path(path)
     if not path.is_file():
         raise SweepConfigError(f"sweep file {path} not found")
-    cfg = yaml.safe_load(path.read_text())
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        raise SweepConfigError(f"YAML error in {where}: {getattr(err, 'problem', None) or err}") from None
     if not isinstance(cfg, dict):
         raise SweepConfigError(f"{path} must hold a mapping with program/method/parameters/command")
     for key in cfg:
@@ -249,8 +272,12 @@ def load_sweep(path: str | os.PathLike[str]) -> Sweep:
     run_cap = cfg.get("run_cap")
     if run_cap is not None and (not isinstance(run_cap, int) or run_cap < 1):
         raise SweepConfigError(f"run_cap must be a positive integer, got {run_cap!r}")
-    return Sweep(name=str(cfg.get("name") or path.stem), method=method, parameters=parameters, command=command,
-                 program=program, metric=metric, run_cap=run_cap)
+    name = str(cfg.get("name") or path.stem)
+    if not SAFE_NAME.fullmatch(name) or ".." in name:
+        raise SweepConfigError(f"sweep name {name!r} in {path} must be a plain folder name (letters, digits and "
+                               "_ . + = -, not starting with '.', no '..'): runs go to <root>/<name>")
+    return Sweep(name=name, method=method, parameters=parameters, command=command, program=program,
+                 metric=metric, run_cap=run_cap)
 
 
 def method_label(gate: str | None, callbacks: Sequence[object] = ()) -> str:
@@ -314,29 +341,133 @@ def _finished(run_dir: Path, point: dict[str, Any]) -> dict[str, Any] | None:
     return record if same and record.get("status") == "finished" else None
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGKILL when the runner dies, even by SIGKILL (Linux; elsewhere a no-op)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _end_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the child's process group, then SIGKILL it if it has not exited after ``grace_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def _execute(command: list[str], run_dir: Path, env: dict[str, str]) -> int:
-    """Run ``command`` with its output in ``run_dir/run.log``; returns the exit code."""
+    """Run ``command`` in its own process group with its output in ``run_dir/run.log``; returns the exit code.
+    However this call ends (Ctrl-C, SIGTERM, an error), the group is ended with it."""
     with open(run_dir / "run.log", "w") as log:
         log.write(f"$ {shlex.join(command)}\n")
         log.flush()
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0,
+                                preexec_fn=_die_with_parent)
+        try:
+            return proc.wait()
+        finally:
+            if proc.returncode is None:
+                _end_group(proc)
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def sweep_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder/.sweep.lock`` for this runner, or fail naming the runner that holds it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".sweep.lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise RuntimeError(f"sweep folder {folder} is in use by another runner ({holder}); wait for it to "
+                               "finish or stop it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                f"{shlex.join(sys.argv)}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+
+
+def cli_args(command: Sequence[str]) -> list[str] | None:
+    """The arguments a command passes to the dynprune CLI (``python -m dynprune ...``, ``dynprune ...``,
+    ``.../dynprune/cli.py ...``), or None if it runs another program."""
+    for i, chunk in enumerate(command):
+        if chunk == "-m" and i + 1 < len(command) and command[i + 1] == "dynprune":
+            return list(command[i + 2 :])
+        if Path(chunk).name == "dynprune" or chunk.replace(os.sep, "/").endswith("dynprune/cli.py"):
+            return list(command[i + 1 :])
+    return None
+
+
+def check_points(commands: dict[str, list[str]]) -> None:
+    """Parse every dynprune command ({run id: command}) with the CLI, running nothing; the first one the parser
+    rejects (unknown key, bad value) is a SweepConfigError with the parser's message."""
+    from dynprune.cli import main
+
+    for rid, command in commands.items():
+        args = cli_args(command)
+        if args is None or not args or args[0] not in ("fit", "validate", "test", "predict"):
+            continue
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([*args, "--print_config"])
+                code: int | str | None = 0
+            except SystemExit as exit_info:
+                code = exit_info.code
+        if code not in (0, None):
+            message = err.getvalue().strip().splitlines()
+            raise SweepConfigError(f"point {rid} is rejected by the dynprune CLI, nothing was launched: "
+                                   f"{message[-1] if message else code}")
 
 
 def run_sweep(sweep: Sweep, root: str | os.PathLike[str] = "runs", count: int | None = None, seed: int = 0,
               dry_run: bool = False, echo: Callable[[str], None] = print) -> Path:
     """Run every point not finished yet, one subprocess each; returns the path of ``summary.csv``."""
     out = Path(root) / sweep.name
+    if out.resolve().parent != Path(root).resolve():
+        raise SweepConfigError(f"sweep folder {out} is not directly under --root {root}")
     points = sweep.points(count, seed)
     ids = sweep.run_ids(points)
+    if dry_run:
+        for i, (rid, point) in enumerate(zip(ids, points, strict=True), 1):
+            if _finished(out / rid, point) is None:
+                echo(f"[{i}/{len(points)}] {rid}: {shlex.join(sweep.command_for(point, out / rid))}")
+        return out / "summary.csv"
+    main_thread = threading.current_thread() is threading.main_thread()
+    handlers = {sig: signal.signal(sig, _raise_exit) for sig in STOP_SIGNALS} if main_thread else {}
+    try:
+        with sweep_lock(out):
+            check_points({rid: sweep.command_for(point, out / rid) for rid, point in zip(ids, points, strict=True)
+                          if _finished(out / rid, point) is None})
+            return _run_points(sweep, out, ids, points, echo)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _run_points(sweep: Sweep, out: Path, ids: list[str], points: list[dict[str, Any]],
+                echo: Callable[[str], None]) -> Path:
     summary = out / "summary.csv"
     rows, failed = [], []
     for i, (rid, point) in enumerate(zip(ids, points, strict=True), 1):
         run_dir = out / rid
         head = f"[{i}/{len(points)}] {rid}"
         record = _finished(run_dir, point)
-        if record is None and dry_run:
-            echo(f"{head}: {shlex.join(sweep.command_for(point, run_dir))}")
-            continue
         if record is None:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "metrics.json").unlink(missing_ok=True)

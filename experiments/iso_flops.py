@@ -1,94 +1,150 @@
-"""Static vs dynamic pruning at equal FLOPs on Fashion-MNIST (the DESIGN's 8 + 4 epoch budget).
+"""Static vs dynamic pruning at equal FLOPs on Fashion-MNIST, every method in the same training loop.
 
-1. Train the dense backbone for ``--epochs``.
-2. Static: for each reduction R, L1-filter prune the dense model to 1/R FLOPs (physically removed),
-   fine-tune ``--finetune-epochs``.
-3. Dynamic: for each R and gate family, warm-start a gated copy from the dense weights with
-   ``target = 1/R`` (penalty lam * |mean FLOPs ratio - target|) and train ``--finetune-epochs``.
+1. Train the dense backbone for ``--epochs`` (GatedClassifier with gate=None).
+2. For each reduction R and each method, ``--finetune-epochs`` more epochs from the dense weights, with
+   the same Lightning loop, optimiser (SGD, nesterov), per-epoch cosine schedule, lr and data; only the
+   method differs:
+   - ``static``: L1-filter pruned to 1/R FLOPs and physically thinned, then fine-tuned;
+   - dynamic variants (``--variants``, see VARIANTS): gated copies warm-started from the dense weights
+     with ``target = 1/R``.
+3. Test accuracy, mean FLOPs ratio, p10/p90 per-input FLOPs and their ratio, fraction of dynamic units
+   and the per-class FLOPs spread go to experiments/results/iso_flops_<backbone>.{csv,md}; a row whose
+   mean FLOPs miss 1/R by more than 0.05 is marked ``missed``.
 
-Writes experiments/results/iso_flops_<backbone>.{csv,md}; test accuracy, and FLOPs ratio = physical FLOPs
-for static, mean per-input effective FLOPs for dynamic.
-
-    python experiments/iso_flops.py --ratios 2 4 8 --gates sigmoid [--device cuda]
+    python experiments/iso_flops.py --ratios 2 4 8 --variants sigmoid l1 gumbel policy block \\
+        --train-subset 10000 --seeds 0
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 
 import dynprune as dp
 from dynprune.io import to_markdown, write_table
-from dynprune.static import evaluate, fraction_for_flops, prune_model, remove_channels, train_epochs
+from dynprune.static import fraction_for_flops, prune_model, remove_channels
+
+# Named dynamic recipes: GatedClassifier arguments on top of the shared ones.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "sigmoid": {"gate": "sigmoid"},
+    "l1": {"gate": "l1"},
+    "gumbel": {"gate": "gumbel"},
+    "policy": {"gate": "policy"},
+    "block": {"gate": "sigmoid", "granularity": "block"},
+    "block+channel": {"gate": "sigmoid", "granularity": ["block", "channel"]},
+    "sigmoid+kd": {"gate": "sigmoid", "distill": 1.0},
+    "sigmoid+kd+shaping": {"gate": "sigmoid", "distill": 1.0, "batch_shaping": 0.5, "batch_shaping_warmup": 0.5},
+    "gumbel+kd+budget": {"gate": "gumbel", "distill": 1.0, "budget": 5.0},
+    "block+channel+kd": {"gate": "sigmoid", "granularity": ["block", "channel"], "distill": 1.0},
+}
+TOLERANCE = 0.05
+
+
+def trainer(epochs: int, device: str, callbacks: list[L.Callback] | None = None) -> L.Trainer:
+    """The one training loop every method uses."""
+    return L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                     callbacks=callbacks or [], accelerator="gpu" if device.startswith("cuda") else "cpu",
+                     devices=1)
+
+
+def run(module: dp.GatedClassifier, dm: L.LightningDataModule, epochs: int, device: str,
+        dense_flops: int) -> dict[str, Any]:
+    """Fit, then test with a FlopsCallback; the test report (summary + input dependence), FLOPs as ratios
+    of ``dense_flops`` (a physically pruned model's own dense count is smaller than the original's)."""
+    cb = dp.FlopsCallback(plot=False, verbose=False, dirpath=tempfile.mkdtemp(prefix="iso_flops_"))
+    trainer(epochs, device).fit(module, dm)
+    tester = trainer(1, device, [cb])
+    result = tester.test(module, dm, verbose=False)[0]
+    report = cb.reports["test"]
+    dep = report.get("dependence") or {}
+    s = report["summary"]
+    return {"acc": round(100 * result["test/acc"], 2), "flops_ratio": round(s["flops_mean"] / dense_flops, 4),
+            "p10_ratio": round(s["flops_p10"] / dense_flops, 4), "p90_ratio": round(s["flops_p90"] / dense_flops, 4),
+            "p90_p10": round(s["flops_p90"] / s["flops_p10"], 3) if s["flops_p10"] else None,
+            "dynamic_frac": round(dep.get("dynamic_frac", 0.0), 3),
+            "class_spread": round(dep["class_spread"], 3) if dep.get("class_spread") else None}
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean (± std over seeds) of a method's per-seed rows."""
+    out = dict(rows[0])
+    accs = [r["acc"] for r in rows]
+    out["acc"] = round(statistics.mean(accs), 2)
+    out["acc_std"] = round(statistics.stdev(accs), 2) if len(accs) > 1 else None
+    for key in ("flops_ratio", "p10_ratio", "p90_ratio", "p90_p10", "dynamic_frac", "class_spread"):
+        values = [r[key] for r in rows if r[key] is not None]
+        out[key] = round(statistics.mean(values), 4) if values else None
+    out["seeds"] = len(rows)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="resnet20")
     parser.add_argument("--ratios", type=float, nargs="+", default=[2.0, 4.0, 8.0])
-    parser.add_argument("--gates", nargs="+", default=["sigmoid"])
+    parser.add_argument("--variants", nargs="+", default=["sigmoid", "l1", "gumbel", "policy", "block"],
+                        choices=sorted(VARIANTS))
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--finetune-epochs", type=int, default=4)
     parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--finetune-lr", type=float, default=0.01)
+    parser.add_argument("--finetune-lr", type=float, default=0.02)
     parser.add_argument("--lam", type=float, default=2.0, help="weight of |FLOPs ratio - target| for the gates")
-    parser.add_argument("--gate-lr", type=float, default=None)
-    parser.add_argument("--init-bias", type=float, default=3.0)
     parser.add_argument("--train-subset", type=int, default=0)
     parser.add_argument("--data-dir", default=dp.data.FASHION_MNIST_DIR)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--tag", default="", help="suffix of the results files")
     args = parser.parse_args()
-    L.seed_everything(args.seed)
-    dm = dp.FashionMNISTDataModule(args.data_dir, batch_size=128, train_subset=args.train_subset,
-                                   seed=args.seed)
-    dm.setup()
-    shape, start = (1, 28, 28), time.time()
-    dense = dp.backbones.create(args.backbone).to(args.device)
-    train_epochs(dense, dm.train_dataloader(), args.epochs, args.lr, weight_decay=5e-4)
-    rows = [{"method": "dense", "R": 1.0, "acc": round(100 * evaluate(dense, dm.test_dataloader()), 2),
-             "flops_ratio": 1.0, "p90_ratio": 1.0}]
-    dense = dense.cpu()
-    dense_path = args.out / f".dense_{args.backbone}.pt"
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.save(dense.state_dict(), dense_path)
-    dense_flops = dp.count_flops(dense, shape)[0]
-    title = (f"Static vs dynamic at equal FLOPs, {args.backbone} on Fashion-MNIST (dense {args.epochs} ep, then "
-             f"{args.finetune_epochs} ep prune+fine-tune or gated training; lam={args.lam}, device {args.device})")
-    print(rows[-1], f"{time.time() - start:.0f}s", flush=True)
-    for ratio in args.ratios:
-        fraction = fraction_for_flops(dense, ratio, shape)
-        small = remove_channels(prune_model(copy.deepcopy(dense), "l1_structured", fraction)).to(args.device)
-        train_epochs(small, dm.train_dataloader(), args.finetune_epochs, args.finetune_lr, weight_decay=5e-4)
-        acc = evaluate(small, dm.test_dataloader())
-        flops = dp.count_flops(small.cpu(), shape)[0] / dense_flops
-        rows.append({"method": "static l1-filter", "R": ratio, "acc": round(100 * acc, 2),
-                     "flops_ratio": round(flops, 4), "p90_ratio": round(flops, 4)})
-        print(rows[-1], f"{time.time() - start:.0f}s", flush=True)
-        for gate in args.gates:
-            module = dp.GatedClassifier(args.backbone, gate=gate, lam=args.lam, target=1 / ratio,
-                                        init_from=str(dense_path), lr=args.finetune_lr, gate_lr=args.gate_lr,
-                                        gate_kwargs={"init_bias": args.init_bias})
-            cb = dp.FlopsCallback(plot=False, verbose=False, dirpath=tempfile.mkdtemp(prefix="iso_flops_"))
-            trainer = L.Trainer(max_epochs=args.finetune_epochs, logger=False, enable_checkpointing=False,
-                                enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                                num_sanity_val_steps=0, callbacks=[cb],
-                                accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1)
-            trainer.fit(module, dm)
-            result = trainer.test(module, dm, verbose=False)[0]
-            rows.append({"method": f"dynamic {gate}", "R": ratio, "acc": round(100 * result["test/acc"], 2),
-                         "flops_ratio": round(result["test/flops_mean_ratio"], 4),
-                         "p90_ratio": round(result["test/flops_p90_ratio"], 4)})
-            print(rows[-1], f"{time.time() - start:.0f}s", flush=True)
-            write_table(rows, args.out / f"iso_flops_{args.backbone}", title)  # keep what finished
-    dense_path.unlink()
+    stem = args.out / f"iso_flops_{args.backbone}{args.tag}"
+    per_seed: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    rows: list[dict[str, Any]] = []
+    start = time.time()
+    title = (f"Static vs dynamic at equal FLOPs, {args.backbone} on Fashion-MNIST (train subset "
+             f"{args.train_subset or 'all'}; dense {args.epochs} ep, then {args.finetune_epochs} ep for every method "
+             f"in the same loop: SGD nesterov, per-epoch cosine, lr {args.finetune_lr}; lam={args.lam}; "
+             f"device {args.device}; seeds {args.seeds})")
+
+    def record(method: str, ratio: float, row: dict[str, Any]) -> None:
+        per_seed.setdefault((method, ratio), []).append(row)
+        agg = aggregate(per_seed[(method, ratio)])
+        missed = ratio > 1 and abs(agg["flops_ratio"] - 1 / ratio) > TOLERANCE
+        entry = {"method": method, "R": ratio, "target": round(1 / ratio, 4), **agg, "missed": missed}
+        rows[:] = [r for r in rows if (r["method"], r["R"]) != (method, ratio)] + [entry]
+        print(entry, f"{time.time() - start:.0f}s", flush=True)
+        write_table(rows, stem, title)  # keep what finished
+
+    for seed in args.seeds:
+        L.seed_everything(seed)
+        dm = dp.FashionMNISTDataModule(args.data_dir, batch_size=128, train_subset=args.train_subset, seed=seed)
+        dense = dp.GatedClassifier(args.backbone, gate=None, lr=args.lr)
+        dense_flops = dense.profile.dense_total
+        record("dense", 1.0, run(dense, dm, args.epochs, args.device, dense_flops))
+        dense_path = Path(tempfile.mkdtemp(prefix="iso_dense_")) / "dense.ckpt"
+        torch.save({"state_dict": dense.cpu().state_dict()}, dense_path)
+        shape = dense.profile.input_shape
+        for ratio in args.ratios:
+            L.seed_everything(seed)
+            backbone = copy.deepcopy(dense.model).cpu()
+            fraction = fraction_for_flops(backbone, ratio, shape)
+            small = remove_channels(prune_model(backbone, "l1_structured", fraction))
+            static = dp.GatedClassifier(small, gate=None, lr=args.finetune_lr)
+            record("static l1-filter", ratio, run(static, dm, args.finetune_epochs, args.device, dense_flops))
+            for variant in args.variants:
+                L.seed_everything(seed)
+                module = dp.GatedClassifier(args.backbone, lam=args.lam, target=1 / ratio, init_from=str(dense_path),
+                                            lr=args.finetune_lr, **VARIANTS[variant])
+                record(f"dynamic {variant}", ratio, run(module, dm, args.finetune_epochs, args.device, dense_flops))
     print(to_markdown(rows))
 
 

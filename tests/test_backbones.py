@@ -11,7 +11,7 @@ from dynprune.gates import GateContext
 
 def random_context(n: int, name: str) -> GateContext:
     """A GateContext with random per-input losses and costs, for families with their own term."""
-    greedy = torch.rand(n), {name: torch.rand(n)}
+    greedy = torch.rand(n), {name: torch.rand(n)}, torch.rand(n)
     return GateContext(torch.rand(n), torch.rand(n), torch.tensor(1.0), lambda: greedy, 0.5, name)
 
 SMALL = {"vgg11": 0.25, "vgg16": 0.25, "mobilenetv2": 0.5}

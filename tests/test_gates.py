@@ -24,8 +24,8 @@ def test_gate_contract(family: str) -> None:
     mask = gate.train()(x)
     assert mask.shape == (8, 5) and ((mask >= 0) & (mask <= 1)).all()
     assert gate.probs is not None and gate.mask is mask
-    ctx = GateContext(torch.rand(8), torch.rand(8), torch.tensor(1.0), lambda: (torch.rand(8), {"g": torch.rand(8)}),
-                      0.5, "g")
+    greedy = torch.rand(8), {"g": torch.rand(8)}, torch.rand(8)
+    ctx = GateContext(torch.rand(8), torch.rand(8), torch.tensor(1.0), lambda: greedy, 0.5, "g")
     extra = gate.training_loss(ctx)
     loss = mask.sum() + (extra if extra is not None else 0)
     loss.backward()
@@ -90,7 +90,7 @@ def test_policy_reinforce_sign_credit_and_self_critical_baseline() -> None:
     probs = gate.logits(x).sigmoid().detach()
     # cost = fraction kept; greedy policy costs 0.5 with equal task loss: a sample keeping less is better.
     site_cost = mask.mean(dim=1)
-    greedy = torch.zeros(16), {"g": torch.full((16,), 0.5)}
+    greedy = torch.zeros(16), {"g": torch.full((16,), 0.5)}, torch.full((16,), 0.5)
     ctx = GateContext(torch.zeros(16), site_cost, torch.tensor(1.0), lambda: greedy, 0.0, "g")
     gate.training_loss(ctx).backward()
     # advantage_i = -(cost_i - 0.5); d surrogate / d bias_c = -mean_i adv_i * (m_ic - p_ic)

@@ -29,7 +29,7 @@ def test_block_gates_on_residual_backbones(name: str, gate: str) -> None:
     x = torch.randn(4, 1, 28, 28)
     out = model.train()(x)
     extra = [g.training_loss(GateContext(torch.rand(4), torch.rand(4), torch.tensor(1.0),
-                                         lambda n=n: (torch.rand(4), {n: torch.rand(4)}), 0.5, n))
+                                         lambda n=n: (torch.rand(4), {n: torch.rand(4)}, torch.rand(4)), 0.5, n))
              for n, g in dp.gates_of(model).items()]
     loss = out.square().mean() + sum(m.sum() for m in dp.collect_masks(model).values())
     (loss + sum(t for t in extra if t is not None)).backward()
@@ -51,7 +51,8 @@ def _exec_rate(lam: float) -> float:
     dm.setup()
     module.eval()
     with torch.no_grad():
-        rates = [torch.cat(list(module.masks().values())).mean() for x, _ in dm.val_dataloader() if module(x) is not None]
+        rates = [torch.cat(list(module.masks().values())).mean()
+                 for x, _ in dm.val_dataloader() if module(x) is not None]
     return torch.stack(rates).mean().item()
 
 

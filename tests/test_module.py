@@ -67,7 +67,7 @@ class FlippedPolicy(PolicyGate):
     def training_loss(self, ctx: GateContext) -> torch.Tensor | None:
         flipped = GateContext(-ctx.task_loss, -ctx.site_cost, ctx.cost_weight,
                               lambda: tuple(-t if isinstance(t, torch.Tensor) else {k: -v for k, v in t.items()}
-                                            for t in ctx.greedy()), ctx.progress, ctx.name)
+                                            for t in ctx.greedy()), ctx.progress, ctx.name, ctx.price_of)
         return super().training_loss(flipped)
 
 

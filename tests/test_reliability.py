@@ -4,6 +4,7 @@ input validation, atomic outputs."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ from torch import nn
 
 import dynprune as dp
 from dynprune.cli import cli_main
-from dynprune.guard import CollapseGuard, GuardError
+from dynprune.guard import CollapseGuard, GuardError, skippable_sites
+from dynprune.io import write_json
 from dynprune.static import prune_model
 
 CONF = Path(__file__).parent / "conf"
@@ -179,16 +181,33 @@ def test_pruned_state_dict_round_trips() -> None:
 
 # -- collapse and NaN guard ------------------------------------------------------------------------
 
-def _val_epoch(guard: CollapseGuard, keep: dict[str, list[float]], epoch: int) -> None:
-    trainer = SimpleNamespace(sanity_checking=False, world_size=1, current_epoch=epoch)
-    module = SimpleNamespace(hparams={"lam": 0.5, "target": None})
+def _val_epoch(guard: CollapseGuard, keep: dict[str, list[float]], epoch: int, acc: float = 0.5,
+               model: nn.Module | None = None) -> None:
+    """One validation epoch of ``guard``: per-input kept fractions ``keep`` (or the masks of ``model``'s last
+    forward) and accuracy ``acc`` on 10 classes."""
+    trainer = SimpleNamespace(sanity_checking=False, world_size=1, current_epoch=epoch, datamodule=None,
+                              callback_metrics={"val/acc": torch.tensor(acc)}, state=SimpleNamespace(fn="fit"))
+    if model is None:  # stand-in sites 'a', 'b': plain layers, not in a residual branch
+        layers = {n: SimpleNamespace(name=n, producer=None, residual=False) for n in keep}
+        masks = {n: torch.tensor(v).unsqueeze(1) for n, v in keep.items()}
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("dynprune.guard.gating_info", lambda m: SimpleNamespace(layers=layers))
+            mp.setattr("dynprune.guard.collect_masks", lambda m: masks)
+            return _val_epoch_hooks(guard, trainer, SimpleNamespace(model=nn.Identity(), hparams={
+                "lam": 0.5, "target": None, "num_classes": 10}))
+    _val_epoch_hooks(guard, trainer, SimpleNamespace(model=model, hparams={"lam": 0.5, "target": None,
+                                                                           "num_classes": 10}))
+
+
+def _val_epoch_hooks(guard: CollapseGuard, trainer: Any, module: Any) -> None:
     guard.on_validation_epoch_start(trainer, module)
-    guard.on_validation_batch_end(trainer, module, {"keep": {n: torch.tensor(v) for n, v in keep.items()}}, None, 0)
+    guard.on_validation_batch_end(trainer, module, None, None, 0)
     guard.on_validation_epoch_end(trainer, module)
+    guard.on_validation_end(trainer, module)
 
 
 def test_guard_counts_consecutive_collapsed_epochs_per_layer() -> None:
-    guard = CollapseGuard(patience=2)
+    guard = CollapseGuard(patience=2, network="ignore")
     _val_epoch(guard, {"a": [0.0, 0.0], "b": [1.0, 1.0]}, 0)
     _val_epoch(guard, {"a": [0.0, 0.5], "b": [1.0, 1.0]}, 1)  # 'a' came back: its streak restarts
     _val_epoch(guard, {"a": [0.0, 0.0], "b": [1.0, 1.0]}, 2)  # 'b' all on: not a failure by default
@@ -198,10 +217,43 @@ def test_guard_counts_consecutive_collapsed_epochs_per_layer() -> None:
     on = CollapseGuard(patience=1, fail_on="on")
     with pytest.raises(GuardError, match=r"layer 'b' .* every gate is on.*raise lam or lower target"):
         _val_epoch(on, {"a": [0.0, 0.0], "b": [1.0, 1.0]}, 0)
-    none = CollapseGuard(patience=1, fail_on="none")
-    _val_epoch(none, {"a": [0.0, 0.0]}, 0)
+    none = CollapseGuard(patience=1, fail_on="none", network="ignore")
+    _val_epoch(none, {"a": [0.0, 0.0]}, 0, acc=0.1)
     with pytest.raises(ValueError, match="unknown fail_on 'of'; choose one of: off, on, both, none"):
         CollapseGuard(fail_on="of")
+    with pytest.raises(ValueError, match="unknown network 'halt'; choose one of: stop, warn, ignore"):
+        CollapseGuard(network="halt")
+
+
+def test_dead_network_with_every_residual_gate_closed_is_caught() -> None:
+    """ResNet-20 with every gate closed: each gated conv only skips its residual branch (no dead layer), but
+    all of them at once at chance accuracy is a dead network."""
+    model = dp.gate_model(dp.backbones.create("resnet20", input_size=8, width_mult=0.5), "sigmoid",
+                          init_bias=-20.0).eval()
+    with torch.no_grad():
+        model(torch.randn(16, 1, 8, 8))
+    sites = list(dp.collect_masks(model))
+    assert skippable_sites(model, sites) == set(sites) and all(m.sum() == 0 for m in dp.collect_masks(model).values())
+    _val_epoch(CollapseGuard(patience=1), {}, 0, acc=0.5, model=model)  # a tiny network that still classifies
+    guard = CollapseGuard(patience=2)
+    _val_epoch(guard, {}, 0, acc=0.12, model=model)
+    with pytest.raises(GuardError, match=rf"training stopped: every gate of all {len(sites)} gated sites \(residual "
+                       r"and block gates included\) is closed for every validation input and val/acc=0.1200 is at "
+                       r"chance \(1/10 = 0.1000, margin 0.05\) at epoch 1 \(2 consecutive"):
+        _val_epoch(guard, {}, 1, acc=0.12, model=model)
+    with pytest.warns(UserWarning, match="every gate of all .* is closed"):
+        _val_epoch(CollapseGuard(patience=1, network="warn"), {}, 0, acc=0.12, model=model)
+
+
+def test_dead_network_stops_training_before_its_checkpoint(tmp_path: Path) -> None:
+    module = dp.GatedClassifier("vgg11", gate="sigmoid", input_size=8, width_mult=0.125,
+                                gate_kwargs={"init_bias": -20.0})
+    trainer = _trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=-1),
+                                  CollapseGuard(patience=1, fail_on="none")], max_epochs=2, limit_train_batches=1,
+                       limit_val_batches=2)
+    with pytest.raises(GuardError, match=r"training stopped: every gate .* at epoch 0"):
+        trainer.fit(module, dp.DigitsDataModule())
+    assert not list(tmp_path.glob("*.ckpt"))
 
 
 def test_guard_stops_a_collapsed_run_before_checkpointing_it(tmp_path: Path) -> None:
@@ -217,10 +269,9 @@ def test_guard_stops_a_collapsed_run_before_checkpointing_it(tmp_path: Path) -> 
 
 
 def test_guard_accepts_skipped_residual_blocks(tmp_path: Path) -> None:
-    """A ResNet block's conv1 always off skips the block: legitimate, not a collapse."""
+    """A ResNet block's conv1 always off skips the block: legitimate, not a dead layer."""
     module = _module(gate_kwargs={"init_bias": -20.0})
-    assert module.model.dynprune.bypassed == module.model.dynprune.gated
-    trainer = _trainer(tmp_path, [CollapseGuard(patience=1)], max_epochs=2, limit_train_batches=1,
+    trainer = _trainer(tmp_path, [CollapseGuard(patience=1, network="ignore")], max_epochs=2, limit_train_batches=1,
                        limit_val_batches=1)
     trainer.fit(module, dp.DigitsDataModule())
     assert trainer.current_epoch == 2
@@ -308,3 +359,13 @@ def test_flops_json_survives_a_crash_mid_write(tmp_path: Path, monkeypatch: pyte
         trainer.validate(module, dm, verbose=False)
     assert (tmp_path / "flops.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flops.json", "flops_layers.csv"]  # no temp file left
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_outputs_honour_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    old = os.umask(umask)
+    try:
+        path = write_json(tmp_path / "x.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == mode and json.loads(path.read_text()) == {"a": 1}

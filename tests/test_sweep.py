@@ -1,12 +1,19 @@
 """The experiment workflow: shipped configs, default logger / progress bar / saved config, and the local
-sweep runner (grid, random, resume, bad YAML)."""
+sweep runner (grid, random, resume, bad YAML, unsafe names, one runner per folder, children ended with
+the runner, keys checked before launch)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import multiprocessing
+import os
 import re
+import signal
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -17,7 +24,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 import dynprune as dp
 from dynprune.cli import DynpruneCLI, cli_main, main
-from dynprune.sweep import SweepConfigError, load_sweep, run_sweep
+from dynprune.sweep import SweepConfigError, load_sweep, run_sweep, sweep_lock
 
 ROOT = Path(__file__).parent.parent
 CONF = ROOT / "tests" / "conf"
@@ -225,3 +232,93 @@ def test_sweep_subprocesses_from_the_console(tmp_path: Path, monkeypatch: pytest
     assert "--model.lam=0.1" in log.splitlines()[0]
     monkeypatch.setattr("dynprune.sweep._execute", lambda *a: pytest.fail("finished runs must be skipped"))
     main(["sweep", str(CONF / "sweep_digits.yaml"), "--root", str(tmp_path)])
+
+
+# -- the runner stays in its folder and owns its children ----------------------------------------
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/x", "a/b", "..", ".hidden"])
+def test_unsafe_sweep_names_are_refused_and_nothing_is_written(tmp_path: Path, name: str,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, f"name: {json.dumps(name)}\nmethod: grid\nparameters: {{a: {{values: [1]}}}}\n"
+                            "command: [python, x.py, \"${args}\"]\n")
+    root = tmp_path / "deep" / "root"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", str(path), "--root", str(root)])
+    assert exit_info.value.code == 2 and f"sweep name {name!r} in {path} must be a plain folder name" in \
+        capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["sweep.yaml"]
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, "method: grid\nparameters:\n  a: {values: [1, 2}\n")
+    with pytest.raises(SystemExit):
+        main(["sweep", str(path)])
+    assert f"YAML error in {path}, line 3, column 20" in capsys.readouterr().err
+
+
+def test_second_runner_on_a_sweep_folder_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("dynprune.sweep._execute", lambda *a: pytest.fail("nothing may run"))
+    sweep = load_sweep(CONF / "sweep_digits.yaml")
+    with sweep_lock(tmp_path / "sweep_digits"):  # a runner holding the folder
+        with pytest.raises(RuntimeError, match=rf"sweep folder {tmp_path}/sweep_digits is in use by another "
+                                               rf"runner \(pid {os.getpid()} on "):
+            run_sweep(sweep, tmp_path, echo=lambda s: None)
+    assert not (tmp_path / "sweep_digits" / "lam-0.1").exists()
+
+
+def test_unknown_parameter_key_fails_before_any_launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr("dynprune.sweep._execute", lambda *a: pytest.fail("nothing may run"))
+    text = (CONF / "sweep_digits.yaml").read_text().replace("trainer.limit_val_batches:", "model.lamda:")
+    with pytest.raises(SweepConfigError, match=r"point lam-0.1 is rejected by the dynprune CLI, nothing "
+                                               r"was launched: error: unrecognized arguments: --model.lamda=1"):
+        run_sweep(load_sweep(_write(tmp_path, text)), tmp_path, echo=lambda s: None)
+
+
+_CHILD = """
+import os, subprocess, sys, time
+grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+open(sys.argv[1] + ".tmp", "w").write(f"{os.getpid()} {grandchild.pid}")
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Running and not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait(condition: Callable[[], bool], what: str, limit_s: float = 60.0) -> None:
+    """Poll ``condition`` (not a timing assertion: the limit only stops a broken test from hanging)."""
+    end = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < end, what
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(("sig", "ends"), [(signal.SIGTERM, "group"), (signal.SIGKILL, "child")])
+def test_killing_the_runner_ends_its_child(tmp_path: Path, sig: signal.Signals, ends: str) -> None:
+    pids = tmp_path / "pids"
+    path = _write(tmp_path, f"method: grid\nparameters: {{a: {{values: [1]}}}}\ncommand: [\"${{interpreter}}\", "
+                            f"-c, {json.dumps(_CHILD)}, {json.dumps(str(pids))}, \"${{args}}\"]\n")
+    # the runner: `dynprune sweep` in a forked process (this one has imported dynprune already)
+    runner = multiprocessing.get_context("fork").Process(
+        target=main, args=(["sweep", str(path), "--root", str(tmp_path)],), daemon=True)
+    runner.start()
+    try:
+        _wait(pids.is_file, "the child never started")
+        child, grandchild = map(int, pids.read_text().split())
+        os.kill(runner.pid, sig)
+        runner.join(60)
+        _wait(lambda: not _alive(child), "the child outlived the runner")
+        if ends == "group":
+            _wait(lambda: not _alive(grandchild), "the child's process group outlived the runner")
+    finally:
+        runner.kill()
+        for pid in map(int, pids.read_text().split()) if pids.is_file() else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -26,19 +26,22 @@ class GateContext:
     Attributes:
         task_loss: (N,) per-input task loss (detached).
         site_cost: (N,) this gate's own share of the cost (its layers' effective FLOPs / dense FLOPs).
-        cost_weight: d(penalty)/d(cost) of the module's cost term (scalar, detached; e.g. lam, or
-            lam * sign(mean cost - target) in target mode): the price of one unit of cost.
-        greedy: returns (task loss (N,), {site: site cost (N,)}) of the same inputs with every gate
-            deterministic (hard), computed once per step on first use (a self-critical baseline).
+        cost_weight: d(penalty)/d(cost) of the module's cost term at this batch's mean cost (scalar,
+            detached; e.g. lam, or lam * sign(mean cost - target) in target mode): the price of one unit of cost.
+        greedy: returns (task loss (N,), {site: site cost (N,)}, cost (N,)) of the same inputs with every
+            gate deterministic (hard), computed once per step on first use (a self-critical baseline).
+        price_of: d(penalty)/d(cost) at another batch-mean cost (e.g. the greedy policy's, which is what
+            inference runs).
         progress: fraction of training done, in [0, 1].
     """
 
     task_loss: Tensor
     site_cost: Tensor
     cost_weight: Tensor
-    greedy: Callable[[], tuple[Tensor, dict[str, Tensor]]]
+    greedy: Callable[[], tuple[Tensor, dict[str, Tensor], Tensor]]
     progress: float
     name: str = ""
+    price_of: Callable[[Tensor], Tensor] | None = None
 
 
 class Gate(nn.Module, ABC):

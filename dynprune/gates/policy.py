@@ -40,8 +40,9 @@ class PolicyGate(Gate):
         if self._dist is None or self.mask is None or self.hard or self.forced is not None:
             return None
         log_prob = self._dist.log_prob(self.mask).sum(dim=1)
-        reward = -(ctx.task_loss + ctx.cost_weight * ctx.site_cost)
-        greedy_task, greedy_costs = ctx.greedy()
-        baseline = -(greedy_task + ctx.cost_weight * greedy_costs[ctx.name])
+        greedy_task, greedy_costs, greedy_cost = ctx.greedy()
+        price = ctx.cost_weight if ctx.price_of is None else ctx.price_of(greedy_cost.mean())
+        reward = -(ctx.task_loss + price * ctx.site_cost)
+        baseline = -(greedy_task + price * greedy_costs[ctx.name])
         surrogate = -((reward - baseline).detach() * log_prob).mean()
         return surrogate - self.entropy * self._dist.entropy().sum(dim=1).mean()
