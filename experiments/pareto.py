@@ -2,7 +2,9 @@
 
 Reads one or more ``summary.csv`` files written by ``dynprune sweep`` (columns ``method``, ``lam``, ``acc``,
 ``flops_mean_ratio``, ``flops_p90_ratio``; unfinished runs are skipped) and, optionally, static-pruning
-tables written by ``experiments/static_pruning.py`` (``--static``). Writes ``<out>.png`` (one curve per
+tables written by ``experiments/static_pruning.py`` (``--static``). With ``--x latency`` the cost axis is the
+measured latency (a ``latency_ms`` column, e.g. from ``experiments/bench_latency.py`` timings joined into the
+tables; points without one are left out) instead of the FLOPs ratio. Writes ``<out>.png`` (one curve per
 method through its non-dominated runs, dominated runs hollow, dense runs as a star) and ``<out>.md``.
 
     python experiments/pareto.py runs/lam/summary.csv runs/lam_dense/summary.csv --out experiments/results/pareto_lam
@@ -30,12 +32,21 @@ class Point:
     flops_p90: float | None = None
     lam: float | None = None
     run: str = ""
+    latency_ms: float | None = None
+
+    def cost(self, x: str) -> float:
+        """The cost on axis ``x``: ``flops`` (ratio to dense) or ``latency`` (measured ms per input)."""
+        if x == "flops":
+            return self.flops
+        if x == "latency" and self.latency_ms is not None:
+            return self.latency_ms
+        raise ValueError(f"point '{self.run}' has no cost on axis {x!r}; axes: flops, latency (needs latency_ms)")
 
 
-def pareto_front(points: Sequence[Point]) -> list[int]:
-    """Indices of the non-dominated points (no other point is at most as costly and at least as accurate,
-    and better in one), ordered by cost; of identical points only the first is kept."""
-    order = sorted(range(len(points)), key=lambda i: (points[i].flops, -points[i].acc, i))
+def pareto_front(points: Sequence[Point], x: str = "flops") -> list[int]:
+    """Indices of the non-dominated points (no other point is at most as costly on axis ``x`` and at least as
+    accurate, and better in one), ordered by cost; of identical points only the first is kept."""
+    order = sorted(range(len(points)), key=lambda i: (points[i].cost(x), -points[i].acc, i))
     front: list[int] = []
     for i in order:
         if not front or points[i].acc > points[front[-1]].acc:
@@ -58,7 +69,7 @@ def read_summary(path: str | Path) -> list[Point]:
             continue
         method = row.get("method") or row.get("gate") or "dense"
         points.append(Point(method, acc, flops, _float(row.get("flops_p90_ratio")), _float(row.get("lam")),
-                            row.get("run", "")))
+                            row.get("run", ""), _float(row.get("latency_ms"))))
     return points
 
 
@@ -81,7 +92,7 @@ def read_iso(path: str | Path) -> list[Point]:
     with open(path) as f:
         rows = list(csv.DictReader(f))
     return [Point(row["method"].replace(" ", "_"), float(row["acc"]) / 100, float(row["flops_ratio"]),
-                  float(row["p90_ratio"]), None, f"R={row['R']}") for row in rows]
+                  float(row["p90_ratio"]), None, f"R={row['R']}", _float(row.get("latency_ms"))) for row in rows]
 
 
 def _order(method: str) -> tuple[int, str]:
@@ -111,8 +122,9 @@ def markdown_table(points: Sequence[Point]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(points: Sequence[Point], path: str | Path, title: str) -> None:
-    """Accuracy (%) vs mean FLOPs ratio, one front per method; dense runs as black stars."""
+def plot(points: Sequence[Point], path: str | Path, title: str, axis: str = "flops") -> None:
+    """Accuracy (%) vs mean FLOPs ratio (or measured latency, ``axis="latency"``), one front per method; dense
+    runs as black stars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,12 +133,12 @@ def plot(points: Sequence[Point], path: str | Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
     for method, group in by_method(points).items():
-        xs, ys = [p.flops for p in group], [100 * p.acc for p in group]
+        xs, ys = [p.cost(axis) for p in group], [100 * p.acc for p in group]
         if method == "dense":
             ax.scatter(xs, ys, marker="*", s=220, color="black", zorder=5, label="dense")
             continue
         color = next(colors)
-        front = pareto_front(group)
+        front = pareto_front(group, axis)
         ax.plot([xs[i] for i in front], [ys[i] for i in front], "-o", color=color, label=f"{method} (front)")
         dominated = [i for i in range(len(group)) if i not in front]
         ax.scatter([xs[i] for i in dominated], [ys[i] for i in dominated], facecolors="none", edgecolors=color)
@@ -134,7 +146,8 @@ def plot(points: Sequence[Point], path: str | Path, title: str) -> None:
             if p.lam is not None:
                 ax.annotate(f"λ={p.lam:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
                             color=color)
-    ax.set_xlabel("mean effective FLOPs / dense FLOPs (per input, test set)")
+    ax.set_xlabel("mean effective FLOPs / dense FLOPs (per input, test set)" if axis == "flops"
+                  else "measured latency (ms per batch)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -150,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--iso", nargs="*", type=Path, default=[], help="iso_flops_*.csv tables")
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.png and OUT.md")
     parser.add_argument("--title", default="Accuracy vs mean FLOPs")
+    parser.add_argument("--x", choices=("flops", "latency"), default="flops",
+                        help="cost axis: FLOPs ratio, or measured latency (rows with a latency_ms column)")
     args = parser.parse_args(argv)
     points = [p for path in args.summaries for p in read_summary(path)]
     points += [p for path in args.static for p in read_static(path)]
@@ -157,8 +172,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not points:
         inputs = ", ".join(map(str, [*args.summaries, *args.static, *args.iso]))
         parser.error(f"no finished runs with acc and flops_mean_ratio in {inputs or 'no files (pass some)'}")
+    if args.x == "latency":
+        points = [p for p in points if p.latency_ms is not None]
+        if not points:
+            parser.error("--x latency: no finished run has a latency_ms value")
     png = args.out.with_name(args.out.name + ".png")
-    plot(points, png, args.title)
+    plot(points, png, args.title, args.x)
     table = markdown_table(points)
     text = f"![{args.title}]({png.name})\n\n{table}"
     atomic_write(args.out.with_name(args.out.name + ".md"), lambda f: f.write(text))

@@ -1,0 +1,68 @@
+"""Block-gated execution: a residual block or branch runs only on the sub-batch of inputs that execute it.
+
+``index_select`` gathers those inputs, the block runs on them, ``index_copy`` writes the results back;
+skipped inputs pass through unchanged (a whole block) or contribute zeros (a branch). When no input runs
+a branch, a 0-dim zero is returned: the residual addition it feeds broadcasts it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from dynprune.gates.base import Gate
+from dynprune.runtime.decide import decide, se_gate
+
+
+class SubBatchBlock(nn.Module):
+    """Runs ``block`` on the inputs its gate keeps; ``whole``: skipped inputs pass through, else add zero.
+
+    ``inner`` are the gates of sites inside the block: decisions forced per input (N, units) are narrowed
+    to the sub-batch while it runs, so forcing means the same thing as in the masked model.
+    """
+
+    def __init__(self, block: nn.Module, gate: Gate, whole: bool, inner: Sequence[Gate] = ()) -> None:
+        super().__init__()
+        self.block, self.gate, self.whole = block, gate, whole
+        self.inner = list(inner)  # plain references: the gates belong to their own sites
+        self.se_gate = se_gate(gate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, ...) -> (N, ...) as the masked block: d * f(x) (+ (1 - d) * x for a whole block)."""
+        d, binary = self.decisions(x)
+        run = d != 0
+        n_run = int(run.sum())
+        if n_run == 0:
+            return x if self.whole else x.new_zeros(())
+        if n_run == len(d):
+            idx, inputs = None, x
+        else:
+            idx = run.nonzero().flatten()
+            inputs, d = x.index_select(0, idx), d.index_select(0, idx)
+        out = self.run(inputs, idx, len(x))
+        if not binary and bool((d != 1).any()):  # forced or soft decisions: the masked model's arithmetic
+            d = d.to(out.dtype).view(-1, *[1] * (out.dim() - 1))
+            out = d * out + (1 - d) * inputs if self.whole else d * out
+        if idx is None:
+            return out
+        base = x.clone() if self.whole else out.new_zeros((len(x), *out.shape[1:]))
+        return base.index_copy_(0, idx, out)
+
+    def decisions(self, x: Tensor) -> tuple[Tensor, bool]:
+        """Per-input decisions (N,) from the block input (N, C, ...), and whether they are binary."""
+        d, binary = decide(self.gate, self.gate.pool(x), self.se_gate)
+        return d[:, 0], binary
+
+    def run(self, inputs: Tensor, idx: Tensor | None, batch: int) -> Tensor:
+        """The block on the sub-batch ``inputs`` (rows ``idx`` of a batch of ``batch``; None: all rows)."""
+        forced = [g for g in self.inner if idx is not None and g.forced is not None and g.forced.dim() == 2
+                  and len(g.forced) == batch]
+        saved = [g.forced for g in forced]
+        try:
+            for g in forced:
+                g.forced = g.forced.index_select(0, idx)
+            return self.block(inputs)
+        finally:
+            for g, f in zip(forced, saved, strict=True):
+                g.forced = f

@@ -1,0 +1,138 @@
+"""Channel-gated execution: a BN-folded conv/linear that computes only the output channels its gate keeps
+and reads only the input channels its source layer kept.
+
+Per batch, a gated layer keeps the union of the channels any input keeps (at batch 1: exactly that input's
+channels) and multiplies by the mask restricted to them only where inputs disagree; when every channel is
+in the union it runs the dense layer, so it never computes more than the masked model. The thin output is
+passed on thin when a single conv/linear reads it (that consumer gathers its input columns), or scattered
+back to full width (zeros elsewhere) otherwise. Zero kept channels give a zero-width output; a layer whose
+input has zero channels outputs its bias.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dynprune.gated import apply_mask
+from dynprune.gates.base import Gate
+from dynprune.runtime.decide import decide, se_gate
+
+
+def conv_out_size(conv: nn.Conv2d, size: tuple[int, ...]) -> tuple[int, ...]:
+    """Spatial output size of ``conv`` for spatial input ``size`` (H, W)."""
+    if isinstance(conv.padding, str):  # "same" keeps the size (stride 1); "valid" pads nothing
+        pad = [(d * (k - 1)) // 2 * 2 if conv.padding == "same" else 0
+               for k, d in zip(conv.kernel_size, conv.dilation, strict=True)]
+    else:
+        pad = [2 * p for p in conv.padding]
+    return tuple((s + p - d * (k - 1) - 1) // st + 1
+                 for s, p, k, d, st in zip(size, pad, conv.kernel_size, conv.dilation, conv.stride, strict=True))
+
+
+class ThinLayer(nn.Module):
+    """Runs ``layer`` (Conv2d or Linear, BN already folded) on kept channels only.
+
+    Args:
+        layer: the folded layer; its weights are gathered per batch, never modified.
+        gate: decides this layer's output channels from its input (None: all kept).
+        source: the ThinLayer whose thin output this layer reads (None: a full-width input).
+        scatter: write the kept channels back into a full-width zero tensor (the output has other readers).
+    """
+
+    def __init__(self, layer: nn.Module, gate: Gate | None, source: ThinLayer | None, scatter: bool) -> None:
+        super().__init__()
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            raise TypeError(f"ThinLayer runs Conv2d or Linear, got {type(layer).__name__}")
+        self.layer, self.gate, self.scatter = layer, gate, scatter
+        object.__setattr__(self, "source", source)  # a reference, not a submodule
+        self.is_conv = isinstance(layer, nn.Conv2d)
+        self.dim = 1 if self.is_conv else -1
+        groups = layer.groups if self.is_conv else 1
+        # A depthwise conv thins its input with its output; other grouped convs run dense and mask.
+        self.depthwise = groups > 1 and groups == layer.in_channels == layer.out_channels
+        self.thinnable = groups == 1 or self.depthwise
+        self.out_channels = layer.weight.shape[0]
+        self.in_channels = layer.in_channels if self.is_conv else layer.in_features
+        per_unit = 1
+        if source is not None:
+            if self.is_conv and layer.groups != 1:
+                raise ValueError(f"a thin input needs groups=1, got groups={layer.groups}")
+            if self.in_channels % source.out_channels:
+                raise ValueError(f"{self.in_channels} inputs are not a multiple of the source's "
+                                 f"{source.out_channels} channels")
+            per_unit = self.in_channels // source.out_channels
+        self.register_buffer("unit_offsets", torch.arange(per_unit), persistent=False)
+        self.kept: Tensor | None = None  # output channels present in the last output (None: all)
+        self.pool_dims = (2, 3)
+        self.se_gate = gate is not None and se_gate(gate)
+
+    def input_columns(self) -> Tensor | None:
+        """Indices of this layer's inputs present in its (thin) input; None when all are."""
+        kept = self.source.kept if self.source is not None else None
+        if kept is None or len(self.unit_offsets) == 1:
+            return kept
+        return (kept[:, None] * len(self.unit_offsets) + self.unit_offsets).flatten()
+
+    def decide(self, x: Tensor, cols: Tensor | None) -> tuple[Tensor, bool]:
+        """The gate's decisions (N, C_out) from the (thin) input, pooled then scattered to full width, and
+        whether they are binary (an unforced gate deciding hard: then a bool tensor, without bookkeeping)."""
+        if x.dim() > 2:
+            pooled = x.mean(self.pool_dims) if self.is_conv else x.flatten(1, -2).mean(1)
+        else:
+            pooled = x
+        if cols is not None:
+            pooled = pooled.new_zeros(pooled.shape[0], self.in_channels).index_copy_(1, cols, pooled)
+        return decide(self.gate, pooled, self.se_gate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Thin or full (N, C_in', ...) -> (N, C_out', ...); ``self.kept`` names the output channels present."""
+        cols = self.input_columns()
+        weight, bias = self.layer.weight, self.layer.bias
+        rows = scale = None
+        if self.gate is not None:
+            mask, binary = self.decide(x, cols)
+            if self.thinnable:
+                rows = (mask[0] if len(mask) == 1 else mask.any(0)).nonzero().flatten()
+                if len(rows) == self.out_channels:
+                    rows = None
+                else:
+                    weight = weight.index_select(0, rows)
+                    bias = bias.index_select(0, rows) if bias is not None else None
+            if not (binary and len(mask) == 1 and rows is not None):  # else: a thinned 0/1 row is all ones
+                kept = mask if rows is None else mask.index_select(1, rows)
+                if not bool(kept.all()) if binary else bool((kept != 1).any()):
+                    scale = kept
+        if cols is not None:
+            weight = weight.index_select(1, cols)
+        groups = self.layer.groups if self.is_conv else 1
+        if self.depthwise and rows is not None:
+            x, groups = x.index_select(1, rows), len(rows)
+        out = self.run(x, weight, bias, groups)
+        if scale is not None:
+            out = apply_mask(out, scale.to(out.dtype), self.dim)
+        if self.scatter and rows is not None:
+            full = list(out.shape)
+            full[self.dim] = self.out_channels
+            out = out.new_zeros(full).index_copy_(self.dim % out.dim(), rows, out)
+            rows = None
+        self.kept = rows
+        return out
+
+    def run(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+        """The layer with the gathered weights; zero output or input channels handled without calling it."""
+        n_out, n_in = weight.shape[0], weight.shape[1]
+        if n_out and n_in:
+            if self.is_conv:
+                conv = self.layer
+                return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
+            return F.linear(x, weight, bias)
+        if self.is_conv:
+            shape = (x.shape[0], n_out, *conv_out_size(self.layer, tuple(x.shape[2:])))
+        else:
+            shape = (*x.shape[:-1], n_out)
+        out = x.new_zeros(shape)
+        if bias is not None and n_out:  # no input channels: every output is the bias
+            out = out + (bias.view(-1, *[1] * (out.dim() - 2)) if self.is_conv else bias)
+        return out

@@ -1,0 +1,175 @@
+"""``compile_for_inference``: an eval-only copy of a model that executes only the compute it keeps.
+
+BatchNorms are folded into the layer before them (also in dense and statically pruned, physically thinned
+models). In a gated model, the dynprune hooks are removed and each site's module is replaced by an
+executor: channel sites by :class:`ThinLayer` (with the layer reading their output), block sites by
+:class:`SubBatchBlock`. The compiled model is checked against the original before it is returned, with
+the gates' own decisions and with forced mixed decisions at batch 1 and batch > 1.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from dynprune.gates.base import Gate
+from dynprune.inject import gates_of, gating_info
+from dynprune.runtime.blocks import SubBatchBlock
+from dynprune.runtime.channels import ThinLayer
+from dynprune.runtime.fold import fold_batchnorm, set_submodule
+from dynprune.trace import LayerInfo
+
+if TYPE_CHECKING:
+    from dynprune.granularity import Site
+
+SUPPORTED = ("block", "channel")
+
+
+class CompiledModel(nn.Module):
+    """Eval-only wrapper: ``forward`` runs the compiled network under ``torch.inference_mode``.
+
+    ``site_gates`` maps each gating site to the compiled copy of its gate (e.g. to ``force`` decisions).
+    """
+
+    def __init__(self, net: nn.Module, folded: dict[str, str], site_gates: dict[str, Gate]) -> None:
+        super().__init__()
+        self.net = net.eval()
+        self.folded = folded
+        self.site_gates = site_gates
+
+    def train(self, mode: bool = True) -> CompiledModel:
+        """Only ``eval()`` is allowed: the folded weights cannot be trained back into a BatchNorm."""
+        if mode:
+            raise ValueError("a compiled model is eval-only; train the original model instead (mode=True given)")
+        return super().train(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, ...) -> the original model's output for x."""
+        with torch.inference_mode():
+            return self.net(x)
+
+
+def compile_for_inference(
+    model: nn.Module, input_shape: Sequence[int] | None = None, tol: float = 1e-5, check_batch: int = 4,
+) -> CompiledModel:
+    """An eval-only copy of ``model`` (left unchanged) with the same outputs that runs only the kept compute.
+
+    ``model``: dense, statically pruned, or gated by :func:`dynprune.gate_model` (granularities ``channel``
+    and ``block``). ``input_shape`` (C, H, W) defaults to ``model.input_shape``. Random batches of 1 and
+    ``check_batch`` inputs must agree within ``tol`` relative to the largest output, else RuntimeError.
+    """
+    shape = tuple(input_shape or getattr(model, "input_shape", ()))
+    if not shape:
+        raise ValueError("pass input_shape=(C, H, W): the model has no `input_shape` attribute")
+    sites = _sites(model)
+    unsupported = sorted({s.granularity for s in sites.values()} - set(SUPPORTED))
+    if unsupported:
+        raise NotImplementedError(f"cannot compile granularity {unsupported}; supported: {', '.join(SUPPORTED)}")
+    was_training = model.training
+    model.eval()
+    try:
+        example = torch.randn(check_batch, *shape, device=next(model.parameters()).device)
+        compiled = _build(model, sites, example, thin=True)
+        try:
+            _check(model, compiled, sites, example, tol)
+        except RuntimeError as err:  # a thin output reached more than its one consumer: keep full widths
+            warnings.warn(f"thin channel passing disagrees with the masked model ({err}); gated layers scatter "
+                          "their kept channels back to full width instead", stacklevel=2)
+            compiled = _build(model, sites, example, thin=False)
+            _check(model, compiled, sites, example, tol)
+    finally:
+        model.train(was_training)
+    return compiled
+
+
+def _sites(model: nn.Module) -> dict[str, Site]:
+    """The gating sites of ``model`` in call order; empty for an ungated model."""
+    try:
+        return dict(gating_info(model).sites)
+    except ValueError:
+        return {}
+
+
+def _build(model: nn.Module, sites: dict[str, Site], example: Tensor, thin: bool) -> CompiledModel:
+    """Copy ``model``, strip its gating hooks, fold BN, put executors at the sites."""
+    net = copy.deepcopy(model).eval()
+    gates = {}
+    for module in net.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [k for k, h in hooks.items() if type(h).__module__.startswith("dynprune.")]:
+                del hooks[key]
+    for name, site in sites.items():  # gates leave the modules, so folding and wrapping never copy them
+        owner, _, child = site.gate_path.rpartition(".")
+        gates[name] = net.get_submodule(site.gate_path)
+        delattr(net.get_submodule(owner), child)
+    if hasattr(net, "dynprune"):
+        del net.dynprune
+    blocks = {n for n, s in sites.items() if s.granularity == "block"}
+    net, folded = fold_batchnorm(net, example[:1], keep=blocks)
+    channel = [n for n, s in sites.items() if s.granularity == "channel"]
+    if channel:
+        _thin_layers(net, channel, gates, gating_info(model).layers, thin)
+    for name in sorted(blocks, key=lambda n: -n.count(".")):  # inner blocks first: their paths stay valid
+        whole = sites[name].kind == "whole"
+        inner = [gates[n] for n in sites if n.startswith(name + ".")]
+        set_submodule(net, name, SubBatchBlock(net.get_submodule(name), gates[name], whole, inner))
+    return CompiledModel(net, folded, gates)
+
+
+def _thin_layers(net: nn.Module, channel: list[str], gates: dict[str, Gate], layers: dict[str, LayerInfo],
+                 thin: bool) -> None:
+    """Replace each channel site, and the one layer reading its output thin, by a ThinLayer (in call order)."""
+    readers = {name: [i for i in layers.values() if i.producer == name] for name in channel}
+    thin_source = {}
+    for name in channel:
+        consumer = readers[name][0] if len(readers[name]) == 1 else None
+        module = net.get_submodule(consumer.name) if consumer else None
+        if (thin and consumer and consumer.calls == 1 and getattr(module, "groups", 1) == 1
+                and consumer.in_channels % layers[name].out_channels == 0):
+            thin_source[consumer.name] = name
+    executors: dict[str, ThinLayer] = {}
+    for info in sorted(layers.values(), key=lambda i: i.order):
+        if info.name not in gates and info.name not in thin_source:
+            continue
+        source = executors[thin_source[info.name]] if info.name in thin_source else None
+        scatter = info.name not in thin_source.values()
+        executors[info.name] = ThinLayer(net.get_submodule(info.name), gates.get(info.name), source, scatter)
+    for name, executor in executors.items():
+        set_submodule(net, name, executor)
+
+
+@torch.no_grad()
+def _check(model: nn.Module, compiled: CompiledModel, sites: dict[str, Site], example: Tensor, tol: float) -> None:
+    """RuntimeError unless ``compiled`` matches ``model`` with the gates' decisions and with forced mixed ones."""
+    originals = gates_of(model) if sites else {}
+    gen = torch.Generator().manual_seed(0)
+    trials: list[tuple[Tensor, dict[str, Tensor] | None]] = [(example, None)]
+    for x in (example[:1], example) if sites else ():
+        forced = {}
+        for name, site in sites.items():
+            decisions = (torch.rand(len(x), site.units, generator=gen) < 0.5).float()
+            if len(x) > 1:  # every unit on for one input, every unit off for another
+                decisions[0], decisions[1] = 1.0, 0.0
+            forced[name] = decisions.to(x.device)
+        trials.append((x, forced))
+    for x, forced in trials:
+        before = {name: gate.forced for name, gate in originals.items()}
+        try:
+            for name, decisions in (forced or {}).items():
+                originals[name].force(decisions)
+                compiled.site_gates[name].force(decisions)
+            ref, out = model(x), compiled(x)
+        finally:
+            for name, gate in originals.items():
+                gate.force(before[name])
+                compiled.site_gates[name].force(before[name])
+        err, scale = (out - ref).abs().max().item(), ref.abs().max().item()
+        if err > tol * max(1.0, scale):
+            what = "forced mixed decisions" if forced else "the gates' decisions"
+            raise RuntimeError(f"compiled model differs from the original by {err:.3g} with {what} at batch "
+                               f"{len(x)} (tolerance {tol:g} x {scale:.3g})")

@@ -1,0 +1,260 @@
+"""dynprune.runtime: compiled models give the masked model's outputs while running only the kept compute."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import dynprune as dp
+from dynprune.io import write_csv
+from dynprune.runtime import compile_for_inference
+from dynprune.runtime.channels import ThinLayer
+from dynprune.runtime.compile import SUPPORTED
+
+SCRIPT = Path(__file__).parent.parent / "experiments" / "bench_latency.py"
+GRANULARITIES = dp.list_granularities()
+SHAPE = (1, 16, 16)
+
+
+def _randomise(model: nn.Module) -> nn.Module:
+    """Random BN statistics and gate biases around 0, so folding matters and decisions differ per input."""
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.2)
+            if name.endswith("dynprune_gate"):
+                m.fc2.bias.normal_(0, 0.5)
+    return model.eval()
+
+
+def _gated(backbone: str, gate: str, granularity: str) -> nn.Module:
+    net = dp.backbones.create(backbone, num_classes=10, in_chans=SHAPE[0], input_size=SHAPE[1])
+    try:
+        model = dp.gate_model(net, gate=gate, granularity=granularity)
+    except ValueError as err:  # e.g. a net without residual blocks has nothing to gate per block
+        pytest.skip(f"{backbone} has no {granularity} sites: {err}")
+    return _randomise(model)
+
+
+def _force(models: list[nn.Module], decisions: dict[str, Tensor]) -> None:
+    for model in models:
+        gates = model.site_gates if hasattr(model, "site_gates") else dp.gates_of(model)
+        for name, d in decisions.items():
+            gates[name].force(d)
+
+
+def _mixed(model: nn.Module, batch: int, seed: int) -> dict[str, Tensor]:
+    """Random per-input decisions with one input keeping every unit and one keeping none (batch > 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, site in dp.gating_info(model).sites.items():
+        d = (torch.rand(batch, site.units, generator=gen) < 0.5).float()
+        if batch > 1:
+            d[0], d[1] = 1.0, 0.0
+        out[name] = d
+    return out
+
+
+def _close(a: Tensor, b: Tensor) -> None:
+    torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=0)
+
+
+@pytest.mark.parametrize("backbone", dp.list_backbones())
+def test_dense_model_folds_batchnorm_and_keeps_outputs(backbone: str) -> None:
+    net = _randomise(dp.backbones.create(backbone, in_chans=1, input_size=16))
+    compiled = compile_for_inference(net)
+    x = torch.randn(3, *SHAPE)
+    _close(compiled(x), net(x))
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    assert len(compiled.folded) == n_bn
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in compiled.modules())
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("gate", dp.list_gates())
+@pytest.mark.parametrize("backbone", dp.list_backbones())
+def test_compiled_equals_masked(backbone: str, gate: str, granularity: str) -> None:
+    model = _gated(backbone, gate, granularity)
+    if granularity not in SUPPORTED:  # a granularity the runtime cannot execute yet must say so
+        with pytest.raises(NotImplementedError, match=granularity):
+            compile_for_inference(model)
+        return
+    compiled = compile_for_inference(model)
+    for batch in (1, 8):
+        x = torch.randn(batch, *SHAPE)
+        _close(compiled(x), model(x))  # the gates' own decisions
+        _force([model, compiled], _mixed(model, batch, seed=batch))
+        _close(compiled(x), model(x))
+        _force([model, compiled], {n: None for n in compiled.site_gates})
+
+
+class InvertedResidual(nn.Module):
+    """expand 1x1 -> depthwise 3x3 -> project 1x1, plus the input (a whole residual block)."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(channels, hidden, 1, bias=False)
+        self.bn_e = nn.BatchNorm2d(hidden)
+        self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False)
+        self.bn_d = nn.BatchNorm2d(hidden)
+        self.project = nn.Conv2d(hidden, channels, 1, bias=False)
+        self.bn_p = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.bn_d(self.dw(F.relu(self.bn_e(self.expand(x))))))
+        return F.relu(x + self.bn_p(self.project(y)))
+
+
+class UserNet(nn.Module):
+    """A net the library has never seen: a residual block with a depthwise conv, a grouped conv, an MLP head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = InvertedResidual(8, 16)
+        self.grouped = nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=4)
+        self.conv = nn.Conv2d(16, 12, 3, padding=1)
+        self.fc1 = nn.Linear(12 * 4 * 4, 24)
+        self.fc2 = nn.Linear(24, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.block(self.stem(x))
+        x = F.relu(self.conv(F.relu(self.grouped(x))))
+        x = F.max_pool2d(x, 2).flatten(1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("granularity", ["channel", "block", "block+channel"])
+def test_user_model_with_residual_grouped_and_depthwise_convs(granularity: str) -> None:
+    model = UserNet()
+    model.input_shape = SHAPE
+    for g in granularity.split("+"):
+        model = dp.gate_model(model, gate="sigmoid", granularity=g)
+    model = _randomise(model)
+    compiled = compile_for_inference(model)
+    net = compiled.net
+    if granularity == "channel":  # conv -> flatten -> linear runs thin; the depthwise conv reads full width
+        assert isinstance(net.fc1, ThinLayer) and net.fc1.source is net.conv and net.fc1.gate is not None
+        assert net.block.expand.scatter and not net.conv.scatter and net.grouped.gate is not None
+    for batch in (1, 8):
+        x = torch.randn(batch, *SHAPE)
+        _close(compiled(x), model(x))
+        _force([model, compiled], _mixed(model, batch, seed=batch))
+        _close(compiled(x), model(x))
+
+
+def _flops(model: nn.Module, x: Tensor) -> int:
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def test_batch1_channel_execution_runs_only_the_kept_flops() -> None:
+    model = _gated("resnet20", "sigmoid", "channel")
+    compiled = compile_for_inference(model)
+    x = torch.randn(1, *SHAPE)
+    decisions = _mixed(model, 1, seed=3)
+    _force([model, compiled], decisions)
+    _close(compiled(x), model(x))
+    info = dp.gating_info(model)
+    expected = info.flops.effective(dp.collect_masks(model)).item()
+    dense, ran = _flops(model, x), _flops(compiled, x)
+    assert expected < 0.8 * info.flops.dense_total
+    # what the compiled model computes beyond the effective backbone FLOPs is the gates' own cost only
+    assert ran - expected == pytest.approx(dense - info.flops.dense_total, rel=1e-6)
+
+
+def test_block_execution_runs_only_the_sub_batch() -> None:
+    model = _gated("resnet20", "sigmoid", "block")
+    compiled = compile_for_inference(model)
+    x = torch.randn(8, *SHAPE)
+    sites = dp.gating_info(model).sites
+    runs = torch.tensor([1, 0, 0, 1, 0, 0, 0, 0], dtype=torch.float)[:, None]
+    _force([model, compiled], dict.fromkeys(sites, runs))
+    _close(compiled(x), model(x))
+    dense, ran = _flops(model, x), _flops(compiled, x)
+    assert ran < 0.5 * dense  # 2 of 8 inputs run each gated block
+
+
+def test_zero_size_cases() -> None:
+    for granularity in ("channel", "block"):
+        model = _gated("resnet20", "sigmoid", granularity)
+        compiled = compile_for_inference(model)
+        sites = dp.gating_info(model).sites
+        for batch in (1, 8):
+            x = torch.randn(batch, *SHAPE)
+            off = {name: torch.zeros(batch, site.units) for name, site in sites.items()}
+            _force([model, compiled], off)  # every channel of every gated layer off / no input runs any block
+            _close(compiled(x), model(x))
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    gate = dp.create_gate("sigmoid", 4, 6).eval().force(torch.zeros(6))
+    producer = ThinLayer(conv, gate, None, scatter=False)
+    consumer = ThinLayer(nn.Conv2d(6, 5, 3, stride=2, padding=1), None, producer, scatter=False)
+    y = producer(torch.randn(2, 4, 8, 8))
+    assert y.shape == (2, 0, 8, 8) and len(producer.kept) == 0
+    z = consumer(y)
+    assert z.shape == (2, 5, 4, 4)
+    torch.testing.assert_close(z, consumer.layer.bias.view(1, 5, 1, 1).expand(2, 5, 4, 4))
+
+
+def test_static_pruned_model_compiles_to_the_same_outputs() -> None:
+    net = _randomise(dp.backbones.create("resnet20", in_chans=1, input_size=16))
+    small = dp.static.remove_channels(dp.static.prune_model(net, "l1_structured", 0.5))
+    compiled = compile_for_inference(small, SHAPE)
+    x = torch.randn(4, *SHAPE)
+    _close(compiled(x), net(x))
+    assert compiled.net.layer1[0].conv1.out_channels == 8
+
+
+def test_compiled_model_is_eval_only() -> None:
+    compiled = compile_for_inference(_randomise(dp.backbones.create("lenet5", in_chans=1, input_size=16)))
+    with pytest.raises(ValueError, match="eval-only"):
+        compiled.train()
+
+
+def test_smoke_benchmark_writes_the_table(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_latency", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_latency"] = bench
+    spec.loader.exec_module(bench)
+    bench.main(["--smoke", "--out", str(tmp_path / "bench")])
+    with open(tmp_path / "bench.csv") as f:
+        rows = list(csv.DictReader(f))
+    forms = {r["form"] for r in rows}
+    assert {"dense", "masked channel", "compiled channel", "compiled block", "static_l1", "uniform"} <= forms
+    assert {int(r["batch"]) for r in rows} == {1, 4}
+    for r in rows:
+        theoretical = float(r["theoretical"])
+        assert theoretical == 1.0 if r["form"] == "dense" else 1.6 < theoretical < 2.5, r
+        assert float(r["ratio"]) == pytest.approx(float(r["achieved"]) / theoretical)
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Self CPU" in (tmp_path / "bench_profile.txt").read_text()
+
+
+def test_pareto_draws_accuracy_against_measured_latency(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("pareto_latency", SCRIPT.with_name("pareto.py"))
+    pareto = importlib.util.module_from_spec(spec)
+    sys.modules["pareto_latency"] = pareto
+    spec.loader.exec_module(pareto)
+    rows = [{"run": "a", "method": "sigmoid", "acc": 0.90, "flops_mean_ratio": 0.4, "latency_ms": 3.0},
+            {"run": "b", "method": "sigmoid", "acc": 0.92, "flops_mean_ratio": 0.5, "latency_ms": 2.0},
+            {"run": "c", "method": "sigmoid", "acc": 0.95, "flops_mean_ratio": 0.9}]
+    write_csv(tmp_path / "summary.csv", rows)
+    points = pareto.read_summary(tmp_path / "summary.csv")
+    assert pareto.pareto_front(points) == [0, 1, 2]  # by FLOPs every run is on the front
+    assert pareto.pareto_front(points[:2], "latency") == [1]  # b is faster and more accurate than a
+    pareto.main([str(tmp_path / "summary.csv"), "--x", "latency", "--out", str(tmp_path / "lat")])
+    table = (tmp_path / "lat.md").read_text()
+    assert "| sigmoid | – | 92.00 | 0.500 |" in table and "95.00" not in table  # c has no latency: left out
+    assert (tmp_path / "lat.png").read_bytes()[:4] == b"\x89PNG"
