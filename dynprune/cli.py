@@ -39,7 +39,6 @@ from dynprune.callbacks import EpochTimer, FlopsCallback
 from dynprune.data import check_num_classes
 from dynprune.guard import CollapseGuard
 from dynprune.io import CheckpointError, atomic_write, read_checkpoint, run_dir
-from dynprune.module import GatedClassifier
 
 LAST = "last.ckpt"
 EVAL_COMMANDS = ("validate", "test", "predict")

@@ -9,8 +9,10 @@ reads ``conv.stride`` or checks ``isinstance`` keeps working. The hooks are smal
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from dynprune.gates.base import Gate
@@ -49,8 +51,8 @@ class MaskHook:
     statistics see the dense activations and gated channels are exactly zero).
     """
 
-    def __init__(self, switch: HookSwitch, gate: Gate, channel_dim: int) -> None:
-        self.switch, self.gate, self.channel_dim = switch, gate, channel_dim
+    def __init__(self, switch: HookSwitch, gate: Gate, channel_dim: int, expand: PrefixMask | None = None) -> None:
+        self.switch, self.gate, self.channel_dim, self.expand = switch, gate, channel_dim, expand
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor | None:
         if not self.switch.enabled:
@@ -58,10 +60,32 @@ class MaskHook:
         mask = self.gate.mask
         if mask is None:
             raise RuntimeError("a gated layer's mask was applied before its gate decided")
+        if self.expand is not None:
+            mask = self.expand(mask)
         if output.shape[self.channel_dim] != mask.shape[1]:
             raise ValueError(f"gated output has {output.shape[self.channel_dim]} channels on dim "
                              f"{self.channel_dim}, its gate decides {mask.shape[1]}")
         return apply_mask(output, mask.to(output.dtype), self.channel_dim)
+
+
+class PrefixMask:
+    """Nested width decisions (N, K-1) -> a prefix channel mask (N, C) for widths w_1 < ... < w_K = 1.
+
+    Unit k says "wider than w_k"; channel group k (from w_k * C up to w_{k+1} * C) runs when units 1..k all
+    say yes (a cumulative product, differentiable where the units are), so the kept channels are always a
+    contiguous prefix: the first ceil(w * C) channels of the chosen width w.
+    """
+
+    def __init__(self, widths: list[float], channels: int) -> None:
+        bounds = [math.ceil(w * channels) for w in widths]
+        self.group = torch.zeros(channels, dtype=torch.long)  # channel -> width group (0: always on)
+        for k in range(1, len(widths)):
+            self.group[bounds[k - 1]:bounds[k]] = k
+        self.channels = channels
+
+    def __call__(self, units: Tensor) -> Tensor:
+        on = torch.cat([torch.ones_like(units[:, :1]), units.cumprod(dim=1)], dim=1)  # (N, K)
+        return on[:, self.group.to(units.device)]
 
 
 class SkipHook:

@@ -10,8 +10,8 @@ execution factor (N,) of the layers inside it. Adding a granularity = one file +
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from torch import Tensor, nn
@@ -37,6 +37,7 @@ class Site:
         channel_dim: dim of the channels the decision masks (1, or -1 for channels-last Linear).
         family: the gate family deciding here.
         gate_path: module path of the gate.
+        widths: the widths a ``width`` site chooses among; expanders: {layer: decisions -> (N, C) prefix mask}.
     """
 
     name: str
@@ -48,6 +49,8 @@ class Site:
     channel_dim: int = 1
     family: str = ""
     gate_path: str = ""
+    widths: list[float] | None = None
+    expanders: dict[str, Callable[[Tensor], Tensor]] = field(default_factory=dict)
 
     def flops_terms(self, mask: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
         """({layer: output-channel mask (N, C)}, execution factor (N,) of ``layers`` or None)."""

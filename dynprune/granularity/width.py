@@ -1,0 +1,77 @@
+"""Width granularity (DS-Net style): per input, a gate picks one prefix width for every channel-gatable
+layer inside a block (a ResNet block's inner conv, a MobileNetV2 block's expansion and depthwise convs).
+
+The choice among widths w_1 < ... < w_K = 1 is made by K-1 nested binary units ("wider than w_k?"),
+so every binary gate family (sigmoid, gumbel, l1, policy, ...) decides widths unchanged; the channels
+kept are always the first ceil(w * C) of each layer: a contiguous slice a runtime can execute without a
+gather. The FLOPs of a choice follow from the channel formula with those prefix masks.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+from dynprune.gated import DecideHook, HookSwitch, MaskHook, PrefixMask
+from dynprune.granularity.base import Granularity, Site, add_gate, layers_inside, register_granularity
+from dynprune.granularity.channel import ChannelGranularity
+from dynprune.trace import Trace
+
+
+def chosen_widths(units: Tensor, widths: list[float]) -> Tensor:
+    """The width each input runs at, (N,), from nested decisions (N, K-1)."""
+    index = (units >= 0.5).long().cumprod(dim=1).sum(dim=1)
+    return units.new_tensor(widths)[index]
+
+
+@register_granularity("width")
+class WidthGranularity(Granularity):
+    """Gates one width per input for the channel-gatable layers inside each block (default: every block
+    with a residual addition inside, stage-changing ones included)."""
+
+    name = "width"
+    widths: ClassVar[list[float]] = [0.25, 0.5, 0.75, 1.0]
+
+    def _inner(self, trace: Trace, name: str) -> list[str]:
+        channel = ChannelGranularity()
+        return [n for n in layers_inside(trace, name) if channel.ineligible(trace, n) is None]
+
+    def candidates(self, trace: Trace) -> list[str]:
+        return [n for n in trace.modules if n]
+
+    def ineligible(self, trace: Trace, name: str) -> str | None:
+        info = trace.modules.get(name)
+        if info is None:
+            return "it is not a module the forward pass calls"
+        if info.calls != 1:
+            return f"it is called {info.calls} times per forward pass (a reused module)"
+        if not info.in_shape:
+            return "it has no tensor input to decide from"
+        if not self._inner(trace, name):
+            return "it holds no conv/linear layer whose output channels can be narrowed (all feed residual additions)"
+        return None
+
+    def default(self, trace: Trace, skip_first: bool, skip_last: bool) -> list[str]:
+        return [n for n, i in trace.modules.items() if n and i.merges == 1 and i.calls == 1]
+
+    def attach(self, model: nn.Module, trace: Trace, name: str, gate: str, gate_kwargs: dict[str, float],
+               switch: HookSwitch) -> Site:
+        widths = [float(w) for w in gate_kwargs.pop("widths", self.widths)]
+        if sorted(widths) != widths or widths[-1] != 1.0 or widths[0] <= 0 or len(widths) < 2:
+            raise ValueError(f"widths must increase from > 0 to 1.0 and have >= 2 entries, got {widths}")
+        layers = self._inner(trace, name)
+        info = trace.modules[name]
+        expanders = {layer: PrefixMask(widths, trace.layers[layer].out_channels) for layer in layers}
+        net, path = add_gate(model, name, gate, info.in_shape[0], len(widths) - 1, gate_kwargs)
+        model.get_submodule(name).register_forward_pre_hook(DecideHook(switch, net))
+        for layer in layers:
+            linfo = trace.layers[layer]
+            target = model.get_submodule(linfo.norm or layer)
+            target.register_forward_hook(MaskHook(switch, net, linfo.channel_dim, expanders[layer]))
+        expanders = {layer: PrefixMask(widths, trace.layers[layer].out_channels) for layer in layers}
+        return Site(name, self.name, len(widths) - 1, "width", tuple(layers), gate_path=path, widths=widths,
+                    expanders=expanders)
+
+    def flops_terms(self, site: Site, mask: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
+        return {layer: expand(mask) for layer, expand in site.expanders.items()}, None

@@ -1,0 +1,85 @@
+"""Width granularity: nested decisions choose a prefix width; FLOPs and outputs equal those of the thin
+model of the chosen widths; the cost term moves the chosen widths down."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import torch
+from conftest import quiet_trainer_kwargs
+from torch import nn
+
+import dynprune as dp
+from dynprune.callbacks import width_histogram
+from dynprune.gated import PrefixMask
+from dynprune.granularity.width import chosen_widths
+
+
+def test_prefix_masks_and_chosen_widths() -> None:
+    expand = PrefixMask([0.25, 0.5, 0.75, 1.0], 8)
+    units = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    assert expand(units).tolist() == [[1.0] * 8, [1.0] * 4 + [0.0] * 4, [1.0] * 2 + [0.0] * 6]
+    assert chosen_widths(units, [0.25, 0.5, 0.75, 1.0]).tolist() == [1.0, 0.5, 0.25]
+
+
+def _thin(dense: nn.Module, block: str, keep: int) -> nn.Module:
+    """A copy of a ResNet whose ``block`` keeps only the first ``keep`` channels of its inner conv."""
+    thin = copy.deepcopy(dense)
+    b = thin.get_submodule(block)
+    conv1, bn1, conv2 = b.conv1, b.bn1, b.conv2
+    b.conv1 = nn.Conv2d(conv1.in_channels, keep, 3, conv1.stride, 1, bias=False)
+    b.conv1.weight.data = conv1.weight.data[:keep].clone()
+    b.bn1 = nn.BatchNorm2d(keep)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(b.bn1, name).data = getattr(bn1, name).data[:keep].clone()
+    b.conv2 = nn.Conv2d(keep, conv2.out_channels, 3, 1, 1, bias=False)
+    b.conv2.weight.data = conv2.weight.data[:, :keep].clone()
+    return thin.eval()
+
+
+def test_flops_and_outputs_equal_the_thin_model_of_the_chosen_widths() -> None:
+    torch.manual_seed(0)
+    dense = dp.backbones.create("resnet20", width_mult=0.5).eval()
+    for m in dense.modules():  # non-trivial BN statistics, so a wrong slice would show
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    gated = dp.gate_model(copy.deepcopy(dense), "sigmoid", granularity="width").eval()
+    info = dp.gating_info(gated)
+    assert info.sites["layer2.1"].layers == ("layer2.1.conv1",) and info.sites["layer2.1"].units == 3
+    for gate in dp.gates_of(gated).values():
+        gate.force(torch.ones(3))
+    dp.gates_of(gated)["layer2.1"].force(torch.tensor([1.0, 0.0, 1.0]))  # width 0.5 (a later 1 is ignored)
+    x = torch.randn(2, 1, 28, 28)
+    out = gated(x)
+    thin = _thin(dense, "layer2.1", 8)  # ceil(0.5 * 16)
+    torch.testing.assert_close(out, thin(x), atol=1e-5, rtol=1e-5)
+    assert info.flops.effective(dp.collect_masks(gated))[0].item() == dp.count_flops(thin, (1, 28, 28))[0]
+
+
+def _mean_width(lam: float) -> float:
+    L.seed_everything(0)
+    dm = dp.DigitsDataModule(batch_size=64)
+    module = dp.GatedClassifier("resnet20", gate="sigmoid", granularity="width", lam=lam, input_size=8,
+                                width_mult=0.5, lr=0.05, gate_kwargs={"init_bias": 1.0})
+    L.Trainer(max_steps=60, limit_val_batches=0, **quiet_trainer_kwargs()).fit(module, dm)
+    dm.setup()
+    module.eval()
+    widths = []
+    with torch.no_grad():
+        for x, _ in dm.val_dataloader():
+            module(x)
+            widths += [chosen_widths(m, [0.25, 0.5, 0.75, 1.0]) for m in module.masks().values()]
+    return torch.cat(widths).mean().item()
+
+
+def test_lambda_moves_the_chosen_widths_down_on_digits() -> None:
+    assert _mean_width(2.0) < _mean_width(0.0) - 0.15
+
+
+def test_flops_report_has_a_histogram_of_chosen_widths() -> None:
+    module = dp.GatedClassifier("resnet20", gate="sigmoid", granularity="width", input_size=8, width_mult=0.5)
+    masks = {"layer1.1": torch.tensor([[1, 0, 0], [0, 0, 0], [1, 1, 1], [1, 0, 1]], dtype=torch.bool)}
+    shares = width_histogram(module, masks)["layer1.1"]
+    assert shares == {"0.25": 0.25, "0.5": 0.5, "0.75": 0.0, "1.0": 0.25}
