@@ -62,7 +62,8 @@ def run(module: dp.GatedClassifier, dm: L.LightningDataModule, epochs: int, devi
     """Fit, then test with a FlopsCallback; the test report (summary + input dependence), FLOPs as ratios
     of ``dense_flops`` (a physically pruned model's own dense count is smaller than the original's)."""
     cb = dp.FlopsCallback(plot=False, verbose=False, dirpath=tempfile.mkdtemp(prefix="iso_flops_"))
-    trainer(epochs, device).fit(module, dm)
+    if epochs > 0:
+        trainer(epochs, device).fit(module, dm)
     tester = trainer(1, device, [cb])
     result = tester.test(module, dm, verbose=False)[0]
     report = cb.reports["test"]
@@ -105,6 +106,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--tag", default="", help="suffix of the results files")
+    parser.add_argument("--dense-ckpt", type=Path, default=None,
+                        help="reuse this dense checkpoint (a state_dict of GatedClassifier(gate=None)) instead of "
+                             "training the dense model; its test accuracy is still measured")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"iso_flops_{args.backbone}{args.tag}"
@@ -130,9 +134,13 @@ def main() -> None:
         dm = dp.FashionMNISTDataModule(args.data_dir, batch_size=128, train_subset=args.train_subset, seed=seed)
         dense = dp.GatedClassifier(args.backbone, gate=None, lr=args.lr)
         dense_flops = dense.profile.dense_total
-        record("dense", 1.0, run(dense, dm, args.epochs, args.device, dense_flops))
-        dense_path = Path(tempfile.mkdtemp(prefix="iso_dense_")) / "dense.ckpt"
-        torch.save({"state_dict": dense.cpu().state_dict()}, dense_path)
+        if args.dense_ckpt is not None:
+            dense.load_state_dict(torch.load(args.dense_ckpt, weights_only=True)["state_dict"])
+            dense_path = args.dense_ckpt
+        record("dense", 1.0, run(dense, dm, 0 if args.dense_ckpt else args.epochs, args.device, dense_flops))
+        if args.dense_ckpt is None:
+            dense_path = Path(tempfile.mkdtemp(prefix="iso_dense_")) / "dense.ckpt"
+            torch.save({"state_dict": dense.cpu().state_dict()}, dense_path)
         shape = dense.profile.input_shape
         for ratio in args.ratios:
             L.seed_everything(seed)
