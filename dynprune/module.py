@@ -31,14 +31,15 @@ from dynprune.inject import collect_masks, gate_model, gates_disabled, gates_of
 from dynprune.io import read_checkpoint
 from dynprune.losses import distillation_loss
 from dynprune.objective import Objective
+from dynprune.optim import OPTIMIZERS, optimizer_and_schedule
 from dynprune.trace import GATE_ATTR, trace_layers
 
 
 def _check_args(gate: str | None, optimizer: str, distill: float, init_from: str | None) -> None:
     if gate is not None and gate not in list_gates():
         raise ValueError(f"unknown gate '{gate}'; choose one of: {', '.join(list_gates())} (or null)")
-    if optimizer not in ("sgd", "adam"):
-        raise ValueError(f"unknown optimizer '{optimizer}'; choose one of: adam, sgd")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer '{optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
     if distill < 0:
         raise ValueError(f"distill weight must be >= 0, got {distill}")
     if distill > 0 and init_from is None:
@@ -373,12 +374,5 @@ class GatedClassifier(L.LightningModule):
         if gate_params:
             gate_lr = hp.gate_lr if hp.gate_lr is not None else 0.5 if hp.optimizer == "sgd" else 10 * hp.lr
             groups.append({"params": gate_params, "weight_decay": 0.0, "lr": gate_lr})
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=True)
-        else:
-            opt = torch.optim.Adam(groups, lr=hp.lr)
-        epochs = self.trainer.max_epochs if self.trainer and self.trainer.max_epochs else 0
-        if epochs < 1:
-            return {"optimizer": opt}
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-        return {"optimizer": opt, "lr_scheduler": sched}
+        return optimizer_and_schedule(groups, hp.optimizer, hp.lr, hp.momentum,
+                                      self.trainer.max_epochs if self._trainer else None)

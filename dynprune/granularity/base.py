@@ -87,6 +87,25 @@ class Granularity(ABC):
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
+class ModuleGranularity(Granularity):
+    """A granularity that gates whole modules (blocks), not single layers."""
+
+    def candidates(self, trace: Trace) -> list[str]:
+        return [n for n in trace.modules if n]
+
+    @staticmethod
+    def module_problem(trace: Trace, name: str) -> str | None:
+        """Why no module-level gate can sit at ``name`` whatever the granularity (None: it can)."""
+        info = trace.modules.get(name)
+        if info is None:
+            return "it is not a module the forward pass calls"
+        if info.calls != 1:
+            return f"it is called {info.calls} times per forward pass (a reused module)"
+        if not info.in_shape:
+            return "it has no tensor input to decide from"
+        return None
+
+
 def add_gate(model: nn.Module, name: str, gate: str, in_channels: int, units: int, gate_kwargs: dict[str, float],
              channel_dim: int = 1) -> tuple[Gate, str]:
     """Create a gate of family ``gate`` for module ``name`` and add it to the model: (gate, its path).

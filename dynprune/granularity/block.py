@@ -10,25 +10,20 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from dynprune.gated import DecideHook, HookSwitch, SkipHook
-from dynprune.granularity.base import Granularity, Site, add_gate, layers_inside, register_granularity
+from dynprune.granularity.base import ModuleGranularity, Site, add_gate, layers_inside, register_granularity
 from dynprune.trace import Trace
 
 
 @register_granularity("block")
-class BlockGranularity(Granularity):
+class BlockGranularity(ModuleGranularity):
     """Gates (N, 1) run/skip decisions of residual branches and whole residual blocks."""
 
     name = "block"
 
-    def candidates(self, trace: Trace) -> list[str]:
-        return [n for n in trace.modules if n]
-
     def ineligible(self, trace: Trace, name: str) -> str | None:
-        info = trace.modules.get(name)
-        if info is None:
-            return "it is not a module the forward pass calls"
-        if info.calls != 1:
-            return f"it is called {info.calls} times per forward pass (a reused module)"
+        if problem := self.module_problem(trace, name):
+            return problem
+        info = trace.modules[name]
         if info.branch or info.whole_block:
             return None
         if info.merges >= 1:
@@ -44,8 +39,6 @@ class BlockGranularity(Granularity):
                switch: HookSwitch) -> Site:
         info = trace.modules[name]
         module = model.get_submodule(name)
-        if not info.in_shape:
-            raise ValueError(f"block '{name}' has no tensor input to decide from")
         net, path = add_gate(model, name, gate, info.in_shape[0], 1, gate_kwargs)
         module.register_forward_pre_hook(DecideHook(switch, net))
         module.register_forward_hook(SkipHook(switch, net, whole=not info.branch))

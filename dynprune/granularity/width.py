@@ -14,7 +14,7 @@ from typing import ClassVar
 from torch import Tensor, nn
 
 from dynprune.gated import DecideHook, HookSwitch, MaskHook, PrefixMask
-from dynprune.granularity.base import Granularity, Site, add_gate, layers_inside, register_granularity
+from dynprune.granularity.base import ModuleGranularity, Site, add_gate, layers_inside, register_granularity
 from dynprune.granularity.channel import ChannelGranularity
 from dynprune.trace import Trace
 
@@ -26,7 +26,7 @@ def chosen_widths(units: Tensor, widths: list[float]) -> Tensor:
 
 
 @register_granularity("width")
-class WidthGranularity(Granularity):
+class WidthGranularity(ModuleGranularity):
     """Gates one width per input for the channel-gatable layers inside each block (default: every block
     with a residual addition inside, stage-changing ones included)."""
 
@@ -37,17 +37,9 @@ class WidthGranularity(Granularity):
         channel = ChannelGranularity()
         return [n for n in layers_inside(trace, name) if channel.ineligible(trace, n) is None]
 
-    def candidates(self, trace: Trace) -> list[str]:
-        return [n for n in trace.modules if n]
-
     def ineligible(self, trace: Trace, name: str) -> str | None:
-        info = trace.modules.get(name)
-        if info is None:
-            return "it is not a module the forward pass calls"
-        if info.calls != 1:
-            return f"it is called {info.calls} times per forward pass (a reused module)"
-        if not info.in_shape:
-            return "it has no tensor input to decide from"
+        if problem := self.module_problem(trace, name):
+            return problem
         if not self._inner(trace, name):
             return "it holds no conv/linear layer whose output channels can be narrowed (all feed residual additions)"
         return None

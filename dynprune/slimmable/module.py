@@ -20,6 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from dynprune import backbones
 from dynprune.flops import FlopsProfile, count_flops
+from dynprune.optim import optimizer_and_schedule
 from dynprune.slimmable.convert import ThinBackbone, make_slimmable, set_width, spec_of
 from dynprune.trace import trace_layers
 
@@ -164,13 +165,6 @@ class SlimmableClassifier(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """SGD (nesterov) or Adam with cosine decay over ``max_epochs``, as GatedClassifier."""
         hp = self.hparams
-        params = self.model.parameters()
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, nesterov=True,
-                                  weight_decay=hp.weight_decay)
-        else:
-            opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        epochs = self.trainer.max_epochs if self.trainer and self.trainer.max_epochs else 0
-        if epochs < 1:
-            return {"optimizer": opt}
-        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)}
+        groups = [{"params": list(self.model.parameters()), "weight_decay": hp.weight_decay}]
+        return optimizer_and_schedule(groups, hp.optimizer, hp.lr, hp.momentum,
+                                      self.trainer.max_epochs if self._trainer else None)

@@ -1,0 +1,26 @@
+"""The one optimiser and schedule every LightningModule of the project uses, so methods compare fairly."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+def optimizer_and_schedule(groups: Iterable[dict[str, Any]], optimizer: str, lr: float, momentum: float,
+                           max_epochs: int | None) -> dict[str, Any]:
+    """SGD (nesterov) or Adam over parameter ``groups`` (each with its own weight decay / lr), with a
+    per-epoch cosine decay over ``max_epochs`` (none when it is unknown); Lightning's return format."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer '{optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
+    groups = list(groups)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+    else:
+        opt = torch.optim.Adam(groups, lr=lr)
+    if not max_epochs or max_epochs < 1:
+        return {"optimizer": opt}
+    return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_epochs)}
