@@ -51,6 +51,6 @@ def test_base_plus_override_equals_the_flat_config(tmp_path: Path, capsys: pytes
     override = tmp_path / "l1.yaml"
     override.write_text("model: {gate: l1}\ntrainer: {default_root_dir: runs/fmnist_resnet20_l1}\n")
     want = _resolved(capsys, flat)
-    assert want["model"]["gate"] == "l1" and want["data"]["init_args"]["batch_size"] == 128
+    assert want["model"]["init_args"]["gate"] == "l1" and want["data"]["init_args"]["batch_size"] == 128
     assert _resolved(capsys, ROOT / "configs" / "fmnist_resnet20_l1.yaml") == want
     assert _resolved(capsys, ROOT / "configs" / "fmnist_resnet20_sigmoid.yaml", override) == want

@@ -271,7 +271,7 @@ def test_unknown_parameter_key_fails_before_any_launch(tmp_path: Path, monkeypat
     monkeypatch.setattr("dynprune.sweep._execute", lambda *a: pytest.fail("nothing may run"))
     text = (CONF / "sweep_digits.yaml").read_text().replace("trainer.limit_val_batches:", "model.lamda:")
     with pytest.raises(SweepConfigError, match=r"point lam-0.1 is rejected by the dynprune CLI, nothing "
-                                               r"was launched: error: unrecognized arguments: --model.lamda=1"):
+                                               r"was launched:.*lamda"):
         run_sweep(load_sweep(_write(tmp_path, text)), tmp_path, echo=lambda s: None)
 
 
