@@ -106,11 +106,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--tag", default="", help="suffix of the results files")
+    parser.add_argument("--skip-static", action="store_true", help="only the dynamic variants")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--dense-ckpt", type=Path, default=None,
                         help="reuse this dense checkpoint (a state_dict of GatedClassifier(gate=None)) instead of "
                              "training the dense model; its test accuracy is still measured")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     stem = args.out / f"iso_flops_{args.backbone}{args.tag}"
     per_seed: dict[tuple[str, float], list[dict[str, Any]]] = {}
     rows: list[dict[str, Any]] = []
@@ -143,12 +147,13 @@ def main() -> None:
             torch.save({"state_dict": dense.cpu().state_dict()}, dense_path)
         shape = dense.profile.input_shape
         for ratio in args.ratios:
-            L.seed_everything(seed)
-            backbone = copy.deepcopy(dense.model).cpu()
-            fraction = fraction_for_flops(backbone, ratio, shape)
-            small = remove_channels(prune_model(backbone, "l1_structured", fraction))
-            static = dp.GatedClassifier(small, gate=None, lr=args.finetune_lr)
-            record("static l1-filter", ratio, run(static, dm, args.finetune_epochs, args.device, dense_flops))
+            if not args.skip_static:
+                L.seed_everything(seed)
+                backbone = copy.deepcopy(dense.model).cpu()
+                fraction = fraction_for_flops(backbone, ratio, shape)
+                small = remove_channels(prune_model(backbone, "l1_structured", fraction))
+                static = dp.GatedClassifier(small, gate=None, lr=args.finetune_lr)
+                record("static l1-filter", ratio, run(static, dm, args.finetune_epochs, args.device, dense_flops))
             for variant in args.variants:
                 L.seed_everything(seed)
                 module = dp.GatedClassifier(args.backbone, lam=args.lam, target=1 / ratio, init_from=str(dense_path),
