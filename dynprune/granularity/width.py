@@ -61,7 +61,6 @@ class WidthGranularity(ModuleGranularity):
             linfo = trace.layers[layer]
             target = model.get_submodule(linfo.norm or layer)
             target.register_forward_hook(MaskHook(switch, net, linfo.channel_dim, expanders[layer]))
-        expanders = {layer: PrefixMask(widths, trace.layers[layer].out_channels) for layer in layers}
         return Site(name, self.name, len(widths) - 1, "width", tuple(layers), gate_path=path, widths=widths,
                     expanders=expanders)
 
