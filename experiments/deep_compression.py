@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 
 import dynprune.backbones as B
 from dynprune.compression import DeepCompressionConfig, deep_compression
-from dynprune.data import FashionMNISTDataModule
+from dynprune.data import FASHION_MNIST_DIR, FashionMNISTDataModule
 from dynprune.io import to_markdown
 from dynprune.static import evaluate, train_epochs, write_table
 
@@ -34,12 +35,21 @@ SPARSITY = {
 }
 # Per-layer k-means bits that differ from --conv-bits / --fc-bits: a 2**8 float32 codebook costs more than
 # LeNet-5's second conv (2.4k weights) saves at 8 bits.
-BITS: dict[str, dict[str, int]] = {"lenet300_100": {}, "lenet5": {"features.0": 6, "features.3": 6}}
+BITS: dict[str, dict[str, int]] = {"lenet300_100": {}, "lenet5": {"features.0": 6, "features.3": 6}, "resnet20": {}}
+CONV_HEAVY = {"resnet20": 0.8}  # uniform sparsity of every conv/linear but the stem (kept at half of it)
+
+
+def default_sparsity(name: str, model: torch.nn.Module) -> dict[str, float]:
+    """SPARSITY[name], or for a conv-heavy backbone one sparsity for every weight layer (stem at half)."""
+    if name in SPARSITY:
+        return SPARSITY[name]
+    layers = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    return {n: CONV_HEAVY[name] / (2 if i == 0 else 1) for i, n in enumerate(layers)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(SPARSITY), choices=list(SPARSITY))
+    parser.add_argument("--models", nargs="+", default=list(SPARSITY), choices=[*SPARSITY, *CONV_HEAVY])
     parser.add_argument("--epochs", type=int, default=10, help="dense training epochs")
     parser.add_argument("--prune-epochs", type=int, default=2, help="retraining epochs per pruning round")
     parser.add_argument("--final-epochs", type=int, default=5, help="retraining epochs after the last round")
@@ -54,19 +64,23 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--tag", default="", help="suffix of the results files (runs side by side)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda; k-means and Huffman coding stay on the CPU")
+    parser.add_argument("--data-dir", default=FASHION_MNIST_DIR)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    dm = FashionMNISTDataModule(batch_size=128, train_subset=args.train_subset, seed=args.seed)
+    dm = FashionMNISTDataModule(args.data_dir, batch_size=128, train_subset=args.train_subset, seed=args.seed)
     dm.setup()
     summary = []
     for name in args.models:
         torch.manual_seed(args.seed)
         start = time.time()
-        model = B.create(name)
+        model = B.create(name).to(args.device)
         train_epochs(model, dm.train_dataloader(), args.epochs, 1e-3, optimizer="adam")
         print(f"{name}: dense test accuracy {100 * evaluate(model, dm.test_dataloader()):.2f}%")
         cfg = DeepCompressionConfig(
-            sparsity=args.sparsity or SPARSITY[name], prune_start=args.prune_start, prune_step=args.prune_step,
+            sparsity=args.sparsity or default_sparsity(name, model), prune_start=args.prune_start,
+            prune_step=args.prune_step,
             prune_epochs=args.prune_epochs, final_epochs=args.final_epochs, prune_lr=5e-4,
             conv_bits=args.conv_bits, fc_bits=args.fc_bits,
             bits=BITS[name], quant_epochs=args.quant_epochs,
@@ -74,16 +88,17 @@ def main() -> None:
         )
         result = deep_compression(model, dm.train_dataloader(), dm.test_dataloader(), cfg)
         title = f"Deep Compression, {name} on Fashion-MNIST (test accuracy %, bytes, ratio vs float32 dense)"
-        write_table(result.stages, args.out / f"deep_compression_{name}_stages", title)
-        write_table(result.layers, args.out / f"deep_compression_{name}_layers",
+        write_table(result.stages, args.out / f"deep_compression_{name}{args.tag}_stages", title)
+        write_table(result.layers, args.out / f"deep_compression_{name}{args.tag}_layers",
                     f"Deep Compression per layer, {name} (P: pruned, Q: quantized, H: Huffman)")
         print(to_markdown(result.stages), to_markdown(result.layers), sep="\n")
         dense, final = result.stages[0], result.stages[-1]
         summary.append({"model": name, "dense_acc": dense["accuracy"], "compressed_acc": final["accuracy"],
                         "drop_pt": round(dense["accuracy"] - final["accuracy"], 2), "dense_bytes": dense["bytes"],
                         "compressed_bytes": final["bytes"], "ratio": final["ratio"],
-                        "minutes": round((time.time() - start) / 60, 1)})
-    write_table(summary, args.out / "deep_compression_summary", "Deep Compression summary (Fashion-MNIST)")
+                        "minutes": round((time.time() - start) / 60, 1), "device": args.device,
+                        "command": " ".join(sys.argv[1:])})
+    write_table(summary, args.out / f"deep_compression_summary{args.tag}", "Deep Compression summary (Fashion-MNIST)")
     print(to_markdown(summary))
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import multiprocessing
 import statistics
 import tempfile
 import time
@@ -29,7 +31,7 @@ import lightning as L
 import torch
 
 import dynprune as dp
-from dynprune.io import to_markdown, write_table
+from dynprune.io import atomic_write, to_markdown, write_table
 from dynprune.static import fraction_for_flops, prune_model, remove_channels
 
 # Named dynamic recipes: GatedClassifier arguments on top of the shared ones.
@@ -45,6 +47,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sigmoid+kd+shaping": {"gate": "sigmoid", "distill": 1.0, "batch_shaping": 0.5, "batch_shaping_warmup": 0.5},
     "gumbel+kd+budget": {"gate": "gumbel", "distill": 1.0, "budget": 5.0},
     "block+channel+kd": {"gate": "sigmoid", "granularity": ["block", "channel"], "distill": 1.0},
+    "block+channel+kd+shaping": {"gate": "sigmoid", "granularity": ["block", "channel"], "distill": 1.0,
+                                 "batch_shaping": 0.5, "batch_shaping_warmup": 0.5},
 }
 TOLERANCE = 0.05
 
@@ -89,11 +93,70 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def tabulate(paths: list[Path], stem: Path, title: str, epochs: int) -> list[dict[str, Any]]:
+    """Aggregate finished runs (lines of ``*_runs.jsonl``) per (method, R, epochs) over seeds; a method trained
+    for other than ``epochs`` epochs is labelled ``<method> N=<epochs>``."""
+    groups: dict[tuple[str, float, int], list[dict[str, Any]]] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            run_ = json.loads(line)
+            groups.setdefault((run_["method"], run_["ratio"], run_["epochs"]), []).append(run_)
+    rows = []
+    for (method, ratio, n), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0] != "static l1-filter",
+                                                                              kv[0][0], kv[0][2])):
+        if method == "dense":
+            runs = runs[:1]  # the same checkpoint tested by each invocation
+        agg = aggregate([{k: v for k, v in r.items() if k not in ("method", "ratio", "seed", "epochs", "seconds")}
+                         for r in runs])
+        label = method if n in (0, epochs) else f"{method} N={n}"
+        missed = ratio > 1 and abs(agg["flops_ratio"] - 1 / ratio) > TOLERANCE
+        rows.append({"method": label, "R": ratio, "target": round(1 / ratio, 4), "N": n, **agg, "missed": missed,
+                     "seed_list": " ".join(str(r["seed"]) for r in runs)})
+    write_table(rows, stem, title)
+    print(to_markdown(rows))
+    return rows
+
+
+def dense_module(backbone: str, lr: float) -> dp.GatedClassifier:
+    """The dense backbone every method starts from."""
+    return dp.GatedClassifier(backbone, gate=None, lr=lr)
+
+
+def execute(job: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One (seed, R, method) run from the dense checkpoint; returns (job, result row). Runs in a worker
+    process when ``--workers`` > 1, so it rebuilds everything from the job's plain arguments."""
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    L.seed_everything(job["seed"])
+    dm = dp.FashionMNISTDataModule(job["data_dir"], batch_size=128, train_subset=job["train_subset"],
+                                   seed=job["seed"])
+    dense = dense_module(job["backbone"], job["lr"])
+    dense.load_state_dict(torch.load(job["dense_path"], weights_only=True)["state_dict"])
+    dense_flops = dense.profile.dense_total
+    ratio, method, epochs = job["ratio"], job["method"], job["epochs"]
+    start = time.time()
+    if method == "dense":
+        row = run(dense, dm, 0, job["device"], dense_flops)
+    elif method == "static l1-filter":
+        backbone = copy.deepcopy(dense.model).cpu()
+        fraction = fraction_for_flops(backbone, ratio, dense.profile.input_shape)
+        small = remove_channels(prune_model(backbone, "l1_structured", fraction))
+        static = dp.GatedClassifier(small, gate=None, lr=job["finetune_lr"])
+        row = run(static, dm, epochs, job["device"], dense_flops)
+    else:
+        variant = method.removeprefix("dynamic ")
+        module = dp.GatedClassifier(job["backbone"], lam=job["lam"], target=1 / ratio,
+                                    init_from=str(job["dense_path"]), lr=job["finetune_lr"], **VARIANTS[variant])
+        row = run(module, dm, epochs, job["device"], dense_flops)
+    row["seconds"] = round(time.time() - start, 1)
+    return job, row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="resnet20")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[2.0, 4.0, 8.0])
-    parser.add_argument("--variants", nargs="+", default=["sigmoid", "l1", "gumbel", "policy", "block"],
+    parser.add_argument("--ratios", type=float, nargs="*", default=[2.0, 4.0, 8.0])
+    parser.add_argument("--variants", nargs="*", default=["sigmoid", "l1", "gumbel", "policy", "block"],
                         choices=sorted(VARIANTS))
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--finetune-epochs", type=int, default=4)
@@ -107,10 +170,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--tag", default="", help="suffix of the results files")
     parser.add_argument("--skip-static", action="store_true", help="only the dynamic variants")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="runs in parallel processes (jobs start in order: seed, then R, then method)")
     parser.add_argument("--dense-ckpt", type=Path, default=None,
                         help="reuse this dense checkpoint (a state_dict of GatedClassifier(gate=None)) instead of "
                              "training the dense model; its test accuracy is still measured")
+    parser.add_argument("--from-runs", type=Path, nargs="+", default=None,
+                        help="only tabulate: aggregate the per-run lines of these *_runs.jsonl files (mean +- std "
+                             "over seeds) into iso_flops_<backbone><tag>.{csv,md}")
+    parser.add_argument("--title", default="", help="with --from-runs: the table's title")
+    parser.add_argument("--save-dense", type=Path, default=None,
+                        help="train the dense model (seed: the first of --seeds), save it here and stop")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.threads:
@@ -124,7 +195,10 @@ def main() -> None:
              f"in the same loop: SGD nesterov, per-epoch cosine, lr {args.finetune_lr}; lam={args.lam}; "
              f"device {args.device}; seeds {args.seeds})")
 
-    def record(method: str, ratio: float, row: dict[str, Any]) -> None:
+    def record(job: dict[str, Any], row: dict[str, Any]) -> None:
+        method, ratio = job["method"], job["ratio"]
+        with open(f"{stem}_runs.jsonl", "a") as f:  # every finished run, one line each
+            f.write(json.dumps({**{k: job[k] for k in ("method", "ratio", "seed", "epochs")}, **row}) + "\n")
         per_seed.setdefault((method, ratio), []).append(row)
         agg = aggregate(per_seed[(method, ratio)])
         missed = ratio > 1 and abs(agg["flops_ratio"] - 1 / ratio) > TOLERANCE
@@ -133,32 +207,36 @@ def main() -> None:
         print(entry, f"{time.time() - start:.0f}s", flush=True)
         write_table(rows, stem, title)  # keep what finished
 
-    for seed in args.seeds:
-        L.seed_everything(seed)
-        dm = dp.FashionMNISTDataModule(args.data_dir, batch_size=128, train_subset=args.train_subset, seed=seed)
-        dense = dp.GatedClassifier(args.backbone, gate=None, lr=args.lr)
-        dense_flops = dense.profile.dense_total
-        if args.dense_ckpt is not None:
-            dense.load_state_dict(torch.load(args.dense_ckpt, weights_only=True)["state_dict"])
-            dense_path = args.dense_ckpt
-        record("dense", 1.0, run(dense, dm, 0 if args.dense_ckpt else args.epochs, args.device, dense_flops))
-        if args.dense_ckpt is None:
-            dense_path = Path(tempfile.mkdtemp(prefix="iso_dense_")) / "dense.ckpt"
-            torch.save({"state_dict": dense.cpu().state_dict()}, dense_path)
-        shape = dense.profile.input_shape
-        for ratio in args.ratios:
-            if not args.skip_static:
-                L.seed_everything(seed)
-                backbone = copy.deepcopy(dense.model).cpu()
-                fraction = fraction_for_flops(backbone, ratio, shape)
-                small = remove_channels(prune_model(backbone, "l1_structured", fraction))
-                static = dp.GatedClassifier(small, gate=None, lr=args.finetune_lr)
-                record("static l1-filter", ratio, run(static, dm, args.finetune_epochs, args.device, dense_flops))
-            for variant in args.variants:
-                L.seed_everything(seed)
-                module = dp.GatedClassifier(args.backbone, lam=args.lam, target=1 / ratio, init_from=str(dense_path),
-                                            lr=args.finetune_lr, **VARIANTS[variant])
-                record(f"dynamic {variant}", ratio, run(module, dm, args.finetune_epochs, args.device, dense_flops))
+    if args.from_runs:
+        tabulate(args.from_runs, stem, args.title or title, args.finetune_epochs)
+        return
+    dense_path = args.dense_ckpt
+    if dense_path is None:
+        L.seed_everything(args.seeds[0])
+        dm = dp.FashionMNISTDataModule(args.data_dir, batch_size=128, train_subset=args.train_subset,
+                                       seed=args.seeds[0])
+        dense = dense_module(args.backbone, args.lr)
+        row = run(dense, dm, args.epochs, args.device, dense.profile.dense_total)
+        dense_path = args.save_dense or Path(tempfile.mkdtemp(prefix="iso_dense_")) / "dense.ckpt"
+        dense_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(dense_path, lambda f: torch.save({"state_dict": dense.cpu().state_dict()}, f), mode="wb")
+        print(f"dense: {row}; saved {dense_path}", flush=True)
+        if args.save_dense:
+            return
+    base = {"backbone": args.backbone, "data_dir": args.data_dir, "train_subset": args.train_subset,
+            "device": args.device, "threads": args.threads, "lr": args.lr, "finetune_lr": args.finetune_lr,
+            "lam": args.lam, "dense_path": str(dense_path), "epochs": args.finetune_epochs}
+    methods = ([] if args.skip_static else ["static l1-filter"]) + [f"dynamic {v}" for v in args.variants]
+    jobs = [{**base, "method": "dense", "ratio": 1.0, "seed": args.seeds[0], "epochs": 0}]
+    jobs += [{**base, "method": m, "ratio": r, "seed": s} for s in args.seeds for r in args.ratios for m in methods]
+    if args.workers > 1:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(args.workers, maxtasksperchild=None) as pool:
+            for job, row in pool.imap_unordered(execute, jobs, chunksize=1):
+                record(job, row)
+    else:
+        for job in jobs:
+            record(*execute(job))
     print(to_markdown(rows))
 
 
