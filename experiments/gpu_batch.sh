@@ -47,20 +47,9 @@ if [ "$SMOKE" = 1 ]; then
   TINY_DC="--train-subset 300 --epochs 1 --prune-epochs 0 --final-epochs 0 --quant-epochs 0 --prune-start 0.9"
   TINY_SLIM="--train-subset 300 --test-subset 200 --epochs 1"
 fi
-DENSE="$DATA/dense.ckpt"
-if [ ! -f "$DENSE" ]; then
-  DENSE="$WORK/dense.ckpt"
-  timeout "$(left)" $PY $ISO --save-dense "$DENSE" --seeds 0 $TINY_ISO > "$WORK/dense.log" 2>&1
-fi
 lane() { local name=$1; shift; timeout "$(left)" "$@" > "$WORK/$name.log" 2>&1; echo "lane $name: exit $? at $(( $(date +%s) - START )) s"; }
 LENET5_A='{"features.0": 0.5, "features.3": 0.87, "classifier.1": 0.97, "classifier.3": 0.94, "classifier.5": 0.8}'
-lane iso_s0 $PY $ISO --dense-ckpt "$DENSE" --seeds 0 --ratios 4 8 2 --workers 6 --tag _gpu_s0 \
-  --variants sigmoid+kd+shaping block+channel+kd block+channel+kd+shaping sigmoid l1 gumbel policy block width \
-  $TINY_ISO &
-lane iso_s12 $PY $ISO --dense-ckpt "$DENSE" --seeds 1 2 --ratios 4 8 --workers 3 --tag _gpu_s12 \
-  --variants sigmoid+kd+shaping block+channel+kd $TINY_ISO &
-lane iso_n16 $PY $ISO --dense-ckpt "$DENSE" --seeds 0 --ratios 4 --workers 2 --tag _gpu_n16 \
-  --variants sigmoid+kd+shaping --finetune-epochs 16 $TINY_ISO &
+# Lanes that need no dense ResNet-20 start first; the iso-FLOPs lanes wait for it.
 lane dc_lenet5_a $PY $DC --models lenet5 --tag _gpu_a --epochs 15 --prune-epochs 3 --final-epochs 10 --quant-epochs 5 \
   --sparsity "$LENET5_A" $TINY_DC &
 lane dc_lenet5_b $PY $DC --models lenet5 --tag _gpu_b --epochs 15 --prune-epochs 3 --final-epochs 10 --quant-epochs 5 \
@@ -68,6 +57,18 @@ lane dc_lenet5_b $PY $DC --models lenet5 --tag _gpu_b --epochs 15 --prune-epochs
 lane dc_resnet20 $PY $DC --models resnet20 --tag _gpu --epochs 10 --conv-bits 6 $TINY_DC &
 lane slim_supernet $PY $SLIM --epochs 8 --part supernet $TINY_SLIM &
 lane slim_thin $PY $SLIM --epochs 8 --part thin $TINY_SLIM &
+DENSE="$DATA/dense.ckpt"
+if [ ! -f "$DENSE" ]; then
+  DENSE="$WORK/dense.ckpt"
+  timeout "$(left)" $PY $ISO --save-dense "$DENSE" --seeds 0 $TINY_ISO > "$WORK/dense.log" 2>&1
+fi
+lane iso_s0 $PY $ISO --dense-ckpt "$DENSE" --seeds 0 --ratios 4 8 2 --workers 6 --tag _gpu_s0 \
+  --variants sigmoid+kd+shaping block+channel+kd block+channel+kd+shaping sigmoid l1 gumbel policy block width \
+  $TINY_ISO &
+lane iso_s12 $PY $ISO --dense-ckpt "$DENSE" --seeds 1 2 --ratios 4 8 --workers 3 --tag _gpu_s12 \
+  --variants sigmoid+kd+shaping block+channel+kd $TINY_ISO &
+lane iso_n16 $PY $ISO --dense-ckpt "$DENSE" --seeds 0 --ratios 4 --workers 2 --tag _gpu_n16 \
+  --variants sigmoid+kd+shaping --finetune-epochs 16 $TINY_ISO &
 wait $(jobs -p | grep -v "^$PACKER$")
 kill $PACKER 2>/dev/null
 pack
