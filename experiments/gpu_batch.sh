@@ -5,13 +5,14 @@
 # still returns what finished).
 #
 #   OUT=/tmp/out DATA=.devdata bash experiments/gpu_batch.sh          # on the GPU machine
+#   LANES="dc_resnet20 dc_lenet5_a" OUT=... bash experiments/gpu_batch.sh   # only these lanes
 #   SMOKE=1 DEVICE=cpu OUT=/tmp/out DATA=.devdata bash experiments/gpu_batch.sh   # tiny local check
 #
 # DATA holds the four Fashion-MNIST IDX gz files and optionally dense.ckpt (iso_flops.py --save-dense);
 # WHEELS (default .whl) holds wheels of packages the machine lacks (torch-pruning).
 set -u
 OUT=${OUT:?set OUT}; DATA=${DATA:-.devdata}; WHEELS=${WHEELS:-.whl}; DEADLINE=${DEADLINE:-470}
-DEVICE=${DEVICE:-cuda}; SMOKE=${SMOKE:-0}; WORK=${WORK:-/tmp/gpu_batch}; PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}; LANES=${LANES:-all}; SMOKE=${SMOKE:-0}; WORK=${WORK:-/tmp/gpu_batch}; PY=${PY:-python3}
 START=$(date +%s)
 mkdir -p "$WORK" "$OUT"
 if compgen -G "$WHEELS/*.whl" >/dev/null; then
@@ -47,7 +48,8 @@ if [ "$SMOKE" = 1 ]; then
   TINY_DC="--train-subset 300 --epochs 1 --prune-epochs 0 --final-epochs 0 --quant-epochs 0 --prune-start 0.9"
   TINY_SLIM="--train-subset 300 --test-subset 200 --epochs 1"
 fi
-lane() { local name=$1; shift; timeout "$(left)" "$@" > "$WORK/$name.log" 2>&1; echo "lane $name: exit $? at $(( $(date +%s) - START )) s"; }
+want() { [ "$LANES" = all ] || [[ " $LANES " == *" $1 "* ]]; }
+lane() { local name=$1; shift; want "$name" || return 0; timeout "$(left)" "$@" > "$WORK/$name.log" 2>&1; echo "lane $name: exit $? at $(( $(date +%s) - START )) s"; }
 LENET5_A='{"features.0": 0.5, "features.3": 0.87, "classifier.1": 0.97, "classifier.3": 0.94, "classifier.5": 0.8}'
 # Lanes that need no dense ResNet-20 start first; the iso-FLOPs lanes wait for it.
 lane dc_lenet5_a $PY $DC --models lenet5 --tag _gpu_a --epochs 15 --prune-epochs 3 --final-epochs 10 --quant-epochs 5 \
@@ -58,7 +60,7 @@ lane dc_resnet20 $PY $DC --models resnet20 --tag _gpu --epochs 10 --conv-bits 6 
 lane slim_supernet $PY $SLIM --epochs 8 --part supernet $TINY_SLIM &
 lane slim_thin $PY $SLIM --epochs 8 --part thin $TINY_SLIM &
 DENSE="$DATA/dense.ckpt"
-if [ ! -f "$DENSE" ]; then
+if [ ! -f "$DENSE" ] && { want iso_s0 || want iso_s12 || want iso_n16; }; then
   DENSE="$WORK/dense.ckpt"
   timeout "$(left)" $PY $ISO --save-dense "$DENSE" --seeds 0 $TINY_ISO > "$WORK/dense.log" 2>&1
 fi
