@@ -56,7 +56,7 @@ lane dc_lenet5_a $PY $DC --models lenet5 --tag _gpu_a --epochs 15 --prune-epochs
   --sparsity "$LENET5_A" $TINY_DC &
 lane dc_lenet5_b $PY $DC --models lenet5 --tag _gpu_b --epochs 15 --prune-epochs 3 --final-epochs 10 --quant-epochs 5 \
   --sparsity "$LENET5_A" --fc-bits 4 $TINY_DC &
-lane dc_resnet20 $PY $DC --models resnet20 --tag _gpu --epochs 10 --conv-bits 6 $TINY_DC &
+lane dc_resnet20 $PY $DC --models resnet20 --tag _gpu --epochs 8 --conv-bits 6 $TINY_DC &
 lane slim_supernet $PY $SLIM --epochs 8 --part supernet $TINY_SLIM &
 lane slim_thin $PY $SLIM --epochs 8 --part thin $TINY_SLIM &
 DENSE="$DATA/dense.ckpt"
