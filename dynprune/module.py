@@ -327,12 +327,23 @@ class GatedClassifier(L.LightningModule):
                 "masks": {n: m.detach() >= 0.5 for n, m in masks.items()},
                 "layer_flops": {n: f.detach() for n, f in per_layer.items()}}
 
+    def _needs_recalibration(self) -> bool:
+        soft = self.gated and any(g.needs_bn_recalibration for g in gates_of(self.model).values())
+        return soft and self.hparams.bn_recalibration > 0 and self.trainer.state.fn == "fit"
+
     def on_validation_epoch_start(self) -> None:
         """Families with soft training decisions are hard at eval: recalibrate BatchNorm for that network."""
-        soft = self.gated and any(g.needs_bn_recalibration for g in gates_of(self.model).values())
-        if soft and self.hparams.bn_recalibration > 0 and self.trainer.state.fn == "fit" \
-                and not self.trainer.sanity_checking:
+        if self._needs_recalibration() and not self.trainer.sanity_checking:
             self.recalibrate_norms(self.trainer.train_dataloader, self.hparams.bn_recalibration)
+            self._calibrated_at = self.global_step
+
+    def on_train_epoch_end(self) -> None:
+        """Recalibrate at each epoch's end unless a validation already did after the last step, so that the
+        checkpoint and a later ``test`` see statistics of the hard network even when no validation runs
+        (``limit_val_batches=0``); runs before ModelCheckpoint saves."""
+        if self._needs_recalibration() and getattr(self, "_calibrated_at", None) != self.global_step:
+            self.recalibrate_norms(self.trainer.train_dataloader, self.hparams.bn_recalibration)
+            self._calibrated_at = self.global_step
 
     @torch.no_grad()
     def recalibrate_norms(self, loader: Iterable[tuple[Tensor, Tensor]], batches: int) -> None:

@@ -168,6 +168,24 @@ def test_bn_recalibration_uses_thresholded_masks() -> None:
     assert module.model.layer1[0].bn2.momentum == 0.1 and module.model.training
 
 
+@pytest.mark.parametrize("validate", [False, True])
+def test_soft_gates_are_recalibrated_once_per_epoch_even_without_validation(
+        validate: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a validation loop (as in experiments/iso_flops.py) a soft family used to be tested with the BN
+    statistics of soft masks, and collapsed to chance; with one, validation's recalibration is not repeated."""
+    L.seed_everything(0)
+    module = dp.GatedClassifier("resnet20", gate="l1", input_size=8, width_mult=0.5, target=0.5)
+    calls: list[int] = []
+    original = module.recalibrate_norms
+    monkeypatch.setattr(module, "recalibrate_norms", lambda loader, n: (calls.append(module.global_step),
+                                                                       original(loader, n)))
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=2 if validate else 0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, dp.DigitsDataModule(batch_size=32))
+    assert calls == [3, 6]  # once after each epoch's last step
+
+
 def test_a_backbone_handed_over_in_eval_mode_trains_its_batchnorm() -> None:
     """Lightning keeps submodule modes: the module must put its model in train mode at fit start."""
     for backbone in (dp.backbones.create("resnet20", input_size=8, width_mult=0.5).eval(), _static_pruned()):
