@@ -27,7 +27,7 @@ from dynprune.data import check_num_classes
 from dynprune.flops import FlopsProfile
 from dynprune.gates import list_gates
 from dynprune.granularity import resolve
-from dynprune.inject import collect_masks, gate_model, gates_disabled, gates_of
+from dynprune.inject import collect_masks, gate_model, gates_disabled, gates_of, gating_info
 from dynprune.io import read_checkpoint
 from dynprune.losses import distillation_loss
 from dynprune.objective import Objective
@@ -322,6 +322,9 @@ class GatedClassifier(L.LightningModule):
         self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": acc,
                        f"{stage}/flops_ratio": flops.mean() / self.profile.dense_total},
                       prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
+        if masks:  # width units are nested: unit k counts only when units 1..k are on
+            sites = gating_info(self.model).sites
+            masks = {n: m.cumprod(dim=1) if sites[n].granularity == "width" else m for n, m in masks.items()}
         return {"flops": flops.detach(), "labels": y.detach(),
                 "keep": {n: m.detach().mean(dim=1) for n, m in masks.items()},
                 "masks": {n: m.detach() >= 0.5 for n, m in masks.items()},

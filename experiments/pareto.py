@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -95,6 +96,20 @@ def read_iso(path: str | Path) -> list[Point]:
                   float(row["p90_ratio"]), None, f"R={row['R']}", _float(row.get("latency_ms"))) for row in rows]
 
 
+def read_slimmable(path: str | Path) -> list[Point]:
+    """Rows of an ``experiments/slimmable.py`` table: one point per width for the supernet at that width
+    (``slimmable_fixed_width``) and one for the thin network trained alone (``thin_trained_alone``)."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    points = []
+    for row in rows:
+        ratio = float(row["FLOPs ratio"])
+        run = f"w={row['width']}"
+        points.append(Point("slimmable_fixed_width", float(row["slimmable acc"]), ratio, ratio, None, run))
+        points.append(Point("thin_trained_alone", float(row["thin acc"]), ratio, ratio, None, run))
+    return points
+
+
 def _order(method: str) -> tuple[int, str]:
     return (0 if method == "dense" else 2 if method.startswith("static") else 1, method)
 
@@ -131,7 +146,7 @@ def plot(points: Sequence[Point], path: str | Path, title: str, axis: str = "flo
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    colors = itertools.cycle(plt.get_cmap("tab20").colors)  # more methods than the default 10 colours
     for method, group in by_method(points).items():
         xs, ys = [p.cost(axis) for p in group], [100 * p.acc for p in group]
         if method == "dense":
@@ -161,16 +176,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("summaries", nargs="*", type=Path, help="summary.csv files of `dynprune sweep`")
     parser.add_argument("--static", nargs="*", type=Path, default=[], help="static_pruning_*.csv tables")
     parser.add_argument("--iso", nargs="*", type=Path, default=[], help="iso_flops_*.csv tables")
+    parser.add_argument("--slimmable", nargs="*", type=Path, default=[], help="slimmable_*.csv tables")
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.png and OUT.md")
     parser.add_argument("--title", default="Accuracy vs mean FLOPs")
     parser.add_argument("--x", choices=("flops", "latency"), default="flops",
                         help="cost axis: FLOPs ratio, or measured latency (rows with a latency_ms column)")
+    parser.add_argument("--exclude", default=None, help="leave out methods matching this regular expression")
     args = parser.parse_args(argv)
     points = [p for path in args.summaries for p in read_summary(path)]
     points += [p for path in args.static for p in read_static(path)]
     points += [p for path in args.iso for p in read_iso(path)]
+    points += [p for path in args.slimmable for p in read_slimmable(path)]
+    if args.exclude:
+        points = [p for p in points if not re.search(args.exclude, p.method)]
     if not points:
-        inputs = ", ".join(map(str, [*args.summaries, *args.static, *args.iso]))
+        inputs = ", ".join(map(str, [*args.summaries, *args.static, *args.iso, *args.slimmable]))
         parser.error(f"no finished runs with acc and flops_mean_ratio in {inputs or 'no files (pass some)'}")
     if args.x == "latency":
         points = [p for p in points if p.latency_ms is not None]

@@ -227,3 +227,20 @@ def test_distillation_is_zero_for_the_teacher_itself_and_positive_otherwise(tmp_
     with torch.no_grad():
         assert distillation_loss(module(x), teacher).item() > 1e-3
     assert not any("_teacher" in k for k in module.state_dict())
+
+
+def test_eval_report_counts_width_units_only_when_the_narrower_units_are_on() -> None:
+    """Width units are nested: a unit 'wider than 0.5' that is on while 'wider than 0.25' is off changes nothing,
+    so the dependence statistics (masks, keep) must see it as off."""
+    module = dp.GatedClassifier("resnet20", gate="sigmoid", granularity="width", input_size=8, width_mult=0.5)
+    module.eval()
+    x, y = torch.randn(4, 1, 8, 8), torch.arange(4)
+    pattern = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    for gate in dp.gates_of(module.model).values():
+        gate.force(pattern)
+    with torch.no_grad():
+        out = module._eval_step((x, y), "test", module.test_acc)
+    effective = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    for name in dp.gates_of(module.model):
+        torch.testing.assert_close(out["masks"][name].float(), effective)
+        torch.testing.assert_close(out["keep"][name], effective.mean(dim=1))
