@@ -43,8 +43,8 @@ from dynprune.io import CheckpointError, atomic_write, read_checkpoint, run_dir
 LAST = "last.ckpt"
 EVAL_COMMANDS = ("validate", "test", "predict")
 TRAINING_ONLY = ("lam", "cost", "target", "target_loss", "optimizer", "lr", "momentum", "weight_decay", "gate_lr",
-                 "bn_recalibration", "init_from", "budget", "budget_width", "budget_anneal", "batch_shaping",
-                 "batch_shaping_warmup", "distill", "distill_temperature", "frozen")
+                 "bn_recalibration", "hard_finetune", "init_from", "budget", "budget_width", "budget_anneal",
+                 "batch_shaping", "batch_shaping_warmup", "distill", "distill_temperature", "frozen")
 
 
 class ConfigError(ValueError):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import lightning as L
@@ -35,7 +35,10 @@ from dynprune.optim import OPTIMIZERS, optimizer_and_schedule
 from dynprune.trace import GATE_ATTR, trace_layers
 
 
-def _check_args(gate: str | None, optimizer: str, distill: float, init_from: str | None) -> None:
+def _check_args(gate: str | None, optimizer: str, distill: float, init_from: str | None,
+                hard_finetune: float = 0.0) -> None:
+    if not 0.0 <= hard_finetune < 1.0:
+        raise ValueError(f"hard_finetune is a fraction of training in [0, 1), got {hard_finetune}")
     if gate is not None and gate not in list_gates():
         raise ValueError(f"unknown gate '{gate}'; choose one of: {', '.join(list_gates())} (or null)")
     if optimizer not in OPTIMIZERS:
@@ -63,7 +66,11 @@ class GatedClassifier(L.LightningModule):
         gate_lr: learning rate of gate parameters (default: 0.5 with SGD, 10 x ``lr`` with Adam: fast enough
             that every family reaches a FLOPs target within a short run); gates get no weight decay.
         bn_recalibration: for families with soft training decisions (``needs_bn_recalibration``): before each
-            validation, re-estimate BatchNorm statistics over this many training batches with hard decisions.
+            validation (and at each epoch's end when none ran), re-estimate BatchNorm statistics over this many
+            training batches with hard decisions.
+        hard_finetune: for those families, the final fraction of training in which the gates decide as at
+            inference (hard, so the rest of the network adapts to the thresholded masks it will run with; the
+            gates keep learning through a straight-through gradient). 0 trains soft to the end.
         budget: weight of the per-layer bounded budget: each site's FLOPs ratio kept within
             [target - budget_width, target + budget_width], the bounds annealed from [0, 1] over the first
             ``budget_anneal`` of training (DGNet/DynConv style).
@@ -99,6 +106,7 @@ class GatedClassifier(L.LightningModule):
         weight_decay: float = 5e-4,
         gate_lr: float | None = None,
         bn_recalibration: int = 50,
+        hard_finetune: float = 0.25,
         budget: float = 0.0,
         budget_width: float = 0.1,
         budget_anneal: float = 1 / 3,
@@ -109,7 +117,7 @@ class GatedClassifier(L.LightningModule):
         frozen: list[str] | None = None,
     ) -> None:
         super().__init__()
-        _check_args(gate, optimizer, distill, init_from)
+        _check_args(gate, optimizer, distill, init_from, hard_finetune)
         self.objective = Objective(lam, cost, target, target_loss, budget, budget_width, budget_anneal,
                                    batch_shaping, batch_shaping_warmup)
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
@@ -239,12 +247,13 @@ class GatedClassifier(L.LightningModule):
         return min(1.0, self.global_step / total) if total and total != float("inf") else 0.0
 
     @contextmanager
-    def _hard_gates(self) -> Iterator[None]:
-        """Every gate decides deterministically (BatchNorm keeps its own mode)."""
+    def _hard_gates(self, mode: str = "hard") -> Iterator[None]:
+        """Every gate decides deterministically (BatchNorm keeps its own mode); ``mode="finetune"`` keeps a
+        straight-through gradient to the gates."""
         all_gates = gates_of(self.model)
         modes = {n: g.mode for n, g in all_gates.items()}
         for g in all_gates.values():
-            g.set_mode("hard")
+            g.set_mode(mode)
         try:
             yield
         finally:
@@ -279,10 +288,18 @@ class GatedClassifier(L.LightningModule):
 
         return rollout
 
+    def _hard_finetuning(self) -> bool:
+        """Whether this step is in the final ``hard_finetune`` fraction of a soft family's training."""
+        if not self.gated or self.hparams.hard_finetune <= 0:
+            return False
+        soft = any(g.needs_bn_recalibration for g in gates_of(self.model).values())
+        return soft and self.progress() >= 1 - self.hparams.hard_finetune
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """task loss + lam * penalty (+ optional terms, + the gate families' own terms)."""
         x, y = batch
-        logits = self(x)
+        with self._hard_gates("finetune") if self._hard_finetuning() else nullcontext():
+            logits = self(x)
         task = F.cross_entropy(logits, y, reduction="none")
         loss = task.mean()
         self.train_acc(logits, y)

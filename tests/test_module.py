@@ -244,3 +244,31 @@ def test_eval_report_counts_width_units_only_when_the_narrower_units_are_on() ->
     for name in dp.gates_of(module.model):
         torch.testing.assert_close(out["masks"][name].float(), effective)
         torch.testing.assert_close(out["keep"][name], effective.mean(dim=1))
+
+
+def test_soft_families_train_with_their_inference_masks_in_the_hard_finetune_phase() -> None:
+    """l1 gates train soft, then for the last ``hard_finetune`` of the steps the network trains with the
+    thresholded masks it will run with at inference."""
+    L.seed_everything(0)
+    module = dp.GatedClassifier("resnet20", gate="l1", input_size=8, width_mult=0.5, target=0.5,
+                                hard_finetune=0.5, gate_kwargs={"init_bias": 0.0})
+    binary: list[bool] = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+            masks = torch.cat([m.flatten() for m in pl_module.masks().values()])
+            binary.append(bool(((masks == 0) | (masks == 1)).all()))
+
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[Spy()])
+    trainer.fit(module, dp.DigitsDataModule(batch_size=32))
+    assert binary == [False, False, True, True]
+    gate = next(iter(dp.gates_of(module.model).values())).set_mode("finetune")
+    x = torch.randn(5, gate.fc1.in_features, 4, 4)
+    decisions = gate(x)
+    torch.testing.assert_close(decisions, gate.hard_decisions(gate.logits(x)))
+    decisions.sum().backward()  # straight through: the gates still learn while the network sees hard masks
+    assert gate.fc2.weight.grad is not None and gate.fc2.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="hard_finetune"):
+        dp.GatedClassifier("resnet20", gate="l1", input_size=8, hard_finetune=1.0)

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-MODES = ("train", "hard")
+MODES = ("train", "hard", "finetune")
 
 
 @dataclass
@@ -79,6 +79,8 @@ class Gate(nn.Module, ABC):
 
     def set_mode(self, mode: str | None) -> Gate:
         """``"train"``: the family's training decisions; ``"hard"``: deterministic 1[G(x) >= 0];
+        ``"finetune"``: the hard decisions in the forward pass with the gradient of sigma(G(x)) (straight
+        through), so a soft family can train with its inference masks and still move its gates;
         None: follow ``self.training``. Lets BatchNorm train while the gates decide hard."""
         if mode is not None and mode not in MODES:
             raise ValueError(f"unknown gate mode '{mode}'; choose one of: {', '.join(MODES)} (or None)")
@@ -112,6 +114,8 @@ class Gate(nn.Module, ABC):
         self.probs = logits.sigmoid()
         if self.forced is not None:
             mask = self.forced.to(logits.dtype).expand_as(logits)
+        elif self.mode == "finetune":
+            mask = self.hard_decisions(logits) + (self.probs - self.probs.detach())  # exactly the hard values
         elif self.hard:
             mask = self.hard_decisions(logits)
         else:
