@@ -32,10 +32,13 @@ SPARSITY = {
     "lenet300_100": {"net.1": 0.93, "net.3": 0.92, "net.5": 0.75},
     "lenet5": {"features.0": 0.5, "features.3": 0.85, "classifier.1": 0.96, "classifier.3": 0.93,
                "classifier.5": 0.8},
+    # Han et al.'s Table 3 keep ratios for Caffe's LeNet (66% / 12% / 8% / 19%).
+    "lenet5_caffe": {"features.0": 0.34, "features.3": 0.88, "classifier.1": 0.92, "classifier.3": 0.81},
 }
 # Per-layer k-means bits that differ from --conv-bits / --fc-bits: a 2**8 float32 codebook costs more than
 # LeNet-5's second conv (2.4k weights) saves at 8 bits.
-BITS: dict[str, dict[str, int]] = {"lenet300_100": {}, "lenet5": {"features.0": 6, "features.3": 6}, "resnet20": {}}
+BITS: dict[str, dict[str, int]] = {"lenet300_100": {}, "lenet5": {"features.0": 6, "features.3": 6},
+                                   "lenet5_caffe": {"features.0": 6}, "resnet20": {}}
 CONV_HEAVY = {"resnet20": 0.8}  # uniform sparsity of every conv/linear but the stem (kept at half of it)
 
 
