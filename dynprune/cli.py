@@ -44,7 +44,8 @@ LAST = "last.ckpt"
 EVAL_COMMANDS = ("validate", "test", "predict")
 TRAINING_ONLY = ("lam", "cost", "target", "target_loss", "optimizer", "lr", "momentum", "weight_decay", "gate_lr",
                  "bn_recalibration", "hard_finetune", "init_from", "budget", "budget_width", "budget_anneal",
-                 "batch_shaping", "batch_shaping_warmup", "distill", "distill_temperature", "frozen")
+                 "batch_shaping", "batch_shaping_warmup", "distill", "distill_temperature", "width_targets",
+                 "frozen")
 
 
 class ConfigError(ValueError):

@@ -68,6 +68,9 @@ class GatedClassifier(L.LightningModule):
         bn_recalibration: for families with soft training decisions (``needs_bn_recalibration``): before each
             validation (and at each epoch's end when none ran), re-estimate BatchNorm statistics over this many
             training batches with hard decisions.
+        width_targets: weight of DS-Net's gate targets for ``width`` sites: per input, the smallest width
+            if the network at its smallest widths already classifies it right, else the largest; a binary
+            cross-entropy between every width unit's probability and that target (0 = off).
         hard_finetune: for those families, the final fraction of training in which the gates decide as at
             inference (hard, so the rest of the network adapts to the thresholded masks it will run with; the
             gates keep learning through a straight-through gradient). 0 trains soft to the end.
@@ -114,6 +117,7 @@ class GatedClassifier(L.LightningModule):
         batch_shaping_warmup: float = 1.0,
         distill: float = 0.0,
         distill_temperature: float = 4.0,
+        width_targets: float = 0.0,
         frozen: list[str] | None = None,
     ) -> None:
         super().__init__()
@@ -270,23 +274,48 @@ class GatedClassifier(L.LightningModule):
         def rollout() -> tuple[Tensor, dict[str, Tensor], Tensor]:
             if cache:
                 return cache[0]
-            all_gates = gates_of(self.model)
-            kept = {n: (g.mask, g.probs) for n, g in all_gates.items()}
-            norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-            saved = [dict(m._buffers) for m in norms]
-            for m in norms:  # the rollout updates copies: the training graph holds the originals
-                m._buffers.update({k: v.clone() for k, v in m._buffers.items() if v is not None})
-            with torch.no_grad(), self._hard_gates():
+            with torch.no_grad(), self._side_pass(), self._hard_gates():
                 task = F.cross_entropy(self.model(x), y, reduction="none")
                 cost, _, site = self.objective.costs(collect_masks(self.model), self.profile)
-            for m, buffers in zip(norms, saved, strict=True):
-                m._buffers.update(buffers)
-            for n, g in all_gates.items():
-                g.mask, g.probs = kept[n]
             cache.append((task, site, cost))
             return cache[0]
 
         return rollout
+
+    @contextmanager
+    def _side_pass(self) -> Iterator[None]:
+        """An extra forward pass inside a training step that leaves no trace: BatchNorm updates copies of its
+        running statistics (the training graph holds the originals) and the gates keep their last decisions."""
+        all_gates = gates_of(self.model)
+        kept = {n: (g.mask, g.probs, g.forced) for n, g in all_gates.items()}
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [dict(m._buffers) for m in norms]
+        for m in norms:
+            m._buffers.update({k: v.clone() for k, v in m._buffers.items() if v is not None})
+        try:
+            yield
+        finally:
+            for m, buffers in zip(norms, saved, strict=True):
+                m._buffers.update(buffers)
+            for n, g in all_gates.items():
+                g.mask, g.probs, g.forced = kept[n]
+
+    def width_target_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """DS-Net's gate targets: (BCE of the width units' probabilities against the targets, targets (N,)),
+        the target 0 (smallest width) where the network at its smallest widths classifies the input right,
+        else 1 (largest). Call after the training forward pass (it reads the gates' probabilities)."""
+        sites = {n: g for n, g in gates_of(self.model).items() if gating_info(self.model).sites[n].granularity
+                 == "width"}
+        if not sites:
+            raise ValueError("width_targets needs width sites: set granularity='width' (or include it)")
+        probs = {n: g.probs for n, g in sites.items()}
+        with torch.no_grad(), self._side_pass():
+            for g in sites.values():
+                g.force(torch.zeros(g.fc2.out_features, device=x.device))
+            small_right = self.model(x).argmax(dim=1) == y
+        target = (~small_right).to(x.dtype)
+        bce = [F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), target[:, None].expand_as(p)) for p in probs.values()]
+        return torch.stack(bce).mean(), target
 
     def _hard_finetuning(self) -> bool:
         """Whether this step is in the final ``hard_finetune`` fraction of a soft family's training."""
@@ -313,6 +342,8 @@ class GatedClassifier(L.LightningModule):
                                                  self._greedy(x, y), progress)
             if family is not None:
                 terms["family"] = family
+            if self.hparams.width_targets > 0:
+                terms["width_targets"] = self.hparams.width_targets * self.width_target_loss(x, y)[0]
             loss = loss + sum(terms.values())
             metrics.update({f"train/{k}": v.detach() for k, v in terms.items()})
             metrics["train/flops_ratio"] = ratio.mean().detach()

@@ -42,6 +42,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "policy": {"gate": "policy"},
     "block": {"gate": "sigmoid", "granularity": "block"},
     "width": {"gate": "sigmoid", "granularity": "width"},
+    "width+kd+targets": {"gate": "sigmoid", "granularity": "width", "distill": 1.0, "width_targets": 1.0},
     "block+channel": {"gate": "sigmoid", "granularity": ["block", "channel"]},
     "sigmoid+kd": {"gate": "sigmoid", "distill": 1.0},
     "sigmoid+kd+shaping": {"gate": "sigmoid", "distill": 1.0, "batch_shaping": 0.5, "batch_shaping_warmup": 0.5},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import lightning as L
+import pytest
 import torch
 from conftest import quiet_trainer_kwargs
 from torch import nn
@@ -83,3 +84,41 @@ def test_flops_report_has_a_histogram_of_chosen_widths() -> None:
     masks = {"layer1.1": torch.tensor([[1, 0, 0], [0, 0, 0], [1, 1, 1], [1, 0, 1]], dtype=torch.bool)}
     shares = width_histogram(module, masks)["layer1.1"]
     assert shares == {"0.25": 0.25, "0.5": 0.5, "0.75": 0.0, "1.0": 0.25}
+
+
+def test_dsnet_gate_targets_follow_the_smallest_subnet_and_leave_no_trace() -> None:
+    """Target 0 (smallest width) exactly where the all-smallest network classifies right, else 1; the side pass
+    changes neither BatchNorm statistics nor the gates' last decisions; the term trains the gates."""
+    L.seed_everything(0)
+    module = dp.GatedClassifier("resnet20", gate="sigmoid", granularity="width", input_size=8, width_mult=0.5,
+                                width_targets=1.0).train()
+    x = torch.randn(16, 1, 8, 8)
+    smallest = copy.deepcopy(module.model)
+    for g in dp.gates_of(smallest).values():
+        g.force(torch.zeros(g.fc2.out_features))
+    with torch.no_grad():
+        pred = smallest(x).argmax(dim=1)
+    y = torch.cat([pred[:8], (pred[8:] + 1) % 10])  # right on the first half only
+    module(x)
+    gates = dp.gates_of(module.model)
+    before = {n: g.mask.clone() for n, g in gates.items()}
+    stats = module.model.bn1.running_mean.clone()
+    loss, target = module.width_target_loss(x, y)
+    assert target.tolist() == [0.0] * 8 + [1.0] * 8
+    torch.testing.assert_close(module.model.bn1.running_mean, stats)
+    assert all(torch.equal(g.mask, before[n]) and g.forced is None for n, g in gates.items())
+    loss.backward()
+    assert all(g.fc2.weight.grad.abs().sum() > 0 for g in gates.values())
+    channel = dp.GatedClassifier("resnet20", gate="sigmoid", input_size=8, width_mult=0.5)
+    channel(x)
+    with pytest.raises(ValueError, match="granularity='width'"):
+        channel.width_target_loss(x, y)
+
+
+def test_gate_targets_train_through_the_module() -> None:
+    L.seed_everything(0)
+    module = dp.GatedClassifier("resnet20", gate="sigmoid", granularity="width", input_size=8, width_mult=0.5,
+                                width_targets=0.5, target=0.5)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, **quiet_trainer_kwargs())
+    trainer.fit(module, dp.DigitsDataModule(batch_size=32))
+    assert trainer.callback_metrics["train/width_targets"] > 0
