@@ -335,9 +335,11 @@ class GatedClassifier(L.LightningModule):
         metrics: dict[str, Any] = {"train/task_loss": loss.detach(), "train/acc": self.train_acc}
         if self.gated:
             masks, all_gates, progress = self.masks(), gates_of(self.model), self.progress()
-            cost, ratio, site_costs = self.objective.costs(masks, self.profile)
+            per_layer = self.profile.per_layer(masks)  # once per step: the cost and the budget both need it
+            cost, ratio, site_costs = self.objective.costs(masks, self.profile, per_layer)
             penalty = self.objective.penalty(cost.mean())
-            terms = {"penalty": penalty, **self.objective.extra_terms(all_gates, masks, self.profile, progress)}
+            terms = {"penalty": penalty,
+                     **self.objective.extra_terms(all_gates, masks, self.profile, progress, per_layer)}
             family = self.objective.family_terms(all_gates, task, site_costs, self.objective.price(cost.mean()),
                                                  self._greedy(x, y), progress)
             if family is not None:

@@ -65,18 +65,21 @@ class Objective:
             (grad,) = torch.autograd.grad(self.penalty(c), c)
         return grad
 
-    def costs(self, masks: dict[str, Tensor], profile: FlopsProfile) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """(cost per input (N,), FLOPs ratio per input (N,), {site: own cost (N,)})."""
-        per_layer = profile.per_layer(masks)
+    def costs(self, masks: dict[str, Tensor], profile: FlopsProfile, per_layer: dict[str, Tensor] | None = None,
+              ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(cost per input (N,), FLOPs ratio per input (N,), {site: own cost (N,)}); ``per_layer``: the
+        profile's per-layer FLOPs of these masks if the caller already has them."""
+        per_layer = profile.per_layer(masks) if per_layer is None else per_layer
         ratio = profile.total(per_layer) / profile.dense_total
         if self.cost == "count":
             site = {n: m.mean(dim=1) / len(masks) for n, m in masks.items()}
             return sum(site.values()), ratio, site
         return ratio, ratio, profile.site_costs(per_layer)
 
-    def site_ratios(self, masks: dict[str, Tensor], profile: FlopsProfile) -> Tensor:
+    def site_ratios(self, masks: dict[str, Tensor], profile: FlopsProfile,
+                    per_layer: dict[str, Tensor] | None = None) -> Tensor:
         """Each site's batch FLOPs ratio over the layers it decides for directly (S,)."""
-        per_layer = profile.per_layer(masks)
+        per_layer = profile.per_layer(masks) if per_layer is None else per_layer
         dense = {lay.name: lay.dense for lay in profile.layers}
         out = []
         for name in masks:
@@ -85,12 +88,12 @@ class Objective:
         return torch.stack(out)
 
     def extra_terms(self, gates: dict[str, Gate], masks: dict[str, Tensor], profile: FlopsProfile,
-                    progress: float) -> dict[str, Tensor]:
+                    progress: float, per_layer: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The per-layer budget and batch-shaping terms (weighted), those that are switched on."""
         terms = {}
         if self.budget > 0:
             lb, ub = budget_bounds(progress, self.target, self.budget_anneal, self.budget_width)
-            terms["budget"] = self.budget * budget_loss(self.site_ratios(masks, profile), lb, ub)
+            terms["budget"] = self.budget * budget_loss(self.site_ratios(masks, profile, per_layer), lb, ub)
         if self.batch_shaping > 0 and progress < self.batch_shaping_warmup:
             weight = self.batch_shaping * (1 - progress / self.batch_shaping_warmup)
             probs = [g.probs for g in gates.values() if g.probs is not None]
