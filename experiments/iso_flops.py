@@ -38,6 +38,7 @@ from dynprune.static import fraction_for_flops, prune_model, remove_channels
 VARIANTS: dict[str, dict[str, Any]] = {
     "sigmoid": {"gate": "sigmoid"},
     "l1": {"gate": "l1"},
+    "l1+hard0.5": {"gate": "l1", "hard_finetune": 0.5},
     "gumbel": {"gate": "gumbel"},
     "policy": {"gate": "policy"},
     "block": {"gate": "sigmoid", "granularity": "block"},
