@@ -258,3 +258,27 @@ def test_pareto_draws_accuracy_against_measured_latency(tmp_path: Path) -> None:
     table = (tmp_path / "lat.md").read_text()
     assert "| sigmoid | – | 92.00 | 0.500 |" in table and "95.00" not in table  # c has no latency: left out
     assert (tmp_path / "lat.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_width_layers_run_a_prefix_of_their_weights() -> None:
+    """Every input at the smallest width: each narrowed layer computes ceil(0.25 C) channels, taken as a view
+    of its weight (no gather), and the output still equals the masked model's."""
+    from dynprune.runtime.channels import _take
+
+    weight = torch.randn(8, 3)
+    assert _take(weight, torch.arange(3)).data_ptr() == weight.data_ptr()  # a prefix: a view
+    torch.testing.assert_close(_take(weight, torch.tensor([0, 2])), weight[[0, 2]])
+    model = _gated("resnet20", "sigmoid", "width")
+    compiled = compile_for_inference(model)
+    sites = dp.gating_info(model).sites
+    smallest = {n: torch.zeros(1, s.units) for n, s in sites.items()}
+    _force([model, compiled], smallest)
+    x = torch.randn(1, *SHAPE)
+    _close(compiled(x), model(x))
+    narrowed = [(name, layer, expand, s.units) for name, s in sites.items() for layer, expand in s.expanders.items()]
+    assert narrowed
+    for name, layer, expand, units in narrowed:  # the block is wrapped: its layers sit under `.block`
+        executor = compiled.net.get_submodule(f"{name}.block.{layer.removeprefix(name + '.')}")
+        assert isinstance(executor, ThinLayer)
+        k = int(expand(torch.zeros(1, units)).sum())
+        assert k < expand.channels and executor.kept is not None and executor.kept.tolist() == list(range(k))

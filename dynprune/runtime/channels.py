@@ -31,6 +31,14 @@ def conv_out_size(conv: nn.Conv2d, size: tuple[int, ...]) -> tuple[int, ...]:
                  for s, p, k, d, st in zip(size, pad, conv.kernel_size, conv.dilation, conv.stride, strict=True))
 
 
+def _take(t: Tensor, index: Tensor, dim: int = 0) -> Tensor:
+    """``t.index_select(dim, index)``, as a view when ``index`` is a prefix 0..k-1 (width gates)."""
+    k = len(index)
+    if k and int(index[-1]) == k - 1:  # sorted and unique (from nonzero), so a prefix
+        return t.narrow(dim, 0, k)
+    return t.index_select(dim, index)
+
+
 class ThinLayer(nn.Module):
     """Runs ``layer`` (Conv2d or Linear, BN already folded) on kept channels only.
 
@@ -98,14 +106,13 @@ class ThinLayer(nn.Module):
                 if len(rows) == self.out_channels:
                     rows = None
                 else:
-                    weight = weight.index_select(0, rows)
-                    bias = bias.index_select(0, rows) if bias is not None else None
+                    weight, bias = _take(weight, rows), _take(bias, rows) if bias is not None else None
             if not (binary and len(mask) == 1 and rows is not None):  # else: a thinned 0/1 row is all ones
                 kept = mask if rows is None else mask.index_select(1, rows)
                 if not bool(kept.all()) if binary else bool((kept != 1).any()):
                     scale = kept
         if cols is not None:
-            weight = weight.index_select(1, cols)
+            weight = _take(weight, cols, dim=1)
         groups = self.layer.groups if self.is_conv else 1
         if self.depthwise and rows is not None:
             x, groups = x.index_select(1, rows), len(rows)

@@ -3,8 +3,9 @@
 BatchNorms are folded into the layer before them (also in dense and statically pruned, physically thinned
 models). In a gated model, the dynprune hooks are removed and each site's module is replaced by an
 executor: channel sites by :class:`ThinLayer` (with the layer reading their output), block sites by
-:class:`SubBatchBlock`. The compiled model is checked against the original before it is returned, with
-the gates' own decisions and with forced mixed decisions at batch 1 and batch > 1.
+:class:`SubBatchBlock`, width sites by :class:`WidthBlock` around ThinLayers that run weight prefixes.
+The compiled model is checked against the original before it is returned, with the gates' own decisions
+and with forced mixed decisions at batch 1 and batch > 1.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from dynprune.inject import gates_of, gating_info
 from dynprune.runtime.blocks import SubBatchBlock
 from dynprune.runtime.channels import ThinLayer
 from dynprune.runtime.fold import fold_batchnorm, set_submodule
+from dynprune.runtime.widths import WidthBlock, WidthSlot
 from dynprune.trace import LayerInfo
 
 if TYPE_CHECKING:
     from dynprune.granularity import Site
 
-SUPPORTED = ("block", "channel")
+SUPPORTED = ("block", "channel", "width")
 
 
 class CompiledModel(nn.Module):
@@ -59,8 +61,8 @@ def compile_for_inference(
 ) -> CompiledModel:
     """An eval-only copy of ``model`` (left unchanged) with the same outputs that runs only the kept compute.
 
-    ``model``: dense, statically pruned, or gated by :func:`dynprune.gate_model` (granularities ``channel``
-    and ``block``). ``input_shape`` (C, H, W) defaults to ``model.input_shape``. Random batches of 1 and
+    ``model``: dense, statically pruned, or gated by :func:`dynprune.gate_model` (granularities ``channel``,
+    ``block`` and ``width``). ``input_shape`` (C, H, W) defaults to ``model.input_shape``. Random batches of 1 and
     ``check_batch`` inputs must agree within ``tol`` relative to the largest output, else RuntimeError.
     """
     shape = tuple(input_shape or getattr(model, "input_shape", ()))
@@ -112,8 +114,13 @@ def _build(model: nn.Module, sites: dict[str, Site], example: Tensor, thin: bool
     blocks = {n for n, s in sites.items() if s.granularity == "block"}
     net, folded = fold_batchnorm(net, example[:1], keep=blocks)
     channel = [n for n, s in sites.items() if s.granularity == "channel"]
-    if channel:
-        _thin_layers(net, channel, gates, gating_info(model).layers, thin)
+    slots = {name: {layer: WidthSlot(expand) for layer, expand in sites[name].expanders.items()}
+             for name, s in sites.items() if s.granularity == "width"}
+    narrowed = {layer: slot for per_site in slots.values() for layer, slot in per_site.items()}
+    if channel or narrowed:
+        _thin_layers(net, channel + list(narrowed), {**gates, **narrowed}, gating_info(model).layers, thin)
+    for name, per_site in slots.items():  # after the layers inside were replaced: their paths stay valid
+        set_submodule(net, name, WidthBlock(net.get_submodule(name), gates[name], list(per_site.values())))
     for name in sorted(blocks, key=lambda n: -n.count(".")):  # inner blocks first: their paths stay valid
         whole = sites[name].kind == "whole"
         inner = [gates[n] for n in sites if n.startswith(name + ".")]

@@ -1,0 +1,56 @@
+"""Width-gated execution: a block's gate picks one prefix width per input, and every layer of the block it
+narrows runs on the first ceil(w * C) output channels only (a contiguous slice of its weight: no gather).
+
+:class:`WidthBlock` decides once from the block input and publishes the units; each narrowed layer is a
+:class:`~dynprune.runtime.channels.ThinLayer` whose gate is a :class:`WidthSlot` that expands those units to
+its own prefix mask. At batch > 1 a layer computes the widest width any input chose and masks the rest, as
+the masked model does.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from dynprune.gated import PrefixMask
+from dynprune.gates.base import Gate
+from dynprune.runtime.decide import decide, se_gate
+
+
+class WidthBlock(nn.Module):
+    """Runs ``block`` after deciding its inputs' widths (N, K-1) with ``gate`` into ``slots``."""
+
+    def __init__(self, block: nn.Module, gate: Gate, slots: list[WidthSlot]) -> None:
+        super().__init__()
+        self.block, self.gate = block, gate
+        self.slots = slots  # plain references: each slot belongs to its ThinLayer
+        self.se_gate = se_gate(gate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, ...) -> the block's output with its layers narrowed to the chosen widths."""
+        units, _ = decide(self.gate, self.gate.pool(x), self.se_gate)
+        for slot in self.slots:
+            slot.units = units
+        return self.block(x)
+
+
+class WidthSlot(nn.Module):
+    """Stands in for a gate inside a ThinLayer: its 'decisions' are the prefix mask (N, C) of the units that
+    the enclosing :class:`WidthBlock` decided for this forward pass (the layer's own input is not used)."""
+
+    forced = None
+    hard = True
+
+    def __init__(self, expander: PrefixMask) -> None:
+        super().__init__()
+        self.expander = expander
+        self.units: Tensor | None = None
+
+    def logits(self, pooled: Tensor) -> Tensor:
+        """The prefix mask (N, C) of the block's units (``pooled`` only for its device)."""
+        if self.units is None:
+            raise RuntimeError("a width slot runs only inside its WidthBlock, which decides the widths first")
+        return self.expander(self.units.to(pooled.dtype))
+
+    def hard_decisions(self, mask: Tensor) -> Tensor:
+        """The mask is already a decision."""
+        return mask
