@@ -49,7 +49,7 @@ MODELS: dict[str, dict[str, Any]] = {
 SMOKE_MODELS: dict[str, dict[str, Any]] = {
     "resnet20_8": dict(backbone="resnet20", in_chans=1, input_size=8, width_mult=0.5),
 }
-GRANULARITIES = ("channel", "block")
+GRANULARITIES = ("channel", "block", "width")
 
 
 @dataclass(frozen=True)

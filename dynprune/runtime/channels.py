@@ -86,6 +86,8 @@ class ThinLayer(nn.Module):
     def decide(self, x: Tensor, cols: Tensor | None) -> tuple[Tensor, bool]:
         """The gate's decisions (N, C_out) from the (thin) input, pooled then scattered to full width, and
         whether they are binary (an unforced gate deciding hard: then a bool tensor, without bookkeeping)."""
+        if getattr(self.gate, "decided", False):  # decisions made elsewhere (a width slot): no pooling
+            return self.gate.logits(x) != 0, True
         if x.dim() > 2:
             pooled = x.mean(self.pool_dims) if self.is_conv else x.flatten(1, -2).mean(1)
         else:

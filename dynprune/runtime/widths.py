@@ -39,17 +39,18 @@ class WidthSlot(nn.Module):
 
     forced = None
     hard = True
+    decided = True  # ThinLayer skips pooling its input for a slot
 
     def __init__(self, expander: PrefixMask) -> None:
         super().__init__()
         self.expander = expander
         self.units: Tensor | None = None
 
-    def logits(self, pooled: Tensor) -> Tensor:
-        """The prefix mask (N, C) of the block's units (``pooled`` only for its device)."""
+    def logits(self, x: Tensor) -> Tensor:
+        """The prefix mask (N, C) of the block's units (``x`` only for its dtype)."""
         if self.units is None:
             raise RuntimeError("a width slot runs only inside its WidthBlock, which decides the widths first")
-        return self.expander(self.units.to(pooled.dtype))
+        return self.expander(self.units.to(x.dtype))
 
     def hard_decisions(self, mask: Tensor) -> Tensor:
         """The mask is already a decision."""
