@@ -142,6 +142,8 @@ class GatedClassifier(L.LightningModule):
         else:
             self.profile = FlopsProfile.build(model, shape, trace_layers(model, torch.zeros(1, *shape)))
         self.static_flops: int | None = None  # set by dynprune.static.StaticPruning: physically pruned FLOPs
+        # some family trains with soft decisions: BN recalibration and the hard fine-tune phase apply
+        self._soft_gates = self.gated and any(g.needs_bn_recalibration for g in gates_of(self.model).values())
         if init_from is not None:
             self._warm_start(init_from)
         object.__setattr__(self, "_teacher", self._make_teacher() if distill > 0 else None)  # not a submodule
@@ -304,8 +306,8 @@ class GatedClassifier(L.LightningModule):
         """DS-Net's gate targets: (BCE of the width units' probabilities against the targets, targets (N,)),
         the target 0 (smallest width) where the network at its smallest widths classifies the input right,
         else 1 (largest). Call after the training forward pass (it reads the gates' probabilities)."""
-        sites = {n: g for n, g in gates_of(self.model).items() if gating_info(self.model).sites[n].granularity
-                 == "width"}
+        info = gating_info(self.model)
+        sites = {n: g for n, g in gates_of(self.model).items() if info.sites[n].granularity == "width"}
         if not sites:
             raise ValueError("width_targets needs width sites: set granularity='width' (or include it)")
         probs = {n: g.probs for n, g in sites.items()}
@@ -319,10 +321,8 @@ class GatedClassifier(L.LightningModule):
 
     def _hard_finetuning(self) -> bool:
         """Whether this step is in the final ``hard_finetune`` fraction of a soft family's training."""
-        if not self.gated or self.hparams.hard_finetune <= 0:
-            return False
-        soft = any(g.needs_bn_recalibration for g in gates_of(self.model).values())
-        return soft and self.progress() >= 1 - self.hparams.hard_finetune
+        return (self._soft_gates and self.hparams.hard_finetune > 0
+                and self.progress() >= 1 - self.hparams.hard_finetune)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """task loss + lam * penalty (+ optional terms, + the gate families' own terms)."""
@@ -372,17 +372,16 @@ class GatedClassifier(L.LightningModule):
         self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": acc,
                        f"{stage}/flops_ratio": flops.mean() / self.profile.dense_total},
                       prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
-        if masks:  # width units are nested: unit k counts only when units 1..k are on
+        if masks:  # e.g. nested width units: only those that take effect
             sites = gating_info(self.model).sites
-            masks = {n: m.cumprod(dim=1) if sites[n].granularity == "width" else m for n, m in masks.items()}
+            masks = {n: sites[n].effective(m) for n, m in masks.items()}
         return {"flops": flops.detach(), "labels": y.detach(),
                 "keep": {n: m.detach().mean(dim=1) for n, m in masks.items()},
                 "masks": {n: m.detach() >= 0.5 for n, m in masks.items()},
                 "layer_flops": {n: f.detach() for n, f in per_layer.items()}}
 
     def _needs_recalibration(self) -> bool:
-        soft = self.gated and any(g.needs_bn_recalibration for g in gates_of(self.model).values())
-        return soft and self.hparams.bn_recalibration > 0 and self.trainer.state.fn == "fit"
+        return self._soft_gates and self.hparams.bn_recalibration > 0 and self.trainer.state.fn == "fit"
 
     def on_validation_epoch_start(self) -> None:
         """Families with soft training decisions are hard at eval: recalibrate BatchNorm for that network."""

@@ -56,6 +56,10 @@ class Site:
         """({layer: output-channel mask (N, C)}, execution factor (N,) of ``layers`` or None)."""
         return GRANULARITIES.get(self.granularity)().flops_terms(self, mask)
 
+    def effective(self, decisions: Tensor) -> Tensor:
+        """The decisions (N, units) that take effect (e.g. a width unit only when the narrower ones are on)."""
+        return GRANULARITIES.get(self.granularity)().effective(self, decisions)
+
 
 class Granularity(ABC):
     """One way of gating: candidates, eligibility, hooks and FLOPs terms."""
@@ -82,6 +86,10 @@ class Granularity(ABC):
     @abstractmethod
     def flops_terms(self, site: Site, mask: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
         """How decisions (N, units) change FLOPs; see :meth:`Site.flops_terms`."""
+
+    def effective(self, site: Site, decisions: Tensor) -> Tensor:
+        """The decisions that take effect; every unit acts on its own unless a granularity nests them."""
+        return decisions
 
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)

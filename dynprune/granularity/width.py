@@ -66,3 +66,7 @@ class WidthGranularity(ModuleGranularity):
 
     def flops_terms(self, site: Site, mask: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
         return {layer: expand(mask) for layer, expand in site.expanders.items()}, None
+
+    def effective(self, site: Site, decisions: Tensor) -> Tensor:
+        """Unit k counts only when units 1..k are on (nested widths)."""
+        return decisions.cumprod(dim=1)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from dynprune.gated import apply_mask
 from dynprune.gates.base import Gate
 from dynprune.runtime.decide import decide, se_gate
+from dynprune.runtime.widths import WidthSlot
 
 
 def conv_out_size(conv: nn.Conv2d, size: tuple[int, ...]) -> tuple[int, ...]:
@@ -44,12 +45,13 @@ class ThinLayer(nn.Module):
 
     Args:
         layer: the folded layer; its weights are gathered per batch, never modified.
-        gate: decides this layer's output channels from its input (None: all kept).
+        gate: decides this layer's output channels from its input (None: all kept; a WidthSlot: its block decided).
         source: the ThinLayer whose thin output this layer reads (None: a full-width input).
         scatter: write the kept channels back into a full-width zero tensor (the output has other readers).
     """
 
-    def __init__(self, layer: nn.Module, gate: Gate | None, source: ThinLayer | None, scatter: bool) -> None:
+    def __init__(self, layer: nn.Module, gate: Gate | WidthSlot | None, source: ThinLayer | None,
+                 scatter: bool) -> None:
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             raise TypeError(f"ThinLayer runs Conv2d or Linear, got {type(layer).__name__}")
@@ -74,7 +76,7 @@ class ThinLayer(nn.Module):
         self.register_buffer("unit_offsets", torch.arange(per_unit), persistent=False)
         self.kept: Tensor | None = None  # output channels present in the last output (None: all)
         self.pool_dims = (2, 3)
-        self.se_gate = gate is not None and se_gate(gate)
+        self.se_gate = isinstance(gate, Gate) and se_gate(gate)
 
     def input_columns(self) -> Tensor | None:
         """Indices of this layer's inputs present in its (thin) input; None when all are."""
@@ -86,8 +88,8 @@ class ThinLayer(nn.Module):
     def decide(self, x: Tensor, cols: Tensor | None) -> tuple[Tensor, bool]:
         """The gate's decisions (N, C_out) from the (thin) input, pooled then scattered to full width, and
         whether they are binary (an unforced gate deciding hard: then a bool tensor, without bookkeeping)."""
-        if getattr(self.gate, "decided", False):  # decisions made elsewhere (a width slot): no pooling
-            return self.gate.logits(x) != 0, True
+        if isinstance(self.gate, WidthSlot):  # decided by the enclosing block: nothing to pool
+            return self.gate.mask(), True
         if x.dim() > 2:
             pooled = x.mean(self.pool_dims) if self.is_conv else x.flatten(1, -2).mean(1)
         else:

@@ -34,24 +34,16 @@ class WidthBlock(nn.Module):
 
 
 class WidthSlot(nn.Module):
-    """Stands in for a gate inside a ThinLayer: its 'decisions' are the prefix mask (N, C) of the units that
-    the enclosing :class:`WidthBlock` decided for this forward pass (the layer's own input is not used)."""
-
-    forced = None
-    hard = True
-    decided = True  # ThinLayer skips pooling its input for a slot
+    """Takes a gate's place in a ThinLayer: its decisions are the prefix mask (N, C) of the units that the
+    enclosing :class:`WidthBlock` decided for this forward pass (the layer's own input is not used)."""
 
     def __init__(self, expander: PrefixMask) -> None:
         super().__init__()
         self.expander = expander
         self.units: Tensor | None = None
 
-    def logits(self, x: Tensor) -> Tensor:
-        """The prefix mask (N, C) of the block's units (``x`` only for its dtype)."""
+    def mask(self) -> Tensor:
+        """The prefix mask (N, C) of the block's units, as bools."""
         if self.units is None:
             raise RuntimeError("a width slot runs only inside its WidthBlock, which decides the widths first")
-        return self.expander(self.units.to(x.dtype))
-
-    def hard_decisions(self, mask: Tensor) -> Tensor:
-        """The mask is already a decision."""
-        return mask
+        return self.expander(self.units.float()) != 0
