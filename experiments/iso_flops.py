@@ -95,25 +95,31 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def tabulate(paths: list[Path], stem: Path, title: str, epochs: int) -> list[dict[str, Any]]:
-    """Aggregate finished runs (lines of ``*_runs.jsonl``) per (method, R, epochs) over seeds; a method trained
-    for other than ``epochs`` epochs is labelled ``<method> N=<epochs>``."""
+def table_rows(runs: list[dict[str, Any]], epochs: int) -> list[dict[str, Any]]:
+    """Finished runs (``method``, ``ratio``, ``seed``, ``epochs`` + a :func:`run` row each) aggregated per
+    (method, R, epochs) over seeds; a method trained for other than ``epochs`` epochs is labelled
+    ``<method> N=<epochs>``, and a row whose mean FLOPs miss 1/R by more than TOLERANCE is marked ``missed``."""
     groups: dict[tuple[str, float, int], list[dict[str, Any]]] = {}
-    for path in paths:
-        for line in path.read_text().splitlines():
-            run_ = json.loads(line)
-            groups.setdefault((run_["method"], run_["ratio"], run_["epochs"]), []).append(run_)
+    for run_ in runs:
+        groups.setdefault((run_["method"], run_["ratio"], run_["epochs"]), []).append(run_)
     rows = []
-    for (method, ratio, n), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0] != "static l1-filter",
-                                                                              kv[0][0], kv[0][2])):
+    for (method, ratio, n), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0] != "static l1-filter",
+                                                                               kv[0][0], kv[0][2])):
         if method == "dense":
-            runs = runs[:1]  # the same checkpoint tested by each invocation
+            group = group[:1]  # the same checkpoint tested by each invocation
         agg = aggregate([{k: v for k, v in r.items() if k not in ("method", "ratio", "seed", "epochs", "seconds")}
-                         for r in runs])
+                         for r in group])
         label = method if n in (0, epochs) else f"{method} N={n}"
         missed = ratio > 1 and abs(agg["flops_ratio"] - 1 / ratio) > TOLERANCE
         rows.append({"method": label, "R": ratio, "target": round(1 / ratio, 4), "N": n, **agg, "missed": missed,
-                     "seed_list": " ".join(str(r["seed"]) for r in runs)})
+                     "seed_list": " ".join(str(r["seed"]) for r in group)})
+    return rows
+
+
+def tabulate(paths: list[Path], stem: Path, title: str, epochs: int) -> list[dict[str, Any]]:
+    """The table of the finished runs in ``*_runs.jsonl`` files (see :func:`table_rows`), written and printed."""
+    runs = [json.loads(line) for path in paths for line in path.read_text().splitlines()]
+    rows = table_rows(runs, epochs)
     write_table(rows, stem, title)
     print(to_markdown(rows))
     return rows
@@ -189,8 +195,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     stem = args.out / f"iso_flops_{args.backbone}{args.tag}"
-    per_seed: dict[tuple[str, float], list[dict[str, Any]]] = {}
-    rows: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
     start = time.time()
     title = (f"Static vs dynamic at equal FLOPs, {args.backbone} on Fashion-MNIST (train subset "
              f"{args.train_subset or 'all'}; dense {args.epochs} ep, then {args.finetune_epochs} ep for every method "
@@ -198,16 +203,12 @@ def main() -> None:
              f"device {args.device}; seeds {args.seeds})")
 
     def record(job: dict[str, Any], row: dict[str, Any]) -> None:
-        method, ratio = job["method"], job["ratio"]
+        run_ = {**{k: job[k] for k in ("method", "ratio", "seed", "epochs")}, **row}
         with open(f"{stem}_runs.jsonl", "a") as f:  # every finished run, one line each
-            f.write(json.dumps({**{k: job[k] for k in ("method", "ratio", "seed", "epochs")}, **row}) + "\n")
-        per_seed.setdefault((method, ratio), []).append(row)
-        agg = aggregate(per_seed[(method, ratio)])
-        missed = ratio > 1 and abs(agg["flops_ratio"] - 1 / ratio) > TOLERANCE
-        entry = {"method": method, "R": ratio, "target": round(1 / ratio, 4), **agg, "missed": missed}
-        rows[:] = [r for r in rows if (r["method"], r["R"]) != (method, ratio)] + [entry]
-        print(entry, f"{time.time() - start:.0f}s", flush=True)
-        write_table(rows, stem, title)  # keep what finished
+            f.write(json.dumps(run_) + "\n")
+        runs.append(run_)
+        print(run_, f"{time.time() - start:.0f}s", flush=True)
+        write_table(table_rows(runs, args.finetune_epochs), stem, title)  # keep what finished
 
     if args.from_runs:
         tabulate(args.from_runs, stem, args.title or title, args.finetune_epochs)
@@ -239,7 +240,7 @@ def main() -> None:
     else:
         for job in jobs:
             record(*execute(job))
-    print(to_markdown(rows))
+    print(to_markdown(table_rows(runs, args.finetune_epochs)))
 
 
 if __name__ == "__main__":
