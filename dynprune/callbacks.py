@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
@@ -231,3 +232,15 @@ class EpochTimer(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.times.append(self._last - self._start)
         pl_module.log("train/epoch_time_s", self.times[-1], on_epoch=True)
+
+
+class GatedCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose monitored best (``best.ckpt``) counts only epochs with the gates on: an epoch of
+    a module's dense warm-up (``in_dense_phase()``, see ``GatedClassifier(dense_epochs=...)``) is not a result
+    of the gated model, however good its accuracy. ``last.ckpt`` is written as usual."""
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Tensor]) -> None:
+        in_dense = getattr(trainer.lightning_module, "in_dense_phase", None)
+        if in_dense is not None and in_dense():
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)

@@ -35,7 +35,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from dynprune.callbacks import EpochTimer, FlopsCallback
+from dynprune.callbacks import EpochTimer, FlopsCallback, GatedCheckpoint
 from dynprune.data import check_num_classes
 from dynprune.guard import CollapseGuard
 from dynprune.io import CheckpointError, atomic_write, read_checkpoint, run_dir
@@ -43,9 +43,9 @@ from dynprune.io import CheckpointError, atomic_write, read_checkpoint, run_dir
 LAST = "last.ckpt"
 EVAL_COMMANDS = ("validate", "test", "predict")
 TRAINING_ONLY = ("lam", "cost", "target", "target_loss", "optimizer", "lr", "momentum", "weight_decay", "gate_lr",
-                 "bn_recalibration", "hard_finetune", "init_from", "budget", "budget_width", "budget_anneal",
-                 "batch_shaping", "batch_shaping_warmup", "distill", "distill_temperature", "width_targets",
-                 "frozen")
+                 "bn_recalibration", "hard_finetune", "init_from", "dense_epochs", "budget", "budget_width",
+                 "budget_anneal", "batch_shaping", "batch_shaping_warmup", "logit_penalty", "logit_penalty_warmup",
+                 "distill", "distill_temperature", "width_targets", "frozen")
 
 
 class ConfigError(ValueError):
@@ -171,7 +171,7 @@ class DynpruneCLI(LightningCLI):
         parser.add_lightning_class_args(FlopsCallback, "flops")
         parser.add_lightning_class_args(EpochTimer, "timer")
         parser.add_lightning_class_args(CollapseGuard, "guard")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(GatedCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.monitor": "val/acc",
                              "checkpoint.mode": "max", "checkpoint.filename": "best"})
         parser.set_defaults({"trainer.logger": {"class_path": "lightning.pytorch.loggers.WandbLogger",

@@ -32,11 +32,12 @@ NETWORK = ("stop", "warn", "ignore")
 
 
 def _is_gated(model: nn.Module) -> bool:
+    """Whether the model is gated and its gates are on (not in a dense warm-up)."""
     try:
-        gating_info(model)
+        info = gating_info(model)
     except ValueError:
         return False
-    return True
+    return info.switch.enabled
 
 
 def skippable_sites(model: nn.Module, names: list[str]) -> set[str]:

@@ -77,6 +77,12 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
     return F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean") * temperature**2
 
 
+def logit_penalty(scores: Tensor) -> Tensor:
+    """Mean squared gate score G(x) (any shape): keeps a gate's scores near its decision boundary 0, where
+    the features of each input can still flip its decision, instead of saturating to one decision for all."""
+    return scores.square().mean()
+
+
 def budget_bounds(progress: float, target: float, anneal: float = 1 / 3, width: float = 0.1) -> tuple[float, float]:
     """Per-layer keep-rate bounds (lb, ub) at training ``progress`` in [0, 1] (DGNet-style).
 

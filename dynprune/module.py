@@ -36,7 +36,10 @@ from dynprune.trace import GATE_ATTR, trace_layers
 
 
 def _check_args(gate: str | None, optimizer: str, distill: float, init_from: str | None,
-                hard_finetune: float = 0.0) -> None:
+                hard_finetune: float = 0.0, dense_epochs: int = 0) -> None:
+    if dense_epochs < 0 or (dense_epochs > 0 and gate is None):
+        raise ValueError(f"dense_epochs is a number of epochs (>= 0) before a gate starts, got {dense_epochs} "
+                         f"with gate={gate}")
     if not 0.0 <= hard_finetune < 1.0:
         raise ValueError(f"hard_finetune is a fraction of training in [0, 1), got {hard_finetune}")
     if gate is not None and gate not in list_gates():
@@ -45,8 +48,9 @@ def _check_args(gate: str | None, optimizer: str, distill: float, init_from: str
         raise ValueError(f"unknown optimizer '{optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
     if distill < 0:
         raise ValueError(f"distill weight must be >= 0, got {distill}")
-    if distill > 0 and init_from is None:
-        raise ValueError("distill > 0 distils from the dense model: set init_from to its checkpoint")
+    if distill > 0 and init_from is None and dense_epochs == 0:
+        raise ValueError("distill > 0 distils from the dense model: set init_from to its checkpoint, or "
+                         "dense_epochs to train it first in the same run")
 
 
 class GatedClassifier(L.LightningModule):
@@ -63,6 +67,11 @@ class GatedClassifier(L.LightningModule):
         where: module-name patterns to gate (a list, or {granularity: list} with several granularities).
         gate_kwargs: e.g. ``{"reduction": 4, "init_bias": 3.0}``.
         init_from: a checkpoint of a dense run of the same backbone to warm-start from.
+        dense_epochs: the warm start inside one run: the first ``dense_epochs`` epochs train the backbone with
+            its gates switched off (no cost terms), then the gates start, with a fresh cosine learning-rate
+            schedule and, if ``distill`` > 0, the model as it is at that moment as the frozen teacher. Every
+            schedule of the gated objective (budget annealing, batch-shaping decay, ``hard_finetune``) counts
+            the gated epochs only.
         gate_lr: learning rate of gate parameters (default: 0.5 with SGD, 10 x ``lr`` with Adam: fast enough
             that every family reaches a FLOPs target within a short run); gates get no weight decay.
         bn_recalibration: for families with soft training decisions (``needs_bn_recalibration``): before each
@@ -79,7 +88,11 @@ class GatedClassifier(L.LightningModule):
             ``budget_anneal`` of training (DGNet/DynConv style).
         batch_shaping: weight of the batch-shaping loss (Bejnordi et al.: per gate, the batch's probabilities
             match a Beta(0.6, 0.4) prior), decayed linearly to 0 over the first ``batch_shaping_warmup`` of training.
-        distill: weight of KL(teacher || student) from the frozen dense model of ``init_from`` (0: off).
+        logit_penalty: weight of the mean squared gate score G(x), decayed linearly to 0 over the first
+            ``logit_penalty_warmup`` of training: keeps gates near their decision boundary while the network
+            learns which inputs need which units (saturated scores give every input the same mask).
+        distill: weight of KL(teacher || student) from the frozen dense model of ``init_from`` or of the
+            end of the ``dense_epochs`` (0: off).
         distill_temperature: softmax temperature of distillation.
         frozen: module-name patterns kept in eval mode with frozen parameters during fit (default: none;
             every other part of the model is put in train mode at the start of each fit, whatever mode
@@ -103,6 +116,7 @@ class GatedClassifier(L.LightningModule):
         where: list[str] | dict[str, list[str]] | None = None,
         gate_kwargs: dict[str, float] | None = None,
         init_from: str | None = None,
+        dense_epochs: int = 0,
         optimizer: str = "sgd",
         lr: float = 0.1,
         momentum: float = 0.9,
@@ -115,15 +129,17 @@ class GatedClassifier(L.LightningModule):
         budget_anneal: float = 1 / 3,
         batch_shaping: float = 0.0,
         batch_shaping_warmup: float = 1.0,
+        logit_penalty: float = 0.0,
+        logit_penalty_warmup: float = 1.0,
         distill: float = 0.0,
         distill_temperature: float = 4.0,
         width_targets: float = 0.0,
         frozen: list[str] | None = None,
     ) -> None:
         super().__init__()
-        _check_args(gate, optimizer, distill, init_from, hard_finetune)
+        _check_args(gate, optimizer, distill, init_from, hard_finetune, dense_epochs)
         self.objective = Objective(lam, cost, target, target_loss, budget, budget_width, budget_anneal,
-                                   batch_shaping, batch_shaping_warmup)
+                                   batch_shaping, batch_shaping_warmup, logit_penalty, logit_penalty_warmup)
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         if isinstance(backbone, str):
             model = backbones.create(backbone, num_classes, in_chans, input_size, width_mult, depth_mult)
@@ -146,7 +162,8 @@ class GatedClassifier(L.LightningModule):
         self._soft_gates = self.gated and any(g.needs_bn_recalibration for g in gates_of(self.model).values())
         if init_from is not None:
             self._warm_start(init_from)
-        object.__setattr__(self, "_teacher", self._make_teacher() if distill > 0 else None)  # not a submodule
+        teacher = self._make_teacher() if distill > 0 and not dense_epochs else None
+        object.__setattr__(self, "_teacher", teacher)  # not a submodule
         self.train_acc = MulticlassAccuracy(num_classes)
         self.val_acc = MulticlassAccuracy(num_classes)
         self.test_acc = MulticlassAccuracy(num_classes)
@@ -214,6 +231,27 @@ class GatedClassifier(L.LightningModule):
                 module.eval().requires_grad_(False)
         if self._teacher is not None:
             self._teacher.to(self.device)
+        if self.hparams.dense_epochs >= (self.trainer.max_epochs or 0) > 0:
+            raise ValueError(f"dense_epochs={self.hparams.dense_epochs} leaves no gated epoch in "
+                             f"max_epochs={self.trainer.max_epochs}")
+
+    def in_dense_phase(self) -> bool:
+        """Whether this epoch of ``fit`` is one of the first ``dense_epochs`` (gates off)."""
+        return (self.hparams.dense_epochs > 0 and self._trainer is not None and self.trainer.state.fn == "fit"
+                and self.current_epoch < self.hparams.dense_epochs)
+
+    def on_train_epoch_start(self) -> None:
+        """Switch the gates off for the dense epochs; when the gated phase starts, freeze the teacher."""
+        if not self.gated or not self.hparams.dense_epochs:
+            return
+        self.model.dynprune.switch.enabled = not self.in_dense_phase()
+        if self.hparams.distill > 0 and self._teacher is None and not self.in_dense_phase():
+            object.__setattr__(self, "_teacher", self._make_teacher())
+
+    def on_fit_end(self) -> None:
+        """Leave the gates on, whatever phase ``fit`` stopped in."""
+        if self.gated:
+            self.model.dynprune.switch.enabled = True
 
     def _check_data(self, datamodule: L.LightningDataModule | None) -> None:
         """The datamodule's classes and ``in_chans``/``input_size`` (when it declares them) must match the model's."""
@@ -231,26 +269,37 @@ class GatedClassifier(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the torch RNG state: stochastic gates sample from it, so a resumed run stays exact."""
         checkpoint["torch_rng_state"] = torch.get_rng_state()
+        if self._teacher is not None and self.hparams.dense_epochs:  # made in the run: not rebuildable
+            checkpoint["dynprune_teacher"] = self._teacher.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the RNG state when resuming ``fit`` (not when only loading weights)."""
+        """Restore the RNG state when resuming ``fit`` (not when only loading weights), and a teacher that
+        the run made at the end of its dense epochs."""
         if "torch_rng_state" in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
             torch.set_rng_state(checkpoint["torch_rng_state"])
+        if "dynprune_teacher" in checkpoint:
+            teacher = self._make_teacher()
+            teacher.load_state_dict(checkpoint["dynprune_teacher"])
+            object.__setattr__(self, "_teacher", teacher)
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) -> logits (N, num_classes)."""
         return self.model(x)
 
     def masks(self) -> dict[str, Tensor]:
-        """Decisions of the last forward pass per site ({} for a dense model)."""
-        return collect_masks(self.model) if self.gated else {}
+        """Decisions of the last forward pass per site ({} for a dense model or while the gates are off)."""
+        return collect_masks(self.model) if self.gated and self.model.dynprune.switch.enabled else {}
 
     def progress(self) -> float:
-        """Fraction of training done, in [0, 1]."""
+        """Fraction of the gated training done, in [0, 1] (the ``dense_epochs`` do not count)."""
         if self._trainer is None:
             return 0.0
         total = self.trainer.estimated_stepping_batches
-        return min(1.0, self.global_step / total) if total and total != float("inf") else 0.0
+        if not total or total == float("inf"):
+            return 0.0
+        done = self.global_step / total
+        dense = self.hparams.dense_epochs / self.trainer.max_epochs if self.hparams.dense_epochs else 0.0
+        return min(1.0, max(0.0, (done - dense) / (1 - dense)))
 
     @contextmanager
     def _hard_gates(self, mode: str = "hard") -> Iterator[None]:
@@ -289,7 +338,7 @@ class GatedClassifier(L.LightningModule):
         """An extra forward pass inside a training step that leaves no trace: BatchNorm updates copies of its
         running statistics (the training graph holds the originals) and the gates keep their last decisions."""
         all_gates = gates_of(self.model)
-        kept = {n: (g.mask, g.probs, g.forced) for n, g in all_gates.items()}
+        kept = {n: (g.mask, g.probs, g.scores, g.forced) for n, g in all_gates.items()}
         norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         saved = [dict(m._buffers) for m in norms]
         for m in norms:
@@ -300,7 +349,7 @@ class GatedClassifier(L.LightningModule):
             for m, buffers in zip(norms, saved, strict=True):
                 m._buffers.update(buffers)
             for n, g in all_gates.items():
-                g.mask, g.probs, g.forced = kept[n]
+                g.mask, g.probs, g.scores, g.forced = kept[n]
 
     def width_target_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """DS-Net's gate targets: (BCE of the width units' probabilities against the targets, targets (N,)),
@@ -333,7 +382,14 @@ class GatedClassifier(L.LightningModule):
         loss = task.mean()
         self.train_acc(logits, y)
         metrics: dict[str, Any] = {"train/task_loss": loss.detach(), "train/acc": self.train_acc}
-        if self.gated:
+        teacher_logits = None
+        if self._teacher is not None:
+            with torch.no_grad(), gates_disabled(self._teacher):
+                teacher_logits = self._teacher(x)
+            kd = self.hparams.distill * distillation_loss(logits, teacher_logits, self.hparams.distill_temperature)
+            loss = loss + kd
+            metrics["train/distill"] = kd.detach()
+        if self.gated and not self.in_dense_phase():
             masks, all_gates, progress = self.masks(), gates_of(self.model), self.progress()
             per_layer = self.profile.per_layer(masks)  # once per step: the cost and the budget both need it
             cost, ratio, site_costs = self.objective.costs(masks, self.profile, per_layer)
@@ -350,12 +406,6 @@ class GatedClassifier(L.LightningModule):
             metrics.update({f"train/{k}": v.detach() for k, v in terms.items()})
             metrics["train/flops_ratio"] = ratio.mean().detach()
             metrics["train/keep"] = torch.cat([m.detach().flatten() for m in masks.values()]).mean()
-        if self._teacher is not None:
-            with torch.no_grad(), gates_disabled(self._teacher):
-                teacher_logits = self._teacher(x)
-            kd = self.hparams.distill * distillation_loss(logits, teacher_logits, self.hparams.distill_temperature)
-            loss = loss + kd
-            metrics["train/distill"] = kd.detach()
         metrics["train/loss"] = loss.detach()
         self.log_dict(metrics, prog_bar=False, on_step=False, on_epoch=True)
         return loss
@@ -381,7 +431,8 @@ class GatedClassifier(L.LightningModule):
                 "layer_flops": {n: f.detach() for n, f in per_layer.items()}}
 
     def _needs_recalibration(self) -> bool:
-        return self._soft_gates and self.hparams.bn_recalibration > 0 and self.trainer.state.fn == "fit"
+        return (self._soft_gates and self.hparams.bn_recalibration > 0 and self.trainer.state.fn == "fit"
+                and not self.in_dense_phase())
 
     def on_validation_epoch_start(self) -> None:
         """Families with soft training decisions are hard at eval: recalibrate BatchNorm for that network."""
@@ -438,4 +489,4 @@ class GatedClassifier(L.LightningModule):
             gate_lr = hp.gate_lr if hp.gate_lr is not None else 0.5 if hp.optimizer == "sgd" else 10 * hp.lr
             groups.append({"params": gate_params, "weight_decay": 0.0, "lr": gate_lr})
         return optimizer_and_schedule(groups, hp.optimizer, hp.lr, hp.momentum,
-                                      self.trainer.max_epochs if self._trainer else None)
+                                      self.trainer.max_epochs if self._trainer else None, restart_at=hp.dense_epochs)

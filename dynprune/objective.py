@@ -15,7 +15,13 @@ from torch import Tensor
 
 from dynprune.flops import FlopsProfile
 from dynprune.gates import Gate, GateContext
-from dynprune.losses import batch_shaping_loss, budget_bounds, budget_loss, target_penalty
+from dynprune.losses import (
+    batch_shaping_loss,
+    budget_bounds,
+    budget_loss,
+    logit_penalty,
+    target_penalty,
+)
 
 COSTS = ("flops", "count")
 TARGET_LOSSES = ("abs", "squared")
@@ -34,6 +40,8 @@ class Objective:
     budget_anneal: float = 1 / 3
     batch_shaping: float = 0.0
     batch_shaping_warmup: float = 1.0
+    logit_penalty: float = 0.0
+    logit_penalty_warmup: float = 1.0
 
     def __post_init__(self) -> None:
         if self.lam < 0:
@@ -48,8 +56,12 @@ class Objective:
             raise ValueError(f"budget and batch_shaping weights must be >= 0, got {self.budget}, {self.batch_shaping}")
         if self.budget > 0 and self.target is None:
             raise ValueError("budget > 0 bounds each layer around the FLOPs target: set target too")
-        if not 0 < self.batch_shaping_warmup <= 1 or not 0 < self.budget_anneal <= 1:
-            raise ValueError("batch_shaping_warmup and budget_anneal are fractions of training in (0, 1]")
+        if not 0 < self.batch_shaping_warmup <= 1 or not 0 < self.budget_anneal <= 1 \
+                or not 0 < self.logit_penalty_warmup <= 1:
+            raise ValueError("batch_shaping_warmup, logit_penalty_warmup and budget_anneal are fractions of "
+                             "training in (0, 1]")
+        if self.logit_penalty < 0:
+            raise ValueError(f"logit_penalty weight must be >= 0, got {self.logit_penalty}")
 
     def penalty(self, mean_cost: Tensor) -> Tensor:
         """lam * c, or lam * distance(c, target) in target mode, for the batch-mean cost c."""
@@ -89,7 +101,8 @@ class Objective:
 
     def extra_terms(self, gates: dict[str, Gate], masks: dict[str, Tensor], profile: FlopsProfile,
                     progress: float, per_layer: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """The per-layer budget and batch-shaping terms (weighted), those that are switched on."""
+        """The per-layer budget, batch-shaping and logit-penalty terms (weighted), those that are switched on;
+        batch shaping and the logit penalty decay linearly to 0 over their warm-up fraction of training."""
         terms = {}
         if self.budget > 0:
             lb, ub = budget_bounds(progress, self.target, self.budget_anneal, self.budget_width)
@@ -98,6 +111,10 @@ class Objective:
             weight = self.batch_shaping * (1 - progress / self.batch_shaping_warmup)
             probs = [g.probs for g in gates.values() if g.probs is not None]
             terms["batch_shaping"] = weight * torch.stack([batch_shaping_loss(p) for p in probs]).mean()
+        if self.logit_penalty > 0 and progress < self.logit_penalty_warmup:
+            weight = self.logit_penalty * (1 - progress / self.logit_penalty_warmup)
+            scores = [g.scores for g in gates.values() if g.scores is not None]
+            terms["logit_penalty"] = weight * torch.stack([logit_penalty(s) for s in scores]).mean()
         return terms
 
     def family_terms(self, gates: dict[str, Gate], task_loss: Tensor, site_costs: dict[str, Tensor], price: Tensor,

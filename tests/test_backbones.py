@@ -91,3 +91,12 @@ def test_subpackages_are_reachable_from_the_top_level() -> None:
     assert callable(dp.static.prune_model) and callable(dp.compression.deep_compression)
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         dp.nothing  # noqa: B018
+
+
+def test_lenet5_names_the_smallest_input_it_accepts() -> None:
+    """The message's bound is the real one: the smallest size named is accepted, one less is refused."""
+    for name, smallest in (("lenet5", 12), ("lenet5_caffe", 16)):
+        dp.backbones.create(name, input_size=smallest)
+        message = f"lenet5 needs input_size >= {smallest}, got {smallest - 1}"
+        with pytest.raises(ValueError, match=message):
+            dp.backbones.create(name, input_size=smallest - 1)

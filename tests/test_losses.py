@@ -10,6 +10,7 @@ from dynprune.losses import (
     budget_bounds,
     budget_loss,
     distillation_loss,
+    logit_penalty,
     target_penalty,
 )
 
@@ -119,3 +120,12 @@ def test_target_penalty_kinds():
     assert target_penalty(ratio, 0.25, kind="squared").tolist() == pytest.approx([0.0225, 0.0, 0.09])
     with pytest.raises(ValueError, match="unknown target penalty 'l2'; choose one of: abs, squared"):
         target_penalty(ratio, 0.25, kind="l2")
+
+
+
+def test_logit_penalty_pulls_scores_towards_the_decision_boundary():
+    scores = torch.tensor([[3.0, -1.0], [0.0, 2.0]], requires_grad=True)
+    value = logit_penalty(scores)
+    assert value.item() == pytest.approx((9 + 1 + 0 + 4) / 4)
+    value.backward()
+    assert torch.equal(scores.grad.sign(), torch.tensor([[1.0, -1.0], [0.0, 1.0]]))  # descent moves towards 0

@@ -29,7 +29,7 @@ class LeNet5(nn.Module):
         hidden = [scale_width(f, width_mult) for f in fcs]
         spatial = ((input_size + 2 * padding - 4) // 2 - 4) // 2
         if spatial < 1:
-            raise ValueError(f"lenet5 needs input_size >= {12 - 2 * padding}, got {input_size}")
+            raise ValueError(f"lenet5 needs input_size >= {16 - 2 * padding}, got {input_size}")
         self.features = nn.Sequential(
             nn.Conv2d(in_chans, c1, 5, padding=padding),
             nn.ReLU(inplace=True),

@@ -75,6 +75,7 @@ class Gate(nn.Module, ABC):
         self.mode: str | None = None
         self.forced: Tensor | None = None
         self.probs: Tensor | None = None
+        self.scores: Tensor | None = None
         self.mask: Tensor | None = None
 
     def set_mode(self, mode: str | None) -> Gate:
@@ -109,9 +110,10 @@ class Gate(nn.Module, ABC):
         return self.fc2(self.fc1(self.pool(x)).relu())
 
     def forward(self, x: Tensor) -> Tensor:
-        """Decisions (N, units) for input x; kept as ``self.mask`` (and ``self.probs``) for losses."""
+        """Decisions (N, units) for input x; kept as ``self.mask`` (and ``self.probs``, ``self.scores`` = G(x))
+        for losses."""
         logits = self.logits(x)
-        self.probs = logits.sigmoid()
+        self.scores, self.probs = logits, logits.sigmoid()
         if self.forced is not None:
             mask = self.forced.to(logits.dtype).expand_as(logits)
         elif self.mode == "finetune":
