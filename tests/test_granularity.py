@@ -3,10 +3,9 @@ against FlopCounterMode, and the cost term lowering the block execution rate."""
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
-from conftest import quiet_trainer_kwargs
+from conftest import digits_masks_after_fit
 
 import dynprune as dp
 from dynprune.gates import GateContext
@@ -43,16 +42,7 @@ def test_block_gates_on_residual_backbones(name: str, gate: str) -> None:
 
 
 def _exec_rate(lam: float) -> float:
-    L.seed_everything(0)
-    dm = dp.DigitsDataModule(batch_size=64)
-    module = dp.GatedClassifier("resnet20", gate="sigmoid", granularity="block", lam=lam, input_size=8,
-                                width_mult=0.5, lr=0.05, gate_kwargs={"init_bias": 1.0})
-    L.Trainer(max_steps=60, limit_val_batches=0, **quiet_trainer_kwargs()).fit(module, dm)
-    dm.setup()
-    module.eval()
-    with torch.no_grad():
-        rates = [torch.cat(list(module.masks().values())).mean()
-                 for x, _ in dm.val_dataloader() if module(x) is not None]
+    rates = [torch.cat(list(masks.values())).mean() for masks in digits_masks_after_fit("block", lam)]
     return torch.stack(rates).mean().item()
 
 

@@ -8,7 +8,7 @@ import copy
 import lightning as L
 import pytest
 import torch
-from conftest import quiet_trainer_kwargs
+from conftest import digits_masks_after_fit, quiet_trainer_kwargs
 from torch import nn
 
 import dynprune as dp
@@ -60,18 +60,8 @@ def test_flops_and_outputs_equal_the_thin_model_of_the_chosen_widths() -> None:
 
 
 def _mean_width(lam: float) -> float:
-    L.seed_everything(0)
-    dm = dp.DigitsDataModule(batch_size=64)
-    module = dp.GatedClassifier("resnet20", gate="sigmoid", granularity="width", lam=lam, input_size=8,
-                                width_mult=0.5, lr=0.05, gate_kwargs={"init_bias": 1.0})
-    L.Trainer(max_steps=60, limit_val_batches=0, **quiet_trainer_kwargs()).fit(module, dm)
-    dm.setup()
-    module.eval()
-    widths = []
-    with torch.no_grad():
-        for x, _ in dm.val_dataloader():
-            module(x)
-            widths += [chosen_widths(m, [0.25, 0.5, 0.75, 1.0]) for m in module.masks().values()]
+    widths = [chosen_widths(m, [0.25, 0.5, 0.75, 1.0]) for masks in digits_masks_after_fit("width", lam)
+              for m in masks.values()]
     return torch.cat(widths).mean().item()
 
 
