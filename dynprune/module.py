@@ -32,6 +32,7 @@ from dynprune.io import read_checkpoint
 from dynprune.losses import distillation_loss
 from dynprune.objective import Objective
 from dynprune.optim import OPTIMIZERS, optimizer_and_schedule
+from dynprune.steps import ClassifierSteps
 from dynprune.trace import GATE_ATTR, trace_layers
 
 
@@ -53,7 +54,7 @@ def _check_args(gate: str | None, optimizer: str, distill: float, init_from: str
                          "dense_epochs to train it first in the same run")
 
 
-class GatedClassifier(L.LightningModule):
+class GatedClassifier(ClassifierSteps, L.LightningModule):
     """Backbone + gates, trained with task loss + lam * cost (+ optional terms).
 
     Args:
@@ -467,16 +468,6 @@ class GatedClassifier(L.LightningModule):
             for m, momentum in zip(norms, momenta, strict=True):
                 m.momentum = momentum
             self.model.train(was_training)
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
-        return self._eval_step(batch, "val", self.val_acc)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
-        return self._eval_step(batch, "test", self.test_acc)
-
-    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        """Class predictions (N,)."""
-        return self(batch[0]).argmax(dim=1)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """SGD (nesterov) or Adam with cosine decay; gate parameters: own lr, no weight decay."""

@@ -22,6 +22,7 @@ from dynprune import backbones
 from dynprune.flops import FlopsProfile, count_flops
 from dynprune.optim import optimizer_and_schedule
 from dynprune.slimmable.convert import ThinBackbone, make_slimmable, set_width, spec_of
+from dynprune.steps import ClassifierSteps
 from dynprune.trace import trace_layers
 
 RULES = ("sandwich", "all")
@@ -35,7 +36,7 @@ def distill_loss(logits: Tensor, teacher: Tensor, temperature: float) -> Tensor:
                     reduction="batchmean", log_target=True) * t * t
 
 
-class SlimmableClassifier(L.LightningModule):
+class SlimmableClassifier(ClassifierSteps, L.LightningModule):
     """A slimmable supernet trained with the sandwich rule and in-place distillation.
 
     Args:
@@ -151,16 +152,6 @@ class SlimmableClassifier(L.LightningModule):
         self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
         return {"flops": torch.full((len(x),), float(self.flops[self.widths[-1]]), device=x.device),
                 "labels": y.detach(), "keep": {}, "layer_flops": {}}
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
-        return self._eval_step(batch, "val", self.val_acc)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
-        return self._eval_step(batch, "test", self.test_acc)
-
-    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        """Class predictions (N,) at the current width."""
-        return self(batch[0]).argmax(dim=1)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """SGD (nesterov) or Adam with cosine decay over ``max_epochs``, as GatedClassifier."""
