@@ -71,8 +71,8 @@ class GatedClassifier(ClassifierSteps, L.LightningModule):
         dense_epochs: the warm start inside one run: the first ``dense_epochs`` epochs train the backbone with
             its gates switched off (no cost terms), then the gates start, with a fresh cosine learning-rate
             schedule and, if ``distill`` > 0, the model as it is at that moment as the frozen teacher. Every
-            schedule of the gated objective (budget annealing, batch-shaping decay, ``hard_finetune``) counts
-            the gated epochs only.
+            schedule of the gated objective (budget annealing, batch-shaping and logit-penalty decay,
+            ``hard_finetune``) counts the gated epochs only.
         gate_lr: learning rate of gate parameters (default: 0.5 with SGD, 10 x ``lr`` with Adam: fast enough
             that every family reaches a FLOPs target within a short run); gates get no weight decay.
         bn_recalibration: for families with soft training decisions (``needs_bn_recalibration``): before each
