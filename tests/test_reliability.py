@@ -182,7 +182,7 @@ def test_pruned_state_dict_round_trips() -> None:
 # -- collapse and NaN guard ------------------------------------------------------------------------
 
 def _val_epoch(guard: CollapseGuard, keep: dict[str, list[float]], epoch: int, acc: float = 0.5,
-               model: nn.Module | None = None) -> None:
+               model: nn.Module | None = None, gates_on: bool = True) -> None:
     """One validation epoch of ``guard``: per-input kept fractions ``keep`` (or the masks of ``model``'s last
     forward) and accuracy ``acc`` on 10 classes."""
     trainer = SimpleNamespace(sanity_checking=False, world_size=1, current_epoch=epoch, datamodule=None,
@@ -191,7 +191,8 @@ def _val_epoch(guard: CollapseGuard, keep: dict[str, list[float]], epoch: int, a
         layers = {n: SimpleNamespace(name=n, producer=None, residual=False) for n in keep}
         masks = {n: torch.tensor(v).unsqueeze(1) for n, v in keep.items()}
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr("dynprune.guard.gating_info", lambda m: SimpleNamespace(layers=layers))
+            mp.setattr("dynprune.guard.gating_info",
+                       lambda m: SimpleNamespace(layers=layers, switch=SimpleNamespace(enabled=gates_on)))
             mp.setattr("dynprune.guard.collect_masks", lambda m: masks)
             return _val_epoch_hooks(guard, trainer, SimpleNamespace(model=nn.Identity(), hparams={
                 "lam": 0.5, "target": None, "num_classes": 10}))
@@ -219,6 +220,9 @@ def test_guard_counts_consecutive_collapsed_epochs_per_layer() -> None:
         _val_epoch(on, {"a": [0.0, 0.0], "b": [1.0, 1.0]}, 0)
     none = CollapseGuard(patience=1, fail_on="none", network="ignore")
     _val_epoch(none, {"a": [0.0, 0.0]}, 0, acc=0.1)
+    warming_up = CollapseGuard(patience=1)  # gates switched off (GatedClassifier's dense_epochs): nothing to judge
+    _val_epoch(warming_up, {"a": [0.0, 0.0]}, 0, gates_on=False)
+    assert warming_up.streaks == {}
     with pytest.raises(ValueError, match="unknown fail_on 'of'; choose one of: off, on, both, none"):
         CollapseGuard(fail_on="of")
     with pytest.raises(ValueError, match="unknown network 'halt'; choose one of: stop, warn, ignore"):
