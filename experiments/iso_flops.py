@@ -53,6 +53,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                  "batch_shaping": 0.5, "batch_shaping_warmup": 0.5},
     "sigmoid+kd+logit": {"gate": "sigmoid", "distill": 1.0, "logit_penalty": 0.1, "logit_penalty_warmup": 0.8},
     "sigmoid+kd+logit0.03": {"gate": "sigmoid", "distill": 1.0, "logit_penalty": 0.03, "logit_penalty_warmup": 0.8},
+    "sigmoid+kd+logit-short": {"gate": "sigmoid", "distill": 1.0, "logit_penalty": 0.1, "logit_penalty_warmup": 0.3},
+    "sigmoid+kd+logit0.3-short": {"gate": "sigmoid", "distill": 1.0, "logit_penalty": 0.3,
+                                  "logit_penalty_warmup": 0.3},
     "block+channel+kd+logit": {"gate": "sigmoid", "granularity": ["block", "channel"], "distill": 1.0,
                                "logit_penalty": 0.1, "logit_penalty_warmup": 0.8},
 }
