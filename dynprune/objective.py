@@ -107,14 +107,12 @@ class Objective:
         if self.budget > 0:
             lb, ub = budget_bounds(progress, self.target, self.budget_anneal, self.budget_width)
             terms["budget"] = self.budget * budget_loss(self.site_ratios(masks, profile, per_layer), lb, ub)
-        if self.batch_shaping > 0 and progress < self.batch_shaping_warmup:
-            weight = self.batch_shaping * (1 - progress / self.batch_shaping_warmup)
-            probs = [g.probs for g in gates.values() if g.probs is not None]
-            terms["batch_shaping"] = weight * torch.stack([batch_shaping_loss(p) for p in probs]).mean()
-        if self.logit_penalty > 0 and progress < self.logit_penalty_warmup:
-            weight = self.logit_penalty * (1 - progress / self.logit_penalty_warmup)
-            scores = [g.scores for g in gates.values() if g.scores is not None]
-            terms["logit_penalty"] = weight * torch.stack([logit_penalty(s) for s in scores]).mean()
+        per_gate = (("batch_shaping", self.batch_shaping, self.batch_shaping_warmup, "probs", batch_shaping_loss),
+                    ("logit_penalty", self.logit_penalty, self.logit_penalty_warmup, "scores", logit_penalty))
+        for name, weight, warmup, attr, loss in per_gate:  # each decays linearly to 0 at ``warmup``
+            if weight > 0 and progress < warmup:
+                values = [getattr(g, attr) for g in gates.values() if getattr(g, attr) is not None]
+                terms[name] = weight * (1 - progress / warmup) * torch.stack([loss(v) for v in values]).mean()
         return terms
 
     def family_terms(self, gates: dict[str, Gate], task_loss: Tensor, site_costs: dict[str, Tensor], price: Tensor,
