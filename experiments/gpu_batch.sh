@@ -4,7 +4,8 @@
 # tables as runs finish, and the results are packed into $OUT/results.tgz every 20 s (a cut-off run
 # still returns what finished).
 #
-#   OUT=/tmp/out DATA=.devdata bash experiments/gpu_batch.sh          # on the GPU machine
+#   OUT=/tmp/out DATA=.devdata bash experiments/gpu_batch.sh          # on the GPU machine (LANES=batch2)
+#   LANES="batch1" OUT=... bash experiments/gpu_batch.sh               # the first batch (*_gpu tables)
 #   LANES="dc_resnet20 dc_lenet5_a" OUT=... bash experiments/gpu_batch.sh   # only these lanes
 #   SMOKE=1 DEVICE=cpu OUT=/tmp/out DATA=.devdata bash experiments/gpu_batch.sh   # tiny local check
 #
@@ -12,7 +13,7 @@
 # WHEELS (default .whl) holds wheels of packages the machine lacks (torch-pruning).
 set -u
 OUT=${OUT:?set OUT}; DATA=${DATA:-.devdata}; WHEELS=${WHEELS:-.whl}; DEADLINE=${DEADLINE:-470}
-DEVICE=${DEVICE:-cuda}; LANES=${LANES:-all}; SMOKE=${SMOKE:-0}; WORK=${WORK:-/tmp/gpu_batch}; PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}; LANES=${LANES:-batch2}; SMOKE=${SMOKE:-0}; WORK=${WORK:-/tmp/gpu_batch}; PY=${PY:-python3}
 START=$(date +%s)
 mkdir -p "$WORK" "$OUT"
 if compgen -G "$WHEELS/*.whl" >/dev/null; then
@@ -48,7 +49,10 @@ if [ "$SMOKE" = 1 ]; then
   TINY_DC="--train-subset 300 --epochs 1 --prune-epochs 0 --final-epochs 0 --quant-epochs 0 --prune-start 0.9"
   TINY_SLIM="--train-subset 300 --test-subset 200 --epochs 1"
 fi
-want() { [ "$LANES" = all ] || [[ " $LANES " == *" $1 "* ]]; }
+BATCH1="dc_lenet5_a dc_lenet5_b dc_resnet20 slim_supernet slim_thin iso_s0 iso_s12 iso_n16"
+BATCH2="iso_r8_n16 iso_r8_n16_s12 iso_r4_n16 iso_full_l1_policy"
+LANES=${LANES//batch1/$BATCH1}; LANES=${LANES//batch2/$BATCH2}
+want() { [[ " $LANES " == *" $1 "* ]]; }
 lane() { local name=$1; shift; want "$name" || return 0; timeout "$(left)" "$@" > "$WORK/$name.log" 2>&1; echo "lane $name: exit $? at $(( $(date +%s) - START )) s"; }
 LENET5_A='{"features.0": 0.5, "features.3": 0.87, "classifier.1": 0.97, "classifier.3": 0.94, "classifier.5": 0.8}'
 # Lanes that need no dense ResNet-20 start first; the iso-FLOPs lanes wait for it.
@@ -60,7 +64,8 @@ lane dc_resnet20 $PY $DC --models resnet20 --tag _gpu --epochs 8 --conv-bits 6 $
 lane slim_supernet $PY $SLIM --epochs 8 --part supernet $TINY_SLIM &
 lane slim_thin $PY $SLIM --epochs 8 --part thin $TINY_SLIM &
 DENSE="$DATA/dense.ckpt"
-if [ ! -f "$DENSE" ] && { want iso_s0 || want iso_s12 || want iso_n16; }; then
+if [ ! -f "$DENSE" ] && { want iso_s0 || want iso_s12 || want iso_n16 || want iso_r8_n16 || want iso_r8_n16_s12 \
+    || want iso_r4_n16 || want iso_full_l1_policy; }; then
   DENSE="$WORK/dense.ckpt"
   timeout "$(left)" $PY $ISO --save-dense "$DENSE" --seeds 0 $TINY_ISO > "$WORK/dense.log" 2>&1
 fi
@@ -71,6 +76,17 @@ lane iso_s12 $PY $ISO --dense-ckpt "$DENSE" --seeds 1 2 --ratios 4 8 --workers 3
   --variants sigmoid+kd+shaping block+channel+kd $TINY_ISO &
 lane iso_n16 $PY $ISO --dense-ckpt "$DENSE" --seeds 0 --ratios 4 --workers 2 --tag _gpu_n16 \
   --variants sigmoid+kd+shaping --finetune-epochs 16 $TINY_ISO &
+# Batch 2: the longer schedule N = 16 at 8x for
+# static and dynamic alike, N = 16 with the logit penalty at 4x, and the full-data rows of l1 and policy.
+N16="--finetune-epochs 16"; [ "$SMOKE" = 1 ] && N16=""
+lane iso_r8_n16 $PY $ISO --dense-ckpt "$DENSE" --seeds 0 --ratios 8 --workers 4 --tag _gpu_r8_n16 \
+  --variants block+channel+kd+shaping sigmoid+kd+shaping block+channel+kd $TINY_ISO $N16 &
+lane iso_r8_n16_s12 $PY $ISO --dense-ckpt "$DENSE" --seeds 1 2 --ratios 8 --workers 4 --tag _gpu_r8_n16_s12 \
+  --variants block+channel+kd+shaping $TINY_ISO $N16 &
+lane iso_r4_n16 $PY $ISO --dense-ckpt "$DENSE" --seeds 0 --ratios 4 --workers 2 --tag _gpu_r4_n16 --skip-static \
+  --variants sigmoid+kd+logit0.03 block+channel+kd+shaping $TINY_ISO $N16 &
+lane iso_full_l1_policy $PY $ISO --dense-ckpt "$DENSE" --seeds 0 --ratios 4 8 --workers 2 --tag _gpu_l1_policy \
+  --skip-static --variants l1+hard0.5 policy l1 $TINY_ISO &
 wait $(jobs -p | grep -v "^$PACKER$")
 kill $PACKER 2>/dev/null
 pack
