@@ -6,6 +6,7 @@
 #
 #   OUT=/tmp/out DATA=.devdata bash experiments/gpu_batch.sh          # on the GPU machine (LANES=batch2)
 #   LANES="batch1" OUT=... bash experiments/gpu_batch.sh               # the first batch (*_gpu tables)
+#   LANES="batch3" DEADLINE=230 OUT=... bash experiments/gpu_batch.sh  # the third (policy after its fix)
 #   LANES="dc_resnet20 dc_lenet5_a" OUT=... bash experiments/gpu_batch.sh   # only these lanes
 #   SMOKE=1 DEVICE=cpu OUT=/tmp/out DATA=.devdata bash experiments/gpu_batch.sh   # tiny local check
 #
@@ -51,7 +52,8 @@ if [ "$SMOKE" = 1 ]; then
 fi
 BATCH1="dc_lenet5_a dc_lenet5_b dc_resnet20 slim_supernet slim_thin iso_s0 iso_s12 iso_n16"
 BATCH2="iso_r8_n16 iso_r8_n16_s12 iso_r4_n16 iso_full_l1_policy"
-LANES=${LANES//batch1/$BATCH1}; LANES=${LANES//batch2/$BATCH2}
+BATCH3="iso_policy"
+LANES=${LANES//batch1/$BATCH1}; LANES=${LANES//batch2/$BATCH2}; LANES=${LANES//batch3/$BATCH3}
 want() { [[ " $LANES " == *" $1 "* ]]; }
 lane() { local name=$1; shift; want "$name" || return 0; timeout "$(left)" "$@" > "$WORK/$name.log" 2>&1; echo "lane $name: exit $? at $(( $(date +%s) - START )) s"; }
 LENET5_A='{"features.0": 0.5, "features.3": 0.87, "classifier.1": 0.97, "classifier.3": 0.94, "classifier.5": 0.8}'
@@ -65,7 +67,7 @@ lane slim_supernet $PY $SLIM --epochs 8 --part supernet $TINY_SLIM &
 lane slim_thin $PY $SLIM --epochs 8 --part thin $TINY_SLIM &
 DENSE="$DATA/dense.ckpt"
 if [ ! -f "$DENSE" ] && { want iso_s0 || want iso_s12 || want iso_n16 || want iso_r8_n16 || want iso_r8_n16_s12 \
-    || want iso_r4_n16 || want iso_full_l1_policy; }; then
+    || want iso_r4_n16 || want iso_full_l1_policy || want iso_policy; }; then
   DENSE="$WORK/dense.ckpt"
   timeout "$(left)" $PY $ISO --save-dense "$DENSE" --seeds 0 $TINY_ISO > "$WORK/dense.log" 2>&1
 fi
@@ -87,6 +89,9 @@ lane iso_r4_n16 $PY $ISO --dense-ckpt "$DENSE" --seeds 0 --ratios 4 --workers 2 
   --variants sigmoid+kd+logit0.03 block+channel+kd+shaping $TINY_ISO $N16 &
 lane iso_full_l1_policy $PY $ISO --dense-ckpt "$DENSE" --seeds 0 --ratios 4 8 --workers 2 --tag _gpu_l1_policy \
   --skip-static --variants l1+hard0.5 policy l1 $TINY_ISO &
+# Batch 3: the policy family after its fix (inward gradient beyond the clamp, unit-RMS advantage), full data.
+lane iso_policy $PY $ISO --dense-ckpt "$DENSE" --seeds 0 1 --ratios 2 4 8 --workers 6 --tag _gpu_policy \
+  --skip-static --variants policy $TINY_ISO &
 wait $(jobs -p | grep -v "^$PACKER$")
 kill $PACKER 2>/dev/null
 pack

@@ -7,6 +7,7 @@ import torch
 
 import dynprune as dp
 from dynprune.gates import GateContext, GumbelGate, L1Gate, PolicyGate, SigmoidGate
+from dynprune.gates.policy import InwardOnly
 
 
 def test_registry_lists_all_families() -> None:
@@ -93,14 +94,31 @@ def test_policy_reinforce_sign_credit_and_self_critical_baseline() -> None:
     greedy = torch.zeros(16), {"g": torch.full((16,), 0.5)}, torch.full((16,), 0.5)
     ctx = GateContext(torch.zeros(16), site_cost, torch.tensor(1.0), lambda: greedy, 0.0, "g")
     gate.training_loss(ctx).backward()
-    # advantage_i = -(cost_i - 0.5); d surrogate / d bias_c = -mean_i adv_i * (m_ic - p_ic)
+    # advantage_i = -(cost_i - 0.5) / rms; d surrogate / d bias_c = -mean_i adv_i * (m_ic - p_ic)
     adv = -(site_cost - 0.5)
+    adv = adv / adv.square().mean().sqrt()
     expected = -(adv[:, None] * (mask - probs)).mean(dim=0)
     assert torch.allclose(gate.fc2.bias.grad, expected, atol=1e-5)
     assert gate.fc2.bias.grad.mean() > 0  # descent lowers the open probability: more cost is worse
     assert torch.equal(gate.eval()(x), (probs >= 0.5).float())
     with pytest.raises(ValueError, match="clamp"):
         PolicyGate(6, 2, clamp=0.6)
+
+
+def test_policy_scores_beyond_the_clamp_keep_only_their_inward_gradient() -> None:
+    """A clamped policy's score past the clamp must not freeze: its gradient passes when descent would bring
+    it back towards the boundary, and is dropped when it would push it further out."""
+    scores = torch.tensor([5.0, 5.0, -5.0, -5.0, 1.0, 1.0], requires_grad=True)
+    grad = torch.tensor([1.0, -1.0, -1.0, 1.0, 1.0, -1.0])  # descent moves each score by -grad
+    InwardOnly.apply(scores, 3.0).backward(grad)
+    assert scores.grad.tolist() == [1.0, 0.0, -1.0, 0.0, 1.0, -1.0]
+    torch.manual_seed(0)
+    gate = PolicyGate(6, 3, init_bias=6.0, clamp=0.02).train()  # p = 0.9975, beyond the clamp
+    gate(torch.randn(1024, 6))
+    ctx = GateContext(torch.zeros(1024), gate.mask.mean(dim=1), torch.tensor(1.0),
+                      lambda: (torch.zeros(1024), {"g": torch.ones(1024)}, torch.ones(1024)), 0.0, "g")
+    gate.training_loss(ctx).backward()  # samples that keep less than greedy are better: close the gate
+    assert gate.fc2.bias.grad.gt(0).all()  # descent lowers the scores: the gate is not frozen open
 
 
 def test_init_bias_starts_gates_open() -> None:

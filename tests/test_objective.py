@@ -61,3 +61,11 @@ def test_batch_shaping_makes_the_gates_vary_across_inputs() -> None:
         return torch.cat([m.float().var(dim=0) for m in masks.values()]).mean().item()
 
     assert variance(2.0) > 2 * variance(0.0) + 0.01
+
+
+def test_policy_reaches_a_low_target_within_002() -> None:
+    """REINFORCE at 1/4 of the FLOPs: before the gradient of clamped scores could pass inward, a third of the
+    units froze open beyond the clamp and the policy stalled at 0.29 of the FLOPs."""
+    module, dm = _fit(steps=400, gate="policy", target=0.25)
+    ratio, _ = _eval_masks(module, dm)
+    assert ratio.mean().item() == pytest.approx(0.25, abs=0.02)

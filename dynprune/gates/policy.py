@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -16,11 +18,13 @@ class PolicyGate(Gate):
     The gate learns only from its REINFORCE surrogate ``-(R - b) * log pi(m | x) - beta * H``:
     reward R = -(task loss) - price * (this gate's own cost) per input (per-layer credit: higher
     loss and more open gates are worse), baseline b = the same reward of the greedy (thresholded)
-    policy on the same input (self-critical), H the policy's entropy.
+    policy on the same input (self-critical), H the policy's entropy. The advantage R - b is scaled to
+    unit root-mean-square over the batch, so the gate learning rate bounds a step whatever the loss scale.
 
     Args:
         entropy: weight beta of the entropy bonus.
-        clamp: probabilities are clamped to [clamp, 1 - clamp] so a gate can always change its mind.
+        clamp: decisions are sampled with probabilities clamped to [clamp, 1 - clamp], so a gate can always
+            change its mind (the gradient still flows through the unclamped policy).
     """
 
     def __init__(self, in_channels: int, units: int, init_bias: float = 2.0, entropy: float = 0.01,
@@ -32,9 +36,14 @@ class PolicyGate(Gate):
         self._dist: torch.distributions.Bernoulli | None = None
 
     def train_decisions(self, logits: Tensor) -> Tensor:
-        probs = logits.sigmoid().clamp(self.clamp, 1 - self.clamp)
-        self._dist = torch.distributions.Bernoulli(probs=probs)
-        return self._dist.sample()
+        with torch.no_grad():  # explore: every unit is sampled off (on) at least ``clamp`` of the time
+            sample = torch.bernoulli(logits.sigmoid().clamp(self.clamp, 1 - self.clamp))
+        # The surrogate's log-prob and entropy: clamping the probabilities themselves would zero their gradient
+        # beyond the clamp (|G(x)| > 3.9 at 0.02), freezing such a unit on or off for good. Here the gradient
+        # of a score beyond the clamp passes only when it points back towards the decision boundary.
+        bound = math.log((1 - self.clamp) / self.clamp) if self.clamp > 0 else math.inf
+        self._dist = torch.distributions.Bernoulli(logits=InwardOnly.apply(logits, bound))
+        return sample
 
     def training_loss(self, ctx: GateContext) -> Tensor | None:
         if self._dist is None or self.mask is None or self.hard or self.forced is not None:
@@ -44,5 +53,24 @@ class PolicyGate(Gate):
         price = ctx.cost_weight if ctx.price_of is None else ctx.price_of(greedy_cost.mean())
         reward = -(ctx.task_loss + price * ctx.site_cost)
         baseline = -(greedy_task + price * greedy_costs[ctx.name])
-        surrogate = -((reward - baseline).detach() * log_prob).mean()
+        advantage = (reward - baseline).detach()
+        advantage = advantage / (advantage.square().mean().sqrt() + 1e-8)  # unit scale: steps the gate lr can bound
+        surrogate = -(advantage * log_prob).mean()
         return surrogate - self.entropy * self._dist.entropy().sum(dim=1).mean()
+
+
+class InwardOnly(torch.autograd.Function):
+    """Identity on scores; backward drops the gradient of a score beyond +-bound that would push it further
+    out (a descent step moves against the gradient), and keeps the gradient that brings it back."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, scores: Tensor, bound: float) -> Tensor:
+        ctx.save_for_backward(scores)
+        ctx.bound = bound
+        return scores.view_as(scores)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        (scores,) = ctx.saved_tensors
+        outward = ((scores > ctx.bound) & (grad < 0)) | ((scores < -ctx.bound) & (grad > 0))
+        return grad.masked_fill(outward, 0.0), None
