@@ -24,7 +24,8 @@ class PolicyGate(Gate):
     Args:
         entropy: weight beta of the entropy bonus.
         clamp: decisions are sampled with probabilities clamped to [clamp, 1 - clamp], so a gate can always
-            change its mind (the gradient still flows through the unclamped policy).
+            change its mind; the surrogate scores them under the unclamped policy (a small off-policy bias
+            beyond the clamp), where a score past the clamp keeps only its gradient back towards the boundary.
     """
 
     def __init__(self, in_channels: int, units: int, init_bias: float = 2.0, entropy: float = 0.01,
