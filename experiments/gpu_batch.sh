@@ -66,8 +66,7 @@ lane dc_resnet20 $PY $DC --models resnet20 --tag _gpu --epochs 8 --conv-bits 6 $
 lane slim_supernet $PY $SLIM --epochs 8 --part supernet $TINY_SLIM &
 lane slim_thin $PY $SLIM --epochs 8 --part thin $TINY_SLIM &
 DENSE="$DATA/dense.ckpt"
-if [ ! -f "$DENSE" ] && { want iso_s0 || want iso_s12 || want iso_n16 || want iso_r8_n16 || want iso_r8_n16_s12 \
-    || want iso_r4_n16 || want iso_full_l1_policy || want iso_policy; }; then
+if [ ! -f "$DENSE" ] && [[ " $LANES " == *" iso_"* ]]; then  # every iso_* lane starts from it
   DENSE="$WORK/dense.ckpt"
   timeout "$(left)" $PY $ISO --save-dense "$DENSE" --seeds 0 $TINY_ISO > "$WORK/dense.log" 2>&1
 fi
@@ -78,15 +77,14 @@ lane iso_s12 $PY $ISO --dense-ckpt "$DENSE" --seeds 1 2 --ratios 4 8 --workers 3
   --variants sigmoid+kd+shaping block+channel+kd $TINY_ISO &
 lane iso_n16 $PY $ISO --dense-ckpt "$DENSE" --seeds 0 --ratios 4 --workers 2 --tag _gpu_n16 \
   --variants sigmoid+kd+shaping --finetune-epochs 16 $TINY_ISO &
-# Batch 2: the longer schedule N = 16 at 8x for
-# static and dynamic alike, N = 16 with the logit penalty at 4x, and the full-data rows of l1 and policy.
-N16="--finetune-epochs 16"; [ "$SMOKE" = 1 ] && N16=""
+# Batch 2: the longer schedule N = 16 at 8x for static and dynamic alike, N = 16 with the logit penalty at 4x,
+# and the full-data rows of l1 and policy.
 lane iso_r8_n16 $PY $ISO --dense-ckpt "$DENSE" --seeds 0 --ratios 8 --workers 4 --tag _gpu_r8_n16 \
-  --variants block+channel+kd+shaping sigmoid+kd+shaping block+channel+kd $TINY_ISO $N16 &
+  --variants block+channel+kd+shaping sigmoid+kd+shaping block+channel+kd --finetune-epochs 16 $TINY_ISO &
 lane iso_r8_n16_s12 $PY $ISO --dense-ckpt "$DENSE" --seeds 1 2 --ratios 8 --workers 4 --tag _gpu_r8_n16_s12 \
-  --variants block+channel+kd+shaping $TINY_ISO $N16 &
+  --variants block+channel+kd+shaping --finetune-epochs 16 $TINY_ISO &
 lane iso_r4_n16 $PY $ISO --dense-ckpt "$DENSE" --seeds 0 --ratios 4 --workers 2 --tag _gpu_r4_n16 --skip-static \
-  --variants sigmoid+kd+logit0.03 block+channel+kd+shaping $TINY_ISO $N16 &
+  --variants sigmoid+kd+logit0.03 block+channel+kd+shaping --finetune-epochs 16 $TINY_ISO &
 lane iso_full_l1_policy $PY $ISO --dense-ckpt "$DENSE" --seeds 0 --ratios 4 8 --workers 2 --tag _gpu_l1_policy \
   --skip-static --variants l1+hard0.5 policy l1 $TINY_ISO &
 # Batch 3: the policy family after its fix (inward gradient beyond the clamp, unit-RMS advantage), full data.

@@ -34,6 +34,7 @@ class PolicyGate(Gate):
         if not 0.0 <= clamp < 0.5:
             raise ValueError(f"policy gate clamp must be in [0, 0.5), got {clamp}")
         self.entropy, self.clamp = entropy, clamp
+        self._bound = math.log((1 - clamp) / clamp) if clamp > 0 else math.inf  # |G(x)| where p hits the clamp
         self._dist: torch.distributions.Bernoulli | None = None
 
     def train_decisions(self, logits: Tensor) -> Tensor:
@@ -42,8 +43,7 @@ class PolicyGate(Gate):
         # The surrogate's log-prob and entropy: clamping the probabilities themselves would zero their gradient
         # beyond the clamp (|G(x)| > 3.9 at 0.02), freezing such a unit on or off for good. Here the gradient
         # of a score beyond the clamp passes only when it points back towards the decision boundary.
-        bound = math.log((1 - self.clamp) / self.clamp) if self.clamp > 0 else math.inf
-        self._dist = torch.distributions.Bernoulli(logits=InwardOnly.apply(logits, bound))
+        self._dist = torch.distributions.Bernoulli(logits=InwardOnly.apply(logits, self._bound))
         return sample
 
     def training_loss(self, ctx: GateContext) -> Tensor | None:
