@@ -51,6 +51,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "block+channel+kd": {"gate": "sigmoid", "granularity": ["block", "channel"], "distill": 1.0},
     "block+channel+kd+shaping": {"gate": "sigmoid", "granularity": ["block", "channel"], "distill": 1.0,
                                  "batch_shaping": 0.5, "batch_shaping_warmup": 0.5},
+    "sigmoid+kd+shaping1": {"gate": "sigmoid", "distill": 1.0, "batch_shaping": 1.0, "batch_shaping_warmup": 0.5},
     "sigmoid+kd+shaping2": {"gate": "sigmoid", "distill": 1.0, "batch_shaping": 2.0, "batch_shaping_warmup": 0.8},
     "sigmoid+kd+shaping3": {"gate": "sigmoid", "distill": 1.0, "batch_shaping": 3.0, "batch_shaping_warmup": 0.8},
     "sigmoid+kd+shaping5": {"gate": "sigmoid", "distill": 1.0, "batch_shaping": 5.0, "batch_shaping_warmup": 0.8},
