@@ -7,7 +7,8 @@
 #   OUT=/tmp/out DATA=.devdata bash experiments/gpu_batch.sh          # on the GPU machine (LANES=batch2)
 #   LANES="batch1" OUT=... bash experiments/gpu_batch.sh               # the first batch (*_gpu tables)
 #   LANES="batch3" DEADLINE=230 OUT=... bash experiments/gpu_batch.sh  # the third (policy after its fix)
-#   LANES="batch5" DEADLINE=390 OUT=... bash experiments/gpu_batch.sh  # the fifth (batch shaping 1)
+#   LANES="batch5" DEADLINE=480 OUT=... bash experiments/gpu_batch.sh  # the fifth (batch shaping 1; its
+#     N = 16 runs need more than 375 s: a first try at DEADLINE=395 finished none)
 #   LANES="batch4" DEADLINE=550 OUT=... bash experiments/gpu_batch.sh  # the fourth (3 seeds, shaping at N = 16)
 #   LANES="dc_resnet20 dc_lenet5_a" OUT=... bash experiments/gpu_batch.sh   # only these lanes
 #   SMOKE=1 DEVICE=cpu OUT=/tmp/out DATA=.devdata bash experiments/gpu_batch.sh   # tiny local check
