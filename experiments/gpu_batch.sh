@@ -7,9 +7,9 @@
 #   OUT=/tmp/out DATA=.devdata bash experiments/gpu_batch.sh          # on the GPU machine (LANES=batch2)
 #   LANES="batch1" OUT=... bash experiments/gpu_batch.sh               # the first batch (*_gpu tables)
 #   LANES="batch3" DEADLINE=230 OUT=... bash experiments/gpu_batch.sh  # the third (policy after its fix)
+#   LANES="batch4" DEADLINE=550 OUT=... bash experiments/gpu_batch.sh  # the fourth (3 seeds, shaping at N = 16)
 #   LANES="batch5" DEADLINE=480 OUT=... bash experiments/gpu_batch.sh  # the fifth (batch shaping 1; its
 #     N = 16 runs need more than 375 s: a first try at DEADLINE=395 finished none)
-#   LANES="batch4" DEADLINE=550 OUT=... bash experiments/gpu_batch.sh  # the fourth (3 seeds, shaping at N = 16)
 #   LANES="dc_resnet20 dc_lenet5_a" OUT=... bash experiments/gpu_batch.sh   # only these lanes
 #   SMOKE=1 DEVICE=cpu OUT=/tmp/out DATA=.devdata bash experiments/gpu_batch.sh   # tiny local check
 #
@@ -57,9 +57,8 @@ BATCH1="dc_lenet5_a dc_lenet5_b dc_resnet20 slim_supernet slim_thin iso_s0 iso_s
 BATCH2="iso_r8_n16 iso_r8_n16_s12 iso_r4_n16 iso_full_l1_policy"
 BATCH3="iso_policy"
 BATCH4="iso_r8_best_s12 iso_r8_shaping3 iso_r8_shaping2 iso_r4_shaping3 iso_r4_n16_s12"
-LANES=${LANES//batch1/$BATCH1}; LANES=${LANES//batch2/$BATCH2}; LANES=${LANES//batch3/$BATCH3}
 BATCH5="iso_shaping1"
-LANES=${LANES//batch4/$BATCH4}; LANES=${LANES//batch5/$BATCH5}
+for b in 1 2 3 4 5; do batch_lanes="BATCH$b"; LANES=${LANES//batch$b/${!batch_lanes}}; done
 want() { [[ " $LANES " == *" $1 "* ]]; }
 lane() { local name=$1; shift; want "$name" || return 0; timeout "$(left)" "$@" > "$WORK/$name.log" 2>&1; echo "lane $name: exit $? at $(( $(date +%s) - START )) s"; }
 LENET5_A='{"features.0": 0.5, "features.3": 0.87, "classifier.1": 0.97, "classifier.3": 0.94, "classifier.5": 0.8}'
@@ -98,20 +97,19 @@ lane iso_policy $PY $ISO --dense-ckpt "$DENSE" --seeds 0 1 --ratios 2 4 8 --work
   --skip-static --variants policy $TINY_ISO &
 # Batch 4: the best N = 16 rows to 3 seeds (4x with static), and the stronger batch shaping (weight 3 or 2,
 # decaying over 80% of training) on all the data at N = 16.
-N16="--finetune-epochs 16 --skip-static"
 lane iso_r8_best_s12 $PY $ISO --dense-ckpt "$DENSE" --seeds 1 2 --ratios 8 --workers 2 --tag _gpu_r8_best_s12 \
-  --variants sigmoid+kd+shaping $N16 $TINY_ISO &
+  --variants sigmoid+kd+shaping --finetune-epochs 16 --skip-static $TINY_ISO &
 lane iso_r8_shaping3 $PY $ISO --dense-ckpt "$DENSE" --seeds 0 1 2 --ratios 8 --workers 3 --tag _gpu_r8_shaping3 \
-  --variants sigmoid+kd+shaping3 $N16 $TINY_ISO &
+  --variants sigmoid+kd+shaping3 --finetune-epochs 16 --skip-static $TINY_ISO &
 lane iso_r8_shaping2 $PY $ISO --dense-ckpt "$DENSE" --seeds 0 --ratios 8 --workers 1 --tag _gpu_r8_shaping2 \
-  --variants sigmoid+kd+shaping2 $N16 $TINY_ISO &
+  --variants sigmoid+kd+shaping2 --finetune-epochs 16 --skip-static $TINY_ISO &
 lane iso_r4_shaping3 $PY $ISO --dense-ckpt "$DENSE" --seeds 0 1 2 --ratios 4 --workers 3 --tag _gpu_r4_shaping3 \
-  --variants sigmoid+kd+shaping3 $N16 $TINY_ISO &
+  --variants sigmoid+kd+shaping3 --finetune-epochs 16 --skip-static $TINY_ISO &
 lane iso_r4_n16_s12 $PY $ISO --dense-ckpt "$DENSE" --seeds 1 2 --ratios 4 --workers 4 --tag _gpu_r4_n16_s12 \
   --variants sigmoid+kd+shaping --finetune-epochs 16 $TINY_ISO &
 # Batch 5: batch shaping between the two (weight 1, decaying over the first half), 4x and 8x, N = 16.
 lane iso_shaping1 $PY $ISO --dense-ckpt "$DENSE" --seeds 0 1 2 --ratios 4 8 --workers 6 --tag _gpu_shaping1 \
-  --variants sigmoid+kd+shaping1 $N16 $TINY_ISO &
+  --variants sigmoid+kd+shaping1 --finetune-epochs 16 --skip-static $TINY_ISO &
 wait $(jobs -p | grep -v "^$PACKER$")
 kill $PACKER 2>/dev/null
 pack
