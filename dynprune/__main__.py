@@ -1,5 +1,5 @@
 """``python -m dynprune`` == the ``dynprune`` console script."""
 
-from dynprune.cli import main
+from dynprune.entry import main
 
 main()

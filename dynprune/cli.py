@@ -293,13 +293,7 @@ def _wandb_run() -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``dynprune`` console script; a config or checkpoint error exits with status 2."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "sweep":
-        from dynprune.sweep import sweep_main
-
-        sweep_main(args[1:])
-        return
+    """The LightningCLI commands (``fit|validate|test|predict``); a config or checkpoint error exits with status 2."""
     try:
         cli_main(argv)
     except (ConfigError, CheckpointError) as err:

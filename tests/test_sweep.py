@@ -23,7 +23,8 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 
 import dynprune as dp
-from dynprune.cli import DynpruneCLI, cli_main, main
+from dynprune.cli import DynpruneCLI, cli_main
+from dynprune.entry import main
 from dynprune.sweep import SweepConfigError, load_sweep, run_sweep, sweep_lock
 
 ROOT = Path(__file__).parent.parent
