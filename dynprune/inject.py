@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from dynprune.flops import FlopsProfile, count_flops
-from dynprune.gated import HookSwitch
 from dynprune.gates import Gate
 from dynprune.granularity import GRANULARITIES, Granularity, Site
+from dynprune.hooks import HookSwitch
 from dynprune.trace import LayerInfo, ModuleInfo, Trace, trace_model
 
 

@@ -13,8 +13,8 @@ from torch import nn
 
 import dynprune as dp
 from dynprune.callbacks import width_histogram
-from dynprune.gated import PrefixMask
 from dynprune.granularity.width import chosen_widths
+from dynprune.hooks import PrefixMask
 
 
 def test_prefix_masks_and_chosen_widths() -> None:

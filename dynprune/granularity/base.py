@@ -16,8 +16,8 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-from dynprune.gated import HookSwitch
 from dynprune.gates import Gate, create_gate
+from dynprune.hooks import HookSwitch
 from dynprune.registry import Registry
 from dynprune.trace import GATE_ATTR, Trace
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from dynprune.gated import DecideHook, HookSwitch, SkipHook
 from dynprune.granularity.base import ModuleGranularity, Site, add_gate, layers_inside, register_granularity
+from dynprune.hooks import DecideHook, HookSwitch, SkipHook
 from dynprune.trace import Trace
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from dynprune.gated import DecideHook, HookSwitch, MaskHook
 from dynprune.granularity.base import Granularity, Site, add_gate, register_granularity
+from dynprune.hooks import DecideHook, HookSwitch, MaskHook
 from dynprune.trace import Trace
 
 

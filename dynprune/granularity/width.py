@@ -13,9 +13,9 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-from dynprune.gated import DecideHook, HookSwitch, MaskHook, PrefixMask
 from dynprune.granularity.base import ModuleGranularity, Site, add_gate, layers_inside, register_granularity
 from dynprune.granularity.channel import ChannelGranularity
+from dynprune.hooks import DecideHook, HookSwitch, MaskHook, PrefixMask
 from dynprune.trace import Trace
 
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynprune.gated import apply_mask
 from dynprune.gates.base import Gate
+from dynprune.hooks import apply_mask
 from dynprune.runtime.decide import decide, se_gate
 from dynprune.runtime.widths import WidthSlot
 

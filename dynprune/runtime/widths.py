@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from dynprune.gated import PrefixMask
 from dynprune.gates.base import Gate
+from dynprune.hooks import PrefixMask
 from dynprune.runtime.decide import decide, se_gate
 
 
