@@ -120,7 +120,8 @@ def test_objective_penalty_and_price() -> None:
      ({"cost": "macs"}, "unknown cost 'macs'"),
      ({"target_loss": "huber"}, "unknown target_loss 'huber'; choose one of: abs, squared"),
      ({"budget": 1.0}, "budget > 0 bounds each layer around the FLOPs target"),
-     ({"distill": 1.0}, "distill > 0 distils from the dense model: set init_from"),
+     ({"distill": 1.0}, "distill > 0 needs a teacher: set teacher to a checkpoint path or an nn.Module, or "
+                        "dense_epochs"),
      ({"granularity": "stage"}, "unknown granularity 'stage'"),
      ({"backbone": "resnet21"}, "unknown backbone 'resnet21'")],
 )
@@ -214,9 +215,9 @@ def _static_pruned() -> nn.Module:
 def test_distillation_is_zero_for_the_teacher_itself_and_positive_otherwise(tmp_path) -> None:
     dense = dp.GatedClassifier("resnet20", gate=None, input_size=8, width_mult=0.5)
     path = tmp_path / "dense.ckpt"
-    torch.save({"state_dict": dense.state_dict()}, path)
+    torch.save({"state_dict": dense.state_dict(), "hyper_parameters": dict(dense.hparams)}, path)
     module = dp.GatedClassifier("resnet20", gate="sigmoid", input_size=8, width_mult=0.5, init_from=str(path),
-                                distill=1.0, gate_kwargs={"init_bias": 20.0})
+                                teacher=str(path), distill=1.0, gate_kwargs={"init_bias": 20.0})
     x = torch.randn(4, 1, 8, 8)
     module.eval()
     with torch.no_grad():
