@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from dynprune import backbones
+from dynprune.checks import check_number
 from dynprune.data import check_num_classes
 from dynprune.flops import FlopsProfile
 from dynprune.gates import list_gates
@@ -29,28 +30,31 @@ from dynprune.granularity import resolve
 from dynprune.inject import collect_masks, gate_model, gates_of, gating_info
 from dynprune.losses import distillation_loss
 from dynprune.objective import Objective
-from dynprune.optim import OPTIMIZERS, optimizer_and_schedule
+from dynprune.optim import check_optimizer_args, optimizer_and_schedule
 from dynprune.steps import ClassifierSteps
 from dynprune.teacher import check_teacher, freeze, teacher_from_checkpoint, warm_start
 from dynprune.trace import GATE_ATTR, trace_layers
 
 
-def _check_args(gate: str | None, optimizer: str, distill: float, teacher: str | nn.Module | None,
-                hard_finetune: float = 0.0, dense_epochs: int = 0) -> None:
-    if dense_epochs < 0 or (dense_epochs > 0 and gate is None):
-        raise ValueError(f"dense_epochs is a number of epochs (>= 0) before a gate starts, got {dense_epochs} "
-                         f"with gate={gate}")
-    if not 0.0 <= hard_finetune < 1.0:
-        raise ValueError(f"hard_finetune is a fraction of training in [0, 1), got {hard_finetune}")
+def _check_args(gate: str | None, teacher: str | nn.Module | None, dense_epochs: int, distill: float,
+                **numbers: float | None) -> None:
+    """The arguments of :class:`GatedClassifier` that the objective and the optimiser do not check themselves."""
     if gate is not None and gate not in list_gates():
         raise ValueError(f"unknown gate '{gate}'; choose one of: {', '.join(list_gates())} (or null)")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer '{optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
-    if distill < 0:
-        raise ValueError(f"distill weight must be >= 0, got {distill}")
+    check_number("dense_epochs", dense_epochs, 0, integer=True)
+    if dense_epochs > 0 and gate is None:
+        raise ValueError(f"dense_epochs is a number of epochs (>= 0) before a gate starts, got {dense_epochs} "
+                         f"with gate={gate}")
+    check_number("distill", distill, 0)
     if distill > 0 and teacher is None and dense_epochs == 0:
         raise ValueError("distill > 0 needs a teacher: set teacher to a checkpoint path or an nn.Module, or "
                          "dense_epochs to distil from the model as it is after its dense epochs")
+    check_number("hard_finetune (a fraction of training)", numbers["hard_finetune"], 0, 1, high_open=True)
+    check_number("bn_recalibration (batches)", numbers["bn_recalibration"], 0, integer=True)
+    check_number("width_targets", numbers["width_targets"], 0)
+    check_number("distill_temperature", numbers["distill_temperature"], 0, low_open=True)
+    if numbers["gate_lr"] is not None:
+        check_number("gate_lr", numbers["gate_lr"], 0, low_open=True)
 
 
 class GatedClassifier(ClassifierSteps, L.LightningModule):
@@ -145,12 +149,17 @@ class GatedClassifier(ClassifierSteps, L.LightningModule):
         frozen: list[str] | None = None,
     ) -> None:
         super().__init__()
-        _check_args(gate, optimizer, distill, teacher, hard_finetune, dense_epochs)
+        _check_args(gate, teacher, dense_epochs, distill, hard_finetune=hard_finetune,
+                    bn_recalibration=bn_recalibration, width_targets=width_targets,
+                    distill_temperature=distill_temperature, gate_lr=gate_lr)
+        check_optimizer_args(optimizer, lr, momentum, weight_decay)
         self.objective = Objective(lam, cost, target, target_loss, budget, budget_width, budget_anneal,
                                    batch_shaping, batch_shaping_warmup, logit_penalty, logit_penalty_warmup)
         self.save_hyperparameters(ignore=[k for k, v in (("backbone", backbone), ("teacher", teacher))
                                           if isinstance(v, nn.Module)])
         if isinstance(backbone, str):
+            check_number("width_mult", width_mult, 0, low_open=True)
+            check_number("depth_mult", depth_mult, 0, low_open=True)
             model = backbones.create(backbone, num_classes, in_chans, input_size, width_mult, depth_mult)
         else:
             model = backbone
