@@ -11,7 +11,6 @@ def check_number(name: str, value: object, low: float = -math.inf, high: float =
                  low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
     """Raise unless ``value`` is a finite number (an integer if ``integer``) in the interval from ``low`` to ``high``
     (each end closed unless ``low_open``/``high_open``)."""
-    kind = "an integer" if integer else "a finite number"
     if math.isinf(low) and math.isinf(high):
         rule = ""
     elif math.isinf(high):
@@ -21,8 +20,7 @@ def check_number(name: str, value: object, low: float = -math.inf, high: float =
     else:
         rule = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     wanted = numbers.Integral if integer else numbers.Real
-    ok = isinstance(value, wanted) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
-    if not ok:
-        raise ValueError(f"{name} must be {kind}{rule}, got {value!r}")
+    if not isinstance(value, wanted) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a finite number'}{rule}, got {value!r}")
+    if not ((low < value if low_open else low <= value) and (value < high if high_open else value <= high)):
+        raise ValueError(f"{name} must be{rule}, got {value!r}")
