@@ -23,7 +23,7 @@ from dynprune.static.dependency import (
     input_shape_of,
     prune_group,
 )
-from dynprune.static.prune import prune_model
+from dynprune.static.prune import Batch, channel_scores, mask_channels
 
 
 def zero_channels(model: nn.Module, group: ChannelGroup) -> Tensor:
@@ -50,11 +50,11 @@ def remove_channels(model: nn.Module, input_shape: Sequence[int] | None = None) 
     zeros = {g.root: zero_channels(small, g) for g in groups}
     graph = dependency_graph(small, shape)
     for g in groups:
-        zero = zeros[g.root]
+        zero = g.offsets(zeros[g.root])  # a grouped conv loses the same offsets in every block
         if zero.all():  # a zero-width layer is not a module; one zero channel changes nothing
             zero[0] = False
         if zero.any():
-            prune_group(graph, small, g.root, zero.nonzero().flatten().tolist())
+            prune_group(graph, small, g.root, g.expand(zero).nonzero().flatten().tolist())
     small.input_shape = shape
     _check_same_outputs(model, small, shape)
     return small
@@ -105,24 +105,70 @@ def _resize_attributes(module: nn.Module) -> None:
 
 
 def fraction_for_flops(
-    model: nn.Module, ratio: float, input_shape: Sequence[int] | None = None, method: str = "l1_structured",
-    tol: float = 1e-3,
+    model: nn.Module, ratio: float, input_shape: Sequence[int] | None = None, criterion: str = "l1_structured",
+    tol: float = 0.03, batch: Batch | None = None,
 ) -> float:
-    """Smallest uniform per-group channel fraction whose physically pruned model has at most
-    1/``ratio`` of ``model``'s FLOPs (bisection; ``model`` is not modified)."""
+    """The uniform per-group channel fraction whose physically pruned ``model`` has 1/``ratio`` of its
+    FLOPs within ``tol`` relative (the closer of the two fractions that bracket it; ``model`` is not
+    modified). ValueError when no uniform fraction gets that close."""
+    return _search(model, ratio, input_shape, criterion, tol, batch)[0]
+
+
+def prune_to_flops(
+    model: nn.Module, ratio: float, criterion: str = "l1_structured", input_shape: Sequence[int] | None = None,
+    batch: Batch | None = None, tol: float = 0.03,
+) -> nn.Module:
+    """A physically thinner copy of a dense ``model`` with 1/``ratio`` of its FLOPs (FlopCounterMode, one
+    (1, *input_shape) input) within ``tol`` relative: the static-pruning arm of a FLOPs-matched comparison.
+
+    Every Torch-Pruning channel group (residual-coupled, grouped and depthwise convs included) is
+    scored once by ``criterion`` (``list_criteria()``: ``l1_structured``, ``l2_structured``,
+    ``group_norm``, ``taylor``, ``random_structured``), then one fraction of each group's channels, the
+    same for all groups, is searched by bisection to match the FLOPs. ``batch`` ((N, *input_shape) inputs,
+    (N,) labels) is needed by ``taylor``. ``input_shape`` (C, H, W) defaults to ``model.input_shape``.
+
+    The result is a plain ``nn.Module`` (train it like any backbone, e.g. ``GatedClassifier(thin,
+    gate=None)``) that computes what the masked model computes; ``thin.input_shape`` is set and
+    ``thin.pruning_report`` holds ``criterion``, ``fraction``, ``dense_flops``, ``flops`` and
+    ``flops_ratio`` (= flops / dense_flops, the achieved 1/R). ``model`` is not modified.
+    """
+    fraction, thin, dense, flops = _search(model, ratio, input_shape, criterion, tol, batch)
+    thin.pruning_report = {"criterion": criterion, "fraction": fraction, "dense_flops": dense, "flops": flops,
+                           "flops_ratio": flops / dense}
+    return thin
+
+
+def _search(
+    model: nn.Module, ratio: float, input_shape: Sequence[int] | None, criterion: str, tol: float,
+    batch: Batch | None, resolution: float = 1e-3,
+) -> tuple[float, nn.Module, int, int]:
+    """(fraction, thin model, dense FLOPs, thin FLOPs) of the fraction whose FLOPs are nearest 1/ratio."""
     if ratio <= 1:
         raise ValueError(f"ratio must be > 1, got {ratio}")
+    if not 0 < tol < 1:
+        raise ValueError(f"tol is a relative FLOPs tolerance in (0, 1), got {tol}")
     shape = input_shape_of(model, input_shape)
-    budget = count_flops(model, shape)[0] / ratio
+    dense = count_flops(model, shape)[0]
+    budget = dense / ratio
+    scores = channel_scores(model, criterion, shape, batch)
+    thin: dict[float, tuple[nn.Module, int]] = {}
 
     def flops_at(fraction: float) -> int:
-        pruned = prune_model(copy.deepcopy(model), method, fraction, shape)
-        return count_flops(remove_channels(pruned, shape), shape)[0]
+        if fraction not in thin:
+            small = remove_channels(mask_channels(copy.deepcopy(model), fraction, scores, shape), shape)
+            thin[fraction] = small, count_flops(small, shape)[0]
+        return thin[fraction][1]
 
-    lo, hi = 0.0, min((g.channels - 1) / g.channels for g in channel_groups(model, shape))
-    if flops_at(hi) > budget:
-        raise ValueError(f"pruning channel groups alone cannot reduce FLOPs by {ratio}x")
-    while hi - lo > tol:
+    lo, hi = 0.0, min((g.block - 1) / g.block for g in channel_groups(model, shape))
+    if flops_at(hi) > budget * (1 + tol):
+        raise ValueError(f"pruning every channel group of {type(model).__name__} to a fraction of {hi:.3f} "
+                         f"reduces its FLOPs {dense / flops_at(hi):.2f}x, short of {ratio}x")
+    while hi - lo > resolution:
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if flops_at(mid) <= budget else (mid, hi)
-    return hi
+    best = min((lo, hi), key=lambda f: abs(flops_at(f) / budget - 1))
+    if abs(flops_at(best) / budget - 1) > tol:
+        raise ValueError(f"no uniform channel fraction reduces the FLOPs of {type(model).__name__} {ratio}x within "
+                         f"{tol:.0%}: {lo:.4f} gives {dense / flops_at(lo):.3f}x, {hi:.4f} gives "
+                         f"{dense / flops_at(hi):.3f}x")
+    return best, thin[best][0], dense, flops_at(best)
