@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -72,8 +73,13 @@ def input_shape(cfg: BenchConfig) -> tuple[int, int, int]:
 
 def dense_flops(cfg: BenchConfig, width_mult: float = 1.0) -> int:
     """FlopCounterMode FLOPs of the backbone at ``width_mult`` on one input."""
-    model = backbones.create(cfg.backbone, width_mult=width_mult, **shape_kwargs(cfg))
-    return count_flops(model, input_shape(cfg))[0]
+    return _flops_at(cfg.backbone, cfg.data.input_size, width_mult)
+
+
+@functools.cache
+def _flops_at(backbone: str, input_size: int, width_mult: float) -> int:
+    model = backbones.create(backbone, num_classes=10, in_chans=1, input_size=input_size, width_mult=width_mult)
+    return count_flops(model, (1, input_size, input_size))[0]
 
 
 def search_width(cfg: BenchConfig, ratio: float) -> tuple[float, float]:

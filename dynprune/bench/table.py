@@ -130,7 +130,7 @@ def aggregate(cfg: BenchConfig, runs: list[dict[str, Any]]) -> list[dict[str, An
     for r in rows:
         del r["_accs"]
         if r["p_vs_best_baseline"] is not None:
-            r["p_vs_best_baseline"] = round(r["p_vs_best_baseline"], 4)
+            r["p_vs_best_baseline"] = float(f"{r['p_vs_best_baseline']:.4g}")
     return rows
 
 
