@@ -251,7 +251,8 @@ def write_outputs(cfg: BenchConfig, root: str | Path, out: str | Path) -> tuple[
     if rejected:
         parts += ["\n## Rejected runs (fairness violations, not in the table)\n",
                   "\n".join(f"- `{r['point']}`: {r['reason']}" for r in rejected) + "\n"]
-    parts.append(f"\nRuns: `{stem.name}_runs.jsonl`. Reproduce: `dynprune bench {cfg.path}`.\n")
+    parts.append(f"\nRuns: `{stem.name}_runs.jsonl`. Reproduce or resume: "
+                 f"`dynprune bench {cfg.path} --root {root.parent}`.\n")
     atomic_write(f"{stem}.md", lambda f: f.write("\n".join(parts)))
     if rows:
         pareto_plot(rows, Path(f"{stem}.png"), f"{cfg.backbone}, {cfg.protocol}: accuracy vs FLOPs (mean +- std)")
