@@ -7,9 +7,11 @@ from dynprune.granularity.base import (
     GRANULARITIES,
     Granularity,
     Site,
+    TermBatch,
     list_granularities,
     register_granularity,
     resolve,
 )
 
-__all__ = ["GRANULARITIES", "Granularity", "Site", "list_granularities", "register_granularity", "resolve"]
+__all__ = ["GRANULARITIES", "Granularity", "Site", "TermBatch", "list_granularities", "register_granularity",
+           "resolve"]

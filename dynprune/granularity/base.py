@@ -4,15 +4,18 @@ orthogonal to the gate family (*how* it decides).
 A granularity finds its candidate sites in the trace, says why a site is not eligible, attaches a gate
 and the hooks that apply its decisions, and says how a decision changes FLOPs: as output-channel masks
 (N, C) of some layers (the channel formula dense * keep_in * keep_out then applies) and/or as an
-execution factor (N,) of the layers inside it. Adding a granularity = one file + ``@register_granularity``.
+execution factor (N,) of the layers inside it. It may add training terms of its own (``training_terms``,
+weighted by the task arguments it names in ``term_weights``). Adding a granularity = one file +
+``@register_granularity``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -61,10 +64,34 @@ class Site:
         return GRANULARITIES.get(self.granularity)().effective(self, decisions)
 
 
+@dataclass
+class TermBatch:
+    """What a granularity's training terms may read (see :meth:`Granularity.training_terms`).
+
+    Attributes:
+        model: the gated model, after the training forward pass of ``x``.
+        x: the batch's inputs (N, ...); y: its labels (N,).
+        sites: {site: Site} of this granularity, in call order; gates: {site: its Gate}.
+        settings: the task's arguments (a term's weight is the argument named in ``Granularity.term_weights``).
+        side_pass: a context for extra forward passes that change neither BatchNorm statistics nor the gates'
+            last decisions.
+    """
+
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    sites: dict[str, Site]
+    gates: dict[str, Gate]
+    settings: Mapping[str, Any]
+    side_pass: Callable[[], AbstractContextManager[None]]
+
+
 class Granularity(ABC):
-    """One way of gating: candidates, eligibility, hooks and FLOPs terms."""
+    """One way of gating: candidates, eligibility, hooks, FLOPs terms and extra training terms."""
 
     name: ClassVar[str]
+    term_weights: ClassVar[tuple[str, ...]] = ()
+    """Task arguments that weight this granularity's training terms (finite, >= 0; 0 = off)."""
 
     @abstractmethod
     def candidates(self, trace: Trace) -> list[str]:
@@ -90,6 +117,11 @@ class Granularity(ABC):
     def effective(self, site: Site, decisions: Tensor) -> Tensor:
         """The decisions that take effect; every unit acts on its own unless a granularity nests them."""
         return decisions
+
+    def training_terms(self, batch: TermBatch) -> dict[str, Tensor]:
+        """This granularity's weighted extra training terms ({name: scalar}); the task calls it after each gated
+        training forward pass for every granularity the model has, and adds them to the loss. None by default."""
+        return {}
 
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)

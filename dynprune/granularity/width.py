@@ -4,16 +4,26 @@ layer inside a block (a ResNet block's inner conv, a MobileNetV2 block's expansi
 The choice among widths w_1 < ... < w_K = 1 is made by K-1 nested binary units ("wider than w_k?"),
 so every binary gate family (sigmoid, gumbel, l1, policy, ...) decides widths unchanged; the channels
 kept are always the first ceil(w * C) of each layer: a contiguous slice a runtime can execute without a
-gather. The FLOPs of a choice follow from the channel formula with those prefix masks.
+gather. The FLOPs of a choice follow from the channel formula with those prefix masks. Its training term
+``width_targets`` is DS-Net's gate-target loss.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynprune.granularity.base import ModuleGranularity, Site, add_gate, layers_inside, register_granularity
+from dynprune.granularity.base import (
+    ModuleGranularity,
+    Site,
+    TermBatch,
+    add_gate,
+    layers_inside,
+    register_granularity,
+)
 from dynprune.granularity.channel import ChannelGranularity
 from dynprune.hooks import DecideHook, HookSwitch, MaskHook, PrefixMask
 from dynprune.trace import Trace
@@ -32,6 +42,7 @@ class WidthGranularity(ModuleGranularity):
 
     name = "width"
     widths: ClassVar[list[float]] = [0.25, 0.5, 0.75, 1.0]
+    term_weights = ("width_targets",)
 
     def _inner(self, trace: Trace, name: str) -> list[str]:
         channel = ChannelGranularity()
@@ -70,3 +81,22 @@ class WidthGranularity(ModuleGranularity):
     def effective(self, site: Site, decisions: Tensor) -> Tensor:
         """Unit k counts only when units 1..k are on (nested widths)."""
         return decisions.cumprod(dim=1)
+
+    def training_terms(self, batch: TermBatch) -> dict[str, Tensor]:
+        """``width_targets`` (weight) x DS-Net's gate-target loss (see :func:`width_target_loss`)."""
+        weight = batch.settings["width_targets"]
+        return {"width_targets": weight * width_target_loss(batch)[0]} if weight > 0 else {}
+
+
+def width_target_loss(batch: TermBatch) -> tuple[Tensor, Tensor]:
+    """DS-Net's gate targets: (BCE of the width units' probabilities against the targets, targets (N,)), the target
+    0 (smallest width) where the network at its smallest widths classifies the input right, else 1 (largest). Reads
+    the gates' probabilities of the training forward pass; the all-smallest pass is a side pass."""
+    probs = {n: g.probs for n, g in batch.gates.items()}
+    with torch.no_grad(), batch.side_pass():
+        for name, gate in batch.gates.items():
+            gate.force(torch.zeros(batch.sites[name].units, device=batch.x.device))
+        small_right = batch.model(batch.x).argmax(dim=1) == batch.y
+    target = (~small_right).to(batch.x.dtype)
+    bce = [F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), target[:, None].expand_as(p)) for p in probs.values()]
+    return torch.stack(bce).mean(), target
