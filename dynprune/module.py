@@ -26,7 +26,7 @@ from dynprune import backbones
 from dynprune.data import check_num_classes
 from dynprune.flops import FlopsProfile
 from dynprune.gates import list_gates
-from dynprune.granularity import resolve
+from dynprune.granularity import Granularity, resolve
 from dynprune.inject import collect_masks, gate_model, gates_disabled, gates_of, gating_info
 from dynprune.io import read_checkpoint
 from dynprune.losses import distillation_loss
@@ -60,7 +60,8 @@ class GatedClassifier(ClassifierSteps, L.LightningModule):
     Args:
         backbone: a registered backbone name, or an nn.Module (gated already or not).
         gate: gate family (``sigmoid``, ``l1``, ``policy``, ``gumbel``, ...) or None for a dense/static model.
-        granularity: ``channel``, ``block`` or a list of them (block gates outside, channel gates inside).
+        granularity: ``channel``, ``block``, ``width``, a list of them (block gates outside, channel gates
+            inside), or {name: {option: value}} for a granularity's options (e.g. ``{"width": {"widths": [0.5, 1]}}``).
         lam: weight of the cost penalty (>= 0).
         cost: ``flops`` (effective-FLOPs ratio) or ``count`` (mean kept fraction).
         target: if set, penalise the distance of the batch-mean cost to ``target`` instead of the cost.
@@ -104,7 +105,7 @@ class GatedClassifier(ClassifierSteps, L.LightningModule):
         self,
         backbone: str | nn.Module = "resnet20",
         gate: str | None = "sigmoid",
-        granularity: str | list[str] = "channel",
+        granularity: str | list[str] | dict[str, dict[str, Any] | None] = "channel",
         lam: float = 2.0,
         cost: str = "flops",
         target: float | None = None,
@@ -169,17 +170,18 @@ class GatedClassifier(ClassifierSteps, L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes)
         self.test_acc = MulticlassAccuracy(num_classes)
 
-    def _gate(self, gate: str, granularities: list[str], where: list[str] | dict[str, list[str]] | None,
+    def _gate(self, gate: str, granularities: dict[str, Granularity], where: list[str] | dict[str, list[str]] | None,
               gate_kwargs: dict[str, float]) -> None:
         if isinstance(where, dict):
             unknown = set(where) - set(granularities)
             if unknown:
-                raise ValueError(f"where has keys {sorted(unknown)} that are not among granularity={granularities}")
+                raise ValueError(f"where has keys {sorted(unknown)} that are not among "
+                                 f"granularity={list(granularities)}")
         elif where is not None and len(granularities) > 1:
             raise ValueError("with several granularities, give where as {granularity: [patterns]}")
         for g in granularities:
             patterns = where.get(g) if isinstance(where, dict) else where
-            gate_model(self.model, gate, granularity=g, where=patterns, **gate_kwargs)
+            gate_model(self.model, gate, granularity=granularities[g], where=patterns, **gate_kwargs)
         self.gated = True
 
     @torch.no_grad()
