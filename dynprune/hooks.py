@@ -10,6 +10,7 @@ reads ``conv.stride`` or checks ``isinstance`` keeps working. The hooks are smal
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -54,10 +55,12 @@ class MaskHook:
     """Forward hook: zero the output channels that ``source``'s gate turned off.
 
     Registered on the gated layer itself, or on the BatchNorm that normalises its raw output (so BN
-    statistics see the dense activations and gated channels are exactly zero).
+    statistics see the dense activations and gated channels are exactly zero). ``expand`` maps the gate's
+    decisions to the channel mask (e.g. :class:`PrefixMask`; None: they are the mask).
     """
 
-    def __init__(self, switch: HookSwitch, gate: Gate, channel_dim: int, expand: PrefixMask | None = None) -> None:
+    def __init__(self, switch: HookSwitch, gate: Gate, channel_dim: int,
+                 expand: Callable[[Tensor], Tensor] | None = None) -> None:
         self.switch, self.gate, self.channel_dim, self.expand = switch, gate, channel_dim, expand
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor | None:
