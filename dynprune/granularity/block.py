@@ -42,7 +42,7 @@ class BlockExecutor(Executor):
         return {site.name}
 
     def wrap(self, module: nn.Module, site: Site, gate: Gate, inner: list[Gate],
-             deciders: dict[str, Any]) -> nn.Module:
+             slots: dict[str, Any]) -> nn.Module:
         return SubBatchBlock(module, gate, site.kind == "whole", inner)
 
 

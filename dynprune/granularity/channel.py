@@ -7,7 +7,6 @@ those input channels only).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from torch import Tensor, nn
 
@@ -30,7 +29,7 @@ class ChannelSite(Site):
 class ChannelExecutor(Executor):
     """The gated layer runs thin, deciding from its own input."""
 
-    def thin(self, site: Site, gate: Gate) -> dict[str, Any]:
+    def gated(self, site: Site, gate: Gate) -> dict[str, Gate]:
         return {site.name: gate}
 
 

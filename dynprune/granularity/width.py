@@ -52,12 +52,12 @@ class WidthSite(Site):
 class WidthExecutor(Executor):
     """The block decides its width once; each narrowed layer runs a weight prefix (a ThinLayer with a WidthSlot)."""
 
-    def thin(self, site: Site, gate: Gate) -> dict[str, Any]:
+    def narrowed(self, site: Site) -> dict[str, Any]:
         return {layer: WidthSlot(expand) for layer, expand in site.expanders.items()}
 
     def wrap(self, module: nn.Module, site: Site, gate: Gate, inner: list[Gate],
-             deciders: dict[str, Any]) -> nn.Module:
-        return WidthBlock(module, gate, list(deciders.values()))
+             slots: dict[str, Any]) -> nn.Module:
+        return WidthBlock(module, gate, list(slots.values()))
 
 
 @register_granularity("width")
