@@ -164,7 +164,9 @@ def _thin_layers(net: nn.Module, gates: dict[str, Gate], narrowed: dict[str, Wid
     for name in channel:
         consumer = readers[name][0] if len(readers[name]) == 1 else None
         module = net.get_submodule(consumer.name) if consumer else None
-        if (thin and consumer and consumer.calls == 1 and getattr(module, "groups", 1) == 1
+        groups = getattr(module, "groups", 1)
+        depthwise = groups > 1 and groups == consumer.in_channels == consumer.out_channels if consumer else False
+        if (thin and consumer and consumer.calls == 1 and (groups == 1 or depthwise)
                 and consumer.in_channels % layers[name].out_channels == 0):
             thin_source[consumer.name] = name
     executors: dict[str, ThinLayer] = {}
