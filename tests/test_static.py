@@ -344,6 +344,16 @@ def test_prune_to_flops_lands_within_3_percent_of_one_over_r(make, ratio: float,
         assert thin.eval()(batch[0]).shape == (16, 10)
 
 
+def test_a_thin_model_distils_from_its_dense_teacher_through_the_lightning_loop() -> None:
+    """The benchmark's static arm: ``prune_to_flops``, then ``GatedClassifier(thin, gate=None, teacher=dense)``."""
+    dense = B.create("lenet5", input_size=16)
+    thin = prune_to_flops(dense, 2.0, "group_norm")
+    before = {k: v.clone() for k, v in thin.state_dict().items()}
+    finetune(thin, DigitsDataModule(input_size=16), 1, 0.05, teacher=dense, distill=1.0, trainer={"max_steps": 3})
+    assert any(not torch.equal(v, before[k]) for k, v in thin.state_dict().items() if k.endswith("weight"))
+    assert count_flops(thin, thin.input_shape)[0] == thin.pruning_report["flops"]  # trained, still as thin
+
+
 def test_prune_to_flops_rejects_unreachable_ratios() -> None:
     with pytest.raises(ValueError, match=r"reduces its FLOPs 1[0-9.]+x, short of 32.0x"):
         prune_to_flops(B.create("resnet20", width_mult=0.5), 32.0)  # option A: the residual stream stays whole
