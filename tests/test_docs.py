@@ -1,12 +1,13 @@
 """The documentation is checked like code: every fenced block of README.md and docs/ runs, and the site builds.
 
-- ``python`` blocks of one page run in order in one fresh process (a shared namespace, as in a notebook), in a
-  temporary folder; a block with ``title="name.py"`` is written to that file instead (a module the later blocks
-  import), as is a ``yaml`` block with a title (a config the page's shell lines use).
+- ``python`` blocks of one page run in order in one namespace (as in a notebook), in a temporary folder of the
+  page's own. One interpreter runs every page, each in a fresh namespace, so torch and Lightning are imported
+  once. A block with ``title="name.py"`` is written to that file instead (a module the later blocks import), as
+  is a ``yaml`` block with a title (a config the page's shell lines use).
 - ``bash`` blocks: each command runs in a safe form (:func:`safe_form`): the ``dynprune`` CLI with
   ``--print_config`` (the whole config is parsed and validated) or ``--help``, scripts with ``--help``, ``make``
-  as a dry run (``make -n``), ``pip install -e .[extra]`` as a check that the extras exist. A command with no
-  safe form fails the test, so that a new kind of command needs a rule here.
+  as a dry run (``make -n``), shell scripts with ``bash -n``, ``pip install -e .[extra]`` as a check that the
+  extras exist. A command with no safe form fails the test, so that a new kind of command needs a rule here.
 - ``mkdocs build --strict`` builds the site into a temporary folder (broken links and references fail).
 """
 
@@ -34,23 +35,42 @@ TITLE = re.compile(r'title="([^"]+)"')
 LINKED = ("configs", "experiments")  # shell lines name repository paths; the temporary folder links them
 CLI_COMMANDS = ("fit", "validate", "test", "predict")
 RUNNER = textwrap.dedent("""
-    import contextlib, io, json, runpy, sys
-    results = []
-    for kind, argv in json.load(sys.stdin):
-        out = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-                if kind == "dynprune":
-                    from dynprune.entry import main
-                    main(argv)
-                else:
-                    sys.argv = argv
-                    runpy.run_path(argv[0], run_name="__main__")
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-        results.append((code, out.getvalue()[-3000:]))
-    print(json.dumps(results))
+    # One process runs every page: each page in its own folder and a fresh namespace (imports are shared).
+    import contextlib, io, json, os, runpy, sys, traceback
+    import torch
+    torch.set_num_threads(1)
+    pages, out_path = json.load(open(sys.argv[1])), sys.argv[2]
+    results = {}
+    for page, job in pages.items():
+        os.chdir(job["dir"])
+        sys.path.insert(0, job["dir"])
+        scope, failure, codes = {"__name__": "__main__"}, None, []
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            for where, body in job["python"]:
+                try:
+                    exec(compile(body, where, "exec"), scope)
+                except BaseException:
+                    failure = traceback.format_exc()
+                    break
+            for kind, argv in job["cli"]:
+                before = log.tell()
+                try:
+                    if kind == "dynprune":
+                        from dynprune.entry import main
+                        main(argv)
+                    else:
+                        sys.argv = argv
+                        runpy.run_path(argv[0], run_name="__main__")
+                    code = 0
+                except SystemExit as exit_:
+                    code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+                except BaseException:
+                    code = traceback.format_exc()
+                codes.append((code, log.getvalue()[before:][-3000:]))
+        sys.path.remove(job["dir"])
+        results[page] = {"python": failure, "cli": codes}
+    json.dump(results, open(out_path, "w"))
 """)
 
 
@@ -84,7 +104,7 @@ def code_blocks(page: Path) -> list[Block]:
 
 def shell_commands(body: str) -> list[str]:
     """The commands of a shell block: continuation lines joined, comments and blank lines dropped."""
-    joined = re.sub(r"\\\n\s*", " ", body)
+    joined = re.sub(r"\s*\\\n\s*", " ", body)
     return [cmd for line in joined.splitlines() if (cmd := line.split(" #", 1)[0].strip()) and not cmd.startswith("#")]
 
 
@@ -92,7 +112,8 @@ def safe_form(command: str) -> tuple[str, list[str]]:
     """(runner, argv) that checks ``command`` without its side effects; ValueError when there is no rule.
 
     Runners: ``dynprune`` (the CLI, in one shared process), ``script`` (a Python script, same process),
-    ``make`` (a dry run), ``extras`` (the argv are extras that setup.cfg must define).
+    ``make`` (a dry run), ``bash`` (a shell script, syntax-checked with ``bash -n``), ``extras`` (the argv are
+    extras that setup.cfg must define).
     """
     words = shlex.split(command)
     while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):  # VAR=value prefixes
@@ -110,6 +131,8 @@ def safe_form(command: str) -> tuple[str, list[str]]:
         return "script", [*args, "--help"]
     if head == "make":
         return "make", args
+    if head == "bash" and len(args) == 1 and args[0].endswith(".sh"):
+        return "bash", args
     if head == "pip" and args[:2] == ["install", "-e"] and len(args) == 3:
         extras = re.fullmatch(r"\.(?:\[([\w,-]+)\])?", args[2])
         if extras:
@@ -133,55 +156,69 @@ def materialise(blocks: list[Block], where: Path) -> None:
             (where / block.title).write_text(block.body)
 
 
-def run_python(blocks: list[Block], where: Path) -> None:
-    """Run a page's untitled Python blocks in order in one fresh interpreter; a failure names the block."""
-    script = ["import torch", "torch.set_num_threads(1)", "scope = {'__name__': '__main__'}"]
+def page_job(page: Path, where: Path) -> dict[str, object]:
+    """Materialise a page into ``where`` and return what the runner does for it: its untitled Python blocks and
+    its CLI and script commands in their safe forms. Commands with a cheaper check (``make -n``, ``bash -n``,
+    extras, YAML syntax) are checked here, directly."""
+    blocks = code_blocks(page)
+    materialise(blocks, where)
+    cli = []
     for block in blocks:
-        script.append(f"exec(compile({block.body!r}, {block.where!r}, 'exec'), scope)")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(where)]), "WANDB_MODE": "offline"}
-    result = subprocess.run([sys.executable, "-c", "\n".join(script)], cwd=where, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, f"a Python block failed:\n{result.stderr[-4000:]}"
-
-
-def run_shell(blocks: list[Block], where: Path) -> None:
-    """Run every shell command of a page in its safe form (the CLI and scripts in one process)."""
-    in_process: list[tuple[str, str, list[str]]] = []
-    for block in blocks:
+        if block.lang == "yaml":
+            yaml.safe_load(block.body)
+        if block.lang not in ("bash", "sh", "shell"):
+            continue
         for command in shell_commands(block.body):
             check_paths(command, where)
             runner, argv = safe_form(command)
             if runner in ("dynprune", "script"):
-                in_process.append((command, runner, argv))
-            elif runner == "make":
-                result = subprocess.run(["make", "-n", "-C", str(ROOT), *argv], capture_output=True, text=True)
+                cli.append((command, runner, argv))
+            elif runner in ("make", "bash"):
+                dry = ["make", "-n", "-C", str(ROOT), *argv] if runner == "make" else ["bash", "-n", *argv]
+                result = subprocess.run(dry, cwd=where, capture_output=True, text=True)
                 assert result.returncode == 0, f"`{command}` ({block.where}) fails as a dry run:\n{result.stderr}"
             else:
-                cfg = configparser.ConfigParser()
-                cfg.read(ROOT / "setup.cfg")
-                missing = set(argv) - set(cfg["options.extras_require"])
+                extras = configparser.ConfigParser()
+                extras.read(ROOT / "setup.cfg")
+                missing = set(argv) - set(extras["options.extras_require"])
                 assert not missing, f"`{command}` ({block.where}) names extras setup.cfg lacks: {missing}"
-    if not in_process:
-        return
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(where)]), "WANDB_MODE": "offline"}
-    jobs = json.dumps([(runner, argv) for _, runner, argv in in_process])
-    result = subprocess.run([sys.executable, "-c", RUNNER], input=jobs, cwd=where, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    for (command, _, argv), (code, output) in zip(in_process, json.loads(result.stdout.splitlines()[-1])):
-        assert code == 0, f"`{command}` fails when run as {argv}:\n{output}"
+    python = [(b.where, b.body) for b in blocks if b.lang == "python" and not b.title]
+    return {"dir": str(where), "python": python, "cli": cli}
+
+
+@pytest.fixture(scope="module")
+def docs_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict[str, object], dict[str, object]]]:
+    """Run every page's blocks in one fresh interpreter (one import of torch and Lightning for all pages):
+    {page: (its job, its results)}; a page whose job cannot be built maps to the exception."""
+    jobs, errors = {}, {}
+    for page in PAGES:
+        name = str(page.relative_to(ROOT))
+        try:
+            jobs[name] = page_job(page, tmp_path_factory.mktemp(re.sub(r"\W", "_", name)))
+        except (AssertionError, ValueError, yaml.YAMLError) as err:
+            errors[name] = err
+    work = tmp_path_factory.mktemp("runner")
+    runner_jobs = {name: {"dir": job["dir"], "python": job["python"],
+                          "cli": [(runner, argv) for _, runner, argv in job["cli"]]} for name, job in jobs.items()}
+    (work / "jobs.json").write_text(json.dumps(runner_jobs))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    result = subprocess.run([sys.executable, "-c", RUNNER, str(work / "jobs.json"), str(work / "results.json")],
+                            cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"the docs runner crashed:\n{result.stderr[-4000:]}"
+    results = json.loads((work / "results.json").read_text())
+    return {**{name: (job, results[name]) for name, job in jobs.items()}, **errors}
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
-def test_code_blocks_run(page: Path, tmp_path: Path) -> None:
+def test_code_blocks_run(page: Path, docs_run: dict[str, object]) -> None:
     """Every Python, shell and YAML block of the page runs (shell commands in their safe form)."""
-    blocks = code_blocks(page)
-    materialise(blocks, tmp_path)
-    for block in blocks:
-        if block.lang == "yaml":
-            yaml.safe_load(block.body)
-    run_python([b for b in blocks if b.lang == "python" and not b.title], tmp_path)
-    run_shell([b for b in blocks if b.lang in ("bash", "sh", "shell")], tmp_path)
+    outcome = docs_run[str(page.relative_to(ROOT))]
+    if isinstance(outcome, Exception):
+        raise outcome
+    job, result = outcome
+    assert result["python"] is None, f"a Python block failed:\n{result['python'][-4000:]}"
+    for (command, _, argv), (code, output) in zip(job["cli"], result["cli"], strict=True):
+        assert code == 0, f"`{command}` fails when run as {argv}:\n{code if isinstance(code, str) else output}"
 
 
 def test_safe_forms() -> None:

@@ -13,6 +13,7 @@ site never holds a stale copy of a table.
 from __future__ import annotations
 
 import fnmatch
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from mkdocs.structure.pages import Page
 RESULTS = Path(__file__).resolve().parents[2] / "experiments" / "results"
 PREFIX = "results/"
 MARKER = "<!-- results-index -->"
+LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")
 
 
 def _settings(config: MkDocsConfig) -> dict[str, Any]:
@@ -48,8 +50,9 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
 
 
 def _first_line(path: Path) -> str:
+    """The file's first non-empty line as plain text (links and images reduced to their text), shortened."""
     line = next((ln.strip() for ln in path.read_text().splitlines() if ln.strip()), "")
-    line = line.lstrip("#! ").replace("|", "\\|")
+    line = LINK.sub(r"\1", line).lstrip("#! ").replace("|", "\\|")
     return line if len(line) <= 240 else line[:240].rsplit(" ", 1)[0] + " …"
 
 
