@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from dynprune.gates.base import Gate
 from dynprune.hooks import apply_mask
 from dynprune.runtime.decide import decide, se_gate
-from dynprune.runtime.widths import WidthSlot
+from dynprune.runtime.widths import NestedSlots, WidthSlot
+from dynprune.runtime.wrap import Wrapper
 
 
 def conv_out_size(conv: nn.Conv2d, size: tuple[int, ...]) -> tuple[int, ...]:
@@ -40,22 +41,27 @@ def _take(t: Tensor, index: Tensor, dim: int = 0) -> Tensor:
     return t.index_select(dim, index)
 
 
-class ThinLayer(nn.Module):
-    """Runs ``layer`` (Conv2d or Linear, BN already folded) on kept channels only.
+class ThinLayer(Wrapper):
+    """Runs ``layer`` (Conv2d or Linear, BN already folded) on kept channels only; other attributes
+    (``stride``, ``padding``, ``weight``, ...) read those of ``layer``.
 
     Args:
         layer: the folded layer; its weights are gathered per batch, never modified.
-        gate: decides this layer's output channels from its input (None: all kept; a WidthSlot: its block decided).
+        gate: decides this layer's output channels from its input (None: all kept).
         source: the ThinLayer whose thin output this layer reads (None: a full-width input).
         scatter: write the kept channels back into a full-width zero tensor (the output has other readers).
+        narrow: the prefix chosen by the enclosing width blocks (None: not narrowed); with a gate too, a
+            channel runs when both keep it, as the masked model multiplies both masks.
     """
 
-    def __init__(self, layer: nn.Module, gate: Gate | WidthSlot | None, source: ThinLayer | None,
-                 scatter: bool) -> None:
+    wrapped = "layer"
+
+    def __init__(self, layer: nn.Module, gate: Gate | None, source: ThinLayer | None, scatter: bool,
+                 narrow: WidthSlot | NestedSlots | None = None) -> None:
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             raise TypeError(f"ThinLayer runs Conv2d or Linear, got {type(layer).__name__}")
-        self.layer, self.gate, self.scatter = layer, gate, scatter
+        self.layer, self.gate, self.scatter, self.narrow = layer, gate, scatter, narrow
         object.__setattr__(self, "source", source)  # a reference, not a submodule
         self.is_conv = isinstance(layer, nn.Conv2d)
         self.dim = 1 if self.is_conv else -1
@@ -86,10 +92,18 @@ class ThinLayer(nn.Module):
         return (kept[:, None] * len(self.unit_offsets) + self.unit_offsets).flatten()
 
     def decide(self, x: Tensor, cols: Tensor | None) -> tuple[Tensor, bool]:
-        """The gate's decisions (N, C_out) from the (thin) input, pooled then scattered to full width, and
-        whether they are binary (an unforced gate deciding hard: then a bool tensor, without bookkeeping)."""
-        if isinstance(self.gate, WidthSlot):  # decided by the enclosing block: nothing to pool
-            return self.gate.mask(), True
+        """The decisions (N, C_out) of the gate (from the (thin) input, pooled then scattered to full width) and
+        of the width prefix, and whether they are binary (an unforced gate deciding hard: a bool tensor)."""
+        prefix = self.narrow.mask() if self.narrow is not None else None
+        if self.gate is None:
+            return prefix, True
+        mask, binary = self.gate_decisions(x, cols)
+        if prefix is None:
+            return mask, binary
+        return (mask & prefix, True) if binary else (mask * prefix.to(mask.dtype), False)
+
+    def gate_decisions(self, x: Tensor, cols: Tensor | None) -> tuple[Tensor, bool]:
+        """The gate's decisions (N, C_out) from the (thin) input and whether they are binary."""
         if x.dim() > 2:
             pooled = x.mean(self.pool_dims) if self.is_conv else x.flatten(1, -2).mean(1)
         else:
@@ -103,7 +117,7 @@ class ThinLayer(nn.Module):
         cols = self.input_columns()
         weight, bias = self.layer.weight, self.layer.bias
         rows = scale = None
-        if self.gate is not None:
+        if self.gate is not None or self.narrow is not None:
             mask, binary = self.decide(x, cols)
             if self.thinnable:
                 rows = (mask[0] if len(mask) == 1 else mask.any(0)).nonzero().flatten()

@@ -23,7 +23,7 @@ from dynprune.inject import gates_of, gating_info
 from dynprune.runtime.blocks import SubBatchBlock
 from dynprune.runtime.channels import ThinLayer
 from dynprune.runtime.fold import fold_batchnorm, set_submodule
-from dynprune.runtime.widths import WidthBlock, WidthSlot
+from dynprune.runtime.widths import NestedSlots, WidthBlock, WidthSlot, layer_slots
 from dynprune.trace import LayerInfo
 
 if TYPE_CHECKING:
@@ -62,30 +62,53 @@ def compile_for_inference(
     """An eval-only copy of ``model`` (left unchanged) with the same outputs that runs only the kept compute.
 
     ``model``: dense, statically pruned, or gated by :func:`dynprune.gate_model` (granularities ``channel``,
-    ``block`` and ``width``). ``input_shape`` (C, H, W) defaults to ``model.input_shape``. Random batches of 1 and
-    ``check_batch`` inputs must agree within ``tol`` relative to the largest output, else RuntimeError.
+    ``block`` and ``width``). ``input_shape`` (C, H, W) defaults to ``model.input_shape``, else to the shape
+    ``gate_model`` traced. Random batches of 1 and ``check_batch`` inputs must agree within ``tol`` relative to
+    the largest output, else RuntimeError.
     """
-    shape = tuple(input_shape or getattr(model, "input_shape", ()))
-    if not shape:
-        raise ValueError("pass input_shape=(C, H, W): the model has no `input_shape` attribute")
     sites = _sites(model)
+    shape = tuple(input_shape or getattr(model, "input_shape", None) or
+                  (gating_info(model).flops.input_shape if sites else ()))
+    if not shape:
+        raise ValueError("pass input_shape=(C, H, W): the model has no `input_shape` attribute and is not gated")
     unsupported = sorted({s.granularity for s in sites.values()} - set(SUPPORTED))
     if unsupported:
         raise NotImplementedError(f"cannot compile granularity {unsupported}; supported: {', '.join(SUPPORTED)}")
+    param = next(model.parameters(), None)
+    if param is None or not param.dtype.is_floating_point:
+        raise ValueError(f"compile_for_inference needs a model with floating-point parameters, got "
+                         f"{None if param is None else param.dtype}")
     was_training = model.training
     model.eval()
     try:
-        example = torch.randn(check_batch, *shape, device=next(model.parameters()).device)
-        compiled = _build(model, sites, example, thin=True)
+        example = torch.randn(check_batch, *shape, device=param.device)
+        if param.dtype == torch.float32:
+            return _compile_checked(model, sites, example, tol)
+        # Folding and the thin-passing check run in float32 (the precision gates are trained in), then the
+        # compiled copy is cast back and checked again with decisions forced (rounding may flip own ones).
+        compiled = _compile_checked(copy.deepcopy(model).float(), sites, example, tol).to(param.dtype)
+        low = example.to(param.dtype)
+        scaled = tol * max(1.0, torch.finfo(param.dtype).eps / torch.finfo(torch.float32).eps)
         try:
-            _check(model, compiled, sites, example, tol)
-        except RuntimeError as err:  # a thin output reached more than its one consumer: keep full widths
-            warnings.warn(f"thin channel passing disagrees with the masked model ({err}); gated layers scatter "
-                          "their kept channels back to full width instead", stacklevel=2)
-            compiled = _build(model, sites, example, thin=False)
-            _check(model, compiled, sites, example, tol)
+            _check(model, compiled, sites, low, scaled, own=False)
+        except RuntimeError as err:
+            raise RuntimeError(f"compiled in float32, the model cast back to {param.dtype} fails its check: {err}; "
+                               "compile and run the float32 model instead") from err
+        return compiled
     finally:
         model.train(was_training)
+
+
+def _compile_checked(model: nn.Module, sites: dict[str, Site], example: Tensor, tol: float) -> CompiledModel:
+    """Build with thin channel passing and check; if that disagrees, build with full-width outputs."""
+    compiled = _build(model, sites, example, thin=True)
+    try:
+        _check(model, compiled, sites, example, tol)
+    except RuntimeError as err:  # a thin output reached more than its one consumer: keep full widths
+        warnings.warn(f"thin channel passing disagrees with the masked model ({err}); gated layers scatter "
+                      "their kept channels back to full width instead", stacklevel=3)
+        compiled = _build(model, sites, example, thin=False)
+        _check(model, compiled, sites, example, tol)
     return compiled
 
 
@@ -116,9 +139,9 @@ def _build(model: nn.Module, sites: dict[str, Site], example: Tensor, thin: bool
     channel = [n for n, s in sites.items() if s.granularity == "channel"]
     slots = {name: {layer: WidthSlot(expand) for layer, expand in sites[name].expanders.items()}
              for name, s in sites.items() if s.granularity == "width"}
-    narrowed = {layer: slot for per_site in slots.values() for layer, slot in per_site.items()}
+    narrowed = layer_slots(slots)
     if channel or narrowed:
-        _thin_layers(net, channel + list(narrowed), {**gates, **narrowed}, gating_info(model).layers, thin)
+        _thin_layers(net, {n: gates[n] for n in channel}, narrowed, gating_info(model).layers, thin)
     for name, per_site in slots.items():  # after the layers inside were replaced: their paths stay valid
         set_submodule(net, name, WidthBlock(net.get_submodule(name), gates[name], list(per_site.values())))
     for name in sorted(blocks, key=lambda n: -n.count(".")):  # inner blocks first: their paths stay valid
@@ -128,9 +151,11 @@ def _build(model: nn.Module, sites: dict[str, Site], example: Tensor, thin: bool
     return CompiledModel(net, folded, gates)
 
 
-def _thin_layers(net: nn.Module, channel: list[str], gates: dict[str, Gate], layers: dict[str, LayerInfo],
-                 thin: bool) -> None:
-    """Replace each channel site, and the one layer reading its output thin, by a ThinLayer (in call order)."""
+def _thin_layers(net: nn.Module, gates: dict[str, Gate], narrowed: dict[str, WidthSlot | NestedSlots],
+                 layers: dict[str, LayerInfo], thin: bool) -> None:
+    """Replace each layer gated per channel (``gates``) or narrowed by width sites, and the one layer reading
+    its output thin, by a ThinLayer (in call order)."""
+    channel = list(dict.fromkeys([*gates, *narrowed]))
     readers = {name: [i for i in layers.values() if i.producer == name] for name in channel}
     thin_source = {}
     for name in channel:
@@ -141,28 +166,31 @@ def _thin_layers(net: nn.Module, channel: list[str], gates: dict[str, Gate], lay
             thin_source[consumer.name] = name
     executors: dict[str, ThinLayer] = {}
     for info in sorted(layers.values(), key=lambda i: i.order):
-        if info.name not in gates and info.name not in thin_source:
+        if info.name not in channel and info.name not in thin_source:
             continue
         source = executors[thin_source[info.name]] if info.name in thin_source else None
         scatter = info.name not in thin_source.values()
-        executors[info.name] = ThinLayer(net.get_submodule(info.name), gates.get(info.name), source, scatter)
+        executors[info.name] = ThinLayer(net.get_submodule(info.name), gates.get(info.name), source, scatter,
+                                         narrowed.get(info.name))
     for name, executor in executors.items():
         set_submodule(net, name, executor)
 
 
 @torch.no_grad()
-def _check(model: nn.Module, compiled: CompiledModel, sites: dict[str, Site], example: Tensor, tol: float) -> None:
-    """RuntimeError unless ``compiled`` matches ``model`` with the gates' decisions and with forced mixed ones."""
+def _check(model: nn.Module, compiled: CompiledModel, sites: dict[str, Site], example: Tensor, tol: float,
+           own: bool = True) -> None:
+    """RuntimeError unless ``compiled`` matches ``model`` with forced mixed decisions and (``own``) with the
+    gates' own decisions."""
     originals = gates_of(model) if sites else {}
     gen = torch.Generator().manual_seed(0)
-    trials: list[tuple[Tensor, dict[str, Tensor] | None]] = [(example, None)]
+    trials: list[tuple[Tensor, dict[str, Tensor] | None]] = [(example, None)] if own or not sites else []
     for x in (example[:1], example) if sites else ():
         forced = {}
         for name, site in sites.items():
             decisions = (torch.rand(len(x), site.units, generator=gen) < 0.5).float()
             if len(x) > 1:  # every unit on for one input, every unit off for another
                 decisions[0], decisions[1] = 1.0, 0.0
-            forced[name] = decisions.to(x.device)
+            forced[name] = decisions.to(x.device, x.dtype)
         trials.append((x, forced))
     for x, forced in trials:
         before = {name: gate.forced for name, gate in originals.items()}
