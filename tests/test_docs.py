@@ -251,3 +251,10 @@ def test_site_builds_strict(tmp_path: Path) -> None:
                             capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "site" / "api" / "index.html").exists()
+
+
+def test_readme_stays_a_two_minute_read() -> None:
+    """The README stays short (details belong in docs/) and keeps the results marker the benchmark fills in."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 120, f"README.md has {len(lines)} lines; move detail to docs/"
+    assert any(line.startswith("## Results") for line in lines)
