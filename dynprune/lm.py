@@ -14,8 +14,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from dynprune import backbones
+from dynprune.flops import FlopsProfile
 
 
 class CharLM(L.LightningModule):
@@ -45,6 +47,19 @@ class CharLM(L.LightningModule):
         elif model_kwargs:
             raise ValueError("model_kwargs configure a language model built by name; the given module is built")
         self.model = backbone
+        self.profile = self._dense_profile(block_size)
+
+    @torch.no_grad()
+    def _dense_profile(self, block_size: int) -> FlopsProfile:
+        """Dense FLOPs of one full window (1, block_size), counted by FlopCounterMode (FLOPs = 2 x MACs)."""
+        example = torch.zeros(1, block_size, dtype=torch.long, device=next(self.model.parameters()).device)
+        was_training = self.model.training
+        try:
+            with FlopCounterMode(display=False) as counter:
+                self.model.eval()(example)
+        finally:
+            self.model.train(was_training)
+        return FlopsProfile((block_size,), int(counter.get_total_flops()), [])
 
     def setup(self, stage: str) -> None:
         """The data's vocabulary and window must be the model's."""
@@ -69,16 +84,18 @@ class CharLM(L.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> dict[str, Any]:
+        """Log the loss (nats/char) and return the per-window FLOPs the FlopsCallback reports (dense here)."""
         loss = self.loss(batch)
         self.log_dict({f"{stage}/loss": loss, f"{stage}/bpc": loss / math.log(2)}, prog_bar=True, on_epoch=True,
                       sync_dist=True, batch_size=batch[1].numel())
-        return loss
+        flops = torch.full((len(batch[0]),), float(self.profile.dense_total), device=loss.device)
+        return {"loss": loss, "flops": flops, "keep": {}, "layer_flops": {}}
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
         return self._eval_step(batch, "val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
         return self._eval_step(batch, "test")
 
     def configure_optimizers(self) -> dict[str, Any]:
