@@ -161,7 +161,7 @@ def _flops(model: nn.Module, x: Tensor) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("granularity", [g for g in GRANULARITIES if g in SUPPORTED])
+@pytest.mark.parametrize("granularity", compilable())
 @pytest.mark.parametrize("backbone", dp.list_backbones())
 def test_nothing_is_simulated(backbone: str, granularity: str) -> None:
     """FlopCounterMode over the compiled model at batch 1 counts the reported effective FLOPs of that input plus
