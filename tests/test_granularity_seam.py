@@ -309,6 +309,16 @@ def test_granularity_options_are_checked_and_not_gate_arguments() -> None:
     assert all(s.widths == [0.5, 1.0] and s.units == 1 for s in dp.gating_info(module.model).sites.values())
 
 
+def test_granularity_options_from_the_cli(tmp_path: Path) -> None:
+    from dynprune.cli import cli_main
+
+    cli = cli_main(["fit", "--config", str(Path(__file__).parent / "conf" / "digits_sigmoid.yaml"),
+                    "--model.granularity={width: {widths: [0.5, 1.0]}}", "--model.width_mult=0.5",
+                    "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}"])
+    sites = dp.gating_info(cli.model.model).sites
+    assert sites and all(s.widths == [0.5, 1.0] for s in sites.values())
+
+
 def _named_literals(names: set[str], package: Path, home: str) -> list[str]:
     """'path:line name' for every place in ``package`` outside its folder ``home`` that branches on one of
     ``names`` or lists them: a comparison or membership test with the name (``== "width"``, ``in (...)``), a
