@@ -298,6 +298,22 @@ def test_module_gates_read_features_not_positions_of_token_inputs() -> None:
         assert gate.mask.shape == (3, gate.fc2.out_features)
 
 
+def test_a_language_model_is_gated_from_integer_token_ids() -> None:
+    """The package's char GPT takes token ids: gated from an example of ids, its gates read the D features of
+    (N, T, D) and its dense FLOPs are FlopCounterMode's on those ids."""
+    model = dp.backbones.create_language_model("char_gpt", 11, 16, dim=16, depth=1, heads=2).eval()
+    ids = torch.randint(0, 11, (1, 12))  # T = 12 tokens of D = 16 features
+    dense = dp.count_flops(model, ids)[0]
+    dp.gate_model(model, "sigmoid", example=ids)
+    dp.gate_model(model, "sigmoid", granularity="block", where=["blocks.0"], example=ids)
+    info = dp.gating_info(model)
+    assert info.flops.dense_total == dense and info.flops.input_shape == (12,)
+    assert {s.layout.name for s in info.sites.values()} == {"tokens"}
+    assert all(g.fc1.in_features == 16 for g in dp.gates_of(model).values())
+    with torch.no_grad():
+        assert model(torch.randint(0, 11, (3, 12))).shape == (3, 12, 11)
+
+
 def test_granularity_options_are_checked_and_not_gate_arguments() -> None:
     with pytest.raises(ValueError, match=r"granularity 'width' has no option\(s\) \['widht'\]; its options: widths"):
         dp.GatedClassifier("resnet20", granularity={"width": {"widht": [0.5, 1.0]}}, input_size=8, width_mult=0.5)
