@@ -17,7 +17,7 @@ import dynprune as dp
 from dynprune.io import write_csv
 from dynprune.runtime import compile_for_inference
 from dynprune.runtime.channels import ThinLayer
-from dynprune.runtime.compile import SUPPORTED
+from dynprune.runtime.compile import compilable
 
 SCRIPT = Path(__file__).parent.parent / "experiments" / "bench_latency.py"
 GRANULARITIES = dp.list_granularities()
@@ -86,7 +86,7 @@ def test_dense_model_folds_batchnorm_and_keeps_outputs(backbone: str) -> None:
 @pytest.mark.parametrize("backbone", dp.list_backbones())
 def test_compiled_equals_masked(backbone: str, gate: str, granularity: str) -> None:
     model = _gated(backbone, gate, granularity)
-    if granularity not in SUPPORTED:  # a granularity the runtime cannot execute yet must say so
+    if granularity not in compilable():  # a granularity the runtime cannot execute yet must say so
         with pytest.raises(NotImplementedError, match=granularity):
             compile_for_inference(model)
         return
@@ -161,7 +161,7 @@ def _flops(model: nn.Module, x: Tensor) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("granularity", [g for g in GRANULARITIES if g in SUPPORTED])
+@pytest.mark.parametrize("granularity", compilable())
 @pytest.mark.parametrize("backbone", dp.list_backbones())
 def test_nothing_is_simulated(backbone: str, granularity: str) -> None:
     """FlopCounterMode over the compiled model at batch 1 counts the reported effective FLOPs of that input plus
