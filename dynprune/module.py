@@ -19,7 +19,7 @@ from dynprune.checks import check_number
 from dynprune.flops import FlopsProfile
 from dynprune.gatemodes import side_pass
 from dynprune.gates import list_gates
-from dynprune.granularity import resolve
+from dynprune.granularity import Granularity, resolve
 from dynprune.granularity.terms import TrainingTerms
 from dynprune.inject import collect_masks, gate_model, gating_info
 from dynprune.objective import Objective
@@ -36,7 +36,8 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
     Args:
         backbone: a registered backbone name, or an nn.Module (gated already or not).
         gate: a registered gate family (``dynprune.list_gates()``), or None for a dense/static model.
-        granularity: a registered granularity or a list of them (e.g. block gates outside, channel gates inside).
+        granularity: a registered granularity, a list of them (e.g. block gates outside, channel gates inside), or
+            {name: {option: value}} for a granularity's options (e.g. ``{"width": {"widths": [0.5, 1]}}``).
         lam: weight of the cost penalty (>= 0).
         cost: ``flops`` (effective-FLOPs ratio) or ``count`` (mean kept fraction).
         target: if set, penalise the distance of the batch-mean cost to ``target`` instead of the cost.
@@ -86,7 +87,7 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
         self,
         backbone: str | nn.Module = "resnet20",
         gate: str | None = "sigmoid",
-        granularity: str | list[str] = "channel",
+        granularity: str | list[str] | dict[str, dict[str, Any] | None] = "channel",
         lam: float = 2.0,
         cost: str = "flops",
         target: float | None = None,
@@ -163,17 +164,18 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
         for name in PHASES.names():
             PHASES.get(name).check(hp[name])
 
-    def _gate(self, gate: str, granularities: list[str], where: list[str] | dict[str, list[str]] | None,
+    def _gate(self, gate: str, granularities: dict[str, Granularity], where: list[str] | dict[str, list[str]] | None,
               gate_kwargs: dict[str, float]) -> None:
         if isinstance(where, dict):
             unknown = set(where) - set(granularities)
             if unknown:
-                raise ValueError(f"where has keys {sorted(unknown)} that are not among granularity={granularities}")
+                raise ValueError(f"where has keys {sorted(unknown)} that are not among "
+                                 f"granularity={list(granularities)}")
         elif where is not None and len(granularities) > 1:
             raise ValueError("with several granularities, give where as {granularity: [patterns]}")
         for g in granularities:
             patterns = where.get(g) if isinstance(where, dict) else where
-            gate_model(self.model, gate, granularity=g, where=patterns, **gate_kwargs)
+            gate_model(self.model, gate, granularity=granularities[g], where=patterns, **gate_kwargs)
 
     @property
     def gated(self) -> bool:

@@ -242,12 +242,10 @@ def test_a_backbone_handed_over_in_eval_mode_trains_its_batchnorm() -> None:
 
 
 def _static_pruned() -> nn.Module:
-    """A structurally pruned ResNet-20 left in eval mode by ``dynprune.static.evaluate``."""
-    dm = dp.DigitsDataModule()
-    dm.setup()
+    """A structurally pruned ResNet-20 left in eval mode by ``dynprune.static.accuracy``."""
     model = dp.backbones.create("resnet20", input_size=8, width_mult=0.5)
     pruned = dp.static.remove_channels(dp.static.prune_model(model, "l1_structured", 0.5))
-    dp.static.evaluate(pruned, dm.val_dataloader())
+    dp.static.accuracy(pruned, dp.DigitsDataModule(), "val")
     assert not pruned.training
     return pruned
 

@@ -21,13 +21,14 @@ class TrainingTerms:
     def __init__(self, model: nn.Module, settings: Mapping[str, Any],
                  side_pass: Callable[[nn.Module], AbstractContextManager[None]]) -> None:
         info = getattr(model, "dynprune", None)
-        present = sorted({s.granularity for s in info.sites.values()}) if info is not None else []
+        self.granularities: dict[str, Granularity] = {}  # the instances (with their options) that made the sites
+        for site in info.sites.values() if info is not None else ():
+            self.granularities.setdefault(site.granularity, site.owner)
         for name in GRANULARITIES.names():
             for weight in GRANULARITIES.get(name).term_weights:
                 check_number(weight, settings[weight], 0)
-                if settings[weight] > 0 and name not in present:
+                if settings[weight] > 0 and name not in self.granularities:
                     raise ValueError(f"{weight} needs {name} sites: set granularity='{name}' (or include it)")
-        self.granularities: dict[str, Granularity] = {name: GRANULARITIES.get(name)() for name in present}
         self.model, self.settings, self.side_pass = model, settings, side_pass
 
     @staticmethod
