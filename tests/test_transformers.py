@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import quiet_trainer_kwargs
+from torch.utils.flop_counter import FlopCounterMode
 
 import dynprune as dp
 from dynprune.backbones import create, create_language_model
@@ -371,3 +372,45 @@ def test_hf_gpt2_is_refused_because_gate_model_feeds_float_examples() -> None:
         dp.gate_model(model, gate="sigmoid", input_shape=(16,))
     with pytest.raises(ValueError, match=r"does not accept input of shape \(N, 16\).*integer token ids"):
         dp.gate_model(tiny_gpt(), gate="sigmoid")
+
+
+# ---- neuron granularity ------------------------------------------------------------------------------------------
+
+
+def test_neuron_gates_decide_per_token_over_mlp_hidden_units_and_their_flops_are_what_a_thin_run_counts() -> None:
+    with pytest.raises(ValueError, match="cannot gate 'blocks.0.attn.q' at granularity 'neuron'.*zero-preserving"):
+        dp.gate_model(tiny_vit(), gate="sigmoid", granularity="neuron", where=["blocks.0.attn.q"])
+    model = tiny_vit()
+    dp.gate_model(model, gate="sigmoid", granularity="neuron")
+    assert list(model.dynprune.sites) == [f"blocks.{i}.mlp.fc1" for i in range(3)]
+    x = torch.randn(1, 1, 28, 28)
+    gen = torch.Generator().manual_seed(0)
+    masks = {n: (torch.rand(1, 50, 96, generator=gen) < 0.4).float() for n in model.dynprune.sites}
+    for name, gate in dp.gates_of(model).items():
+        gate.force(masks[name])
+    out = model(x)
+    assert {tuple(m.shape) for m in dp.collect_masks(model).values()} == {(1, 50, 96)}
+    # a per-token thin MLP (kept rows of fc1, kept columns of fc2) gives the masked block's output ...
+    with dp.gates_disabled(model):
+        tokens = model.tokens(x)
+        for block, mask in zip(model.blocks, masks.values(), strict=True):
+            tokens = tokens + block.attn(block.norm1(tokens))
+            h = block.norm2(tokens)[0]
+            rows = [F.linear(F.gelu(F.linear(h[t], block.mlp.fc1.weight[k], block.mlp.fc1.bias[k])),
+                             block.mlp.fc2.weight[:, k], block.mlp.fc2.bias)
+                    for t, k in enumerate(mask[0].bool())]
+            tokens = tokens + torch.stack(rows)[None]
+        close(out, model.head(model.norm(tokens)[:, 0]))
+    # ... and FlopCounterMode over that thin run counts the FLOPs the profile reports for fc1 + fc2
+    per_layer = model.dynprune.flops.per_layer(masks)
+    for site, mask in masks.items():
+        fc1 = model.get_submodule(site)
+        fc2 = model.get_submodule(site.replace("fc1", "fc2"))
+        h = torch.randn(50, 24)
+        with FlopCounterMode(display=False) as counter:
+            for t, k in enumerate(mask[0].bool()):
+                F.linear(F.gelu(F.linear(h[t], fc1.weight[k], fc1.bias[k])), fc2.weight[:, k], fc2.bias)
+        counted = counter.get_total_flops()
+        reported = float(per_layer[site] + per_layer[site.replace("fc1", "fc2")])
+        assert reported == pytest.approx(counted, rel=1e-6)
+        assert counted < 0.5 * 2 * (2 * 50 * 24 * 96)  # ~40% of the units kept

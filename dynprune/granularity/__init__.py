@@ -1,8 +1,8 @@
-"""Granularities by name (``channel``, ``block``, ``width``); ``list_granularities()``."""
+"""Granularities by name (``channel``, ``block``, ``width``, ``neuron``); ``list_granularities()``."""
 
 from __future__ import annotations
 
-from dynprune.granularity import block, channel, width  # noqa: F401  (registers)
+from dynprune.granularity import block, channel, neuron, width  # noqa: F401  (registers)
 from dynprune.granularity.base import (
     GRANULARITIES,
     LAYOUTS,
