@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import platform
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +51,19 @@ def device_name(accelerator: str) -> str:
                 model = line.split(":", 1)[1].strip()
                 break
     return f"{model}, {torch.get_num_threads()} thread(s) (torch {torch.__version__})"
+
+
+def code_version() -> str:
+    """The git commit of the code that ran (``+dirty`` with uncommitted changes), or ``unknown``."""
+    here = Path(__file__).parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head}+dirty" if dirty else head
 
 
 def datamodule(cfg: BenchConfig, seed: int) -> L.LightningDataModule:
@@ -265,7 +279,7 @@ def _record(cfg: BenchConfig, point: Point, root: Path, result: dict[str, Any]) 
     """Write ``result.json`` of ``point`` (atomically, last: its presence means finished)."""
     record = {"point": point.id, "method": point.method, "arm": point.arm, "kind": point.kind, "seed": point.seed,
               "ratio": point.ratio, "kd": point.kd, "digest": cfg.digest(point), "spec": cfg.spec(point),
-              "device": device_name(cfg.accelerator), "threads": torch.get_num_threads(),
+              "device": device_name(cfg.accelerator), "threads": torch.get_num_threads(), "code": code_version(),
               "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), **result}
     write_json(root / point.id / RESULT, record)
     return record

@@ -43,7 +43,7 @@ def collect_runs(cfg: BenchConfig, root: Path) -> list[dict[str, Any]]:
         for r, split in per_ratio.items():
             line = {k: record.get(k) for k in ("point", "method", "arm", "kind", "kd", "seed", "epochs", "total_epochs",
                                                "device", "threads", "teacher", "teacher_digest", "checkpoint_digest",
-                                               "chosen", "fit_seconds")}
+                                               "chosen", "fit_seconds", "code")}
             line["R"] = float(r)
             line.update(split["test"])
             line.update({f"val_{k}": v for k, v in split["val"].items()})
