@@ -119,20 +119,21 @@ def check_flops(point: Point, achieved: float, tolerance: float, where: str) -> 
                             "relative)")
 
 
-def _trainer(cfg: BenchConfig, epochs: int, callbacks: list[L.Callback] | None = None) -> L.Trainer:
+def _trainer(cfg: BenchConfig, epochs: int) -> L.Trainer:
     """The one loop every run uses; validation and test are separate calls (see :func:`fit_and_evaluate`)."""
     return L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                     accelerator=cfg.accelerator, devices=1, callbacks=callbacks or [])
+                     accelerator=cfg.accelerator, devices=1)
 
 
 def _flops_row(report: dict[str, Any], full: int) -> dict[str, Any]:
     """FLOPs ratios of one FlopsCallback report, against the full dense model's ``full`` FLOPs (a thinned
-    model's own dense count is smaller), gates' own FLOPs included in ``flops_ratio``."""
+    model's own dense count is smaller), the gates' own FLOPs included (not in ``flops_ratio_no_gates``)."""
     s, dep = report["summary"], report.get("dependence") or {}
     gates = report.get("gate_flops", 0) or 0
     return {"flops_ratio": (s["flops_mean"] + gates) / full, "flops_ratio_no_gates": s["flops_mean"] / full,
-            "gate_flops_ratio": gates / full, "flops_p10": s["flops_p10"] / full, "flops_p90": s["flops_p90"] / full,
+            "gate_flops_ratio": gates / full, "flops_p10": (s["flops_p10"] + gates) / full,
+            "flops_p90": (s["flops_p90"] + gates) / full,
             "dynamic_frac": dep.get("dynamic_frac", 0.0), "class_spread": dep.get("class_spread") or 1.0,
             "class_flops": {str(c["class"]): c["flops_ratio"] for c in dep.get("classes", [])}}
 
