@@ -21,6 +21,8 @@ from dynprune.io import atomic_write, save_figure, to_markdown, write_csv
 # points at p < 0.05, with input-dependent masks (ratio of mean p90/p10 and per-class FLOPs spread).
 AIMS = {4.0: 0.5, 8.0: 1.0, 16.0: 2.0}
 AIM_P90_P10, AIM_CLASS_SPREAD, ALPHA = 1.5, 1.3, 0.05
+# Below these a dynamic row's masks are (nearly) the same for every input: static pruning with extra steps.
+STATIC_P90_P10, STATIC_DYNAMIC_FRAC = 1.05, 0.01
 
 
 def welch_p(a: Sequence[float], b: Sequence[float]) -> float | None:
@@ -214,6 +216,15 @@ def _cell(value: Any, spec: str = ".2f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _note(row: dict[str, Any]) -> str:
+    """Says in words when a dynamic row's masks barely depend on the input."""
+    if row["kind"] != "dynamic":
+        return ""
+    if (row["p90_p10"] or 1.0) < STATIC_P90_P10 or row["dynamic_frac"] < STATIC_DYNAMIC_FRAC:
+        return "masks ~static: static pruning with extra steps"
+    return ""
+
+
 def markdown_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     """The md view of the table: accuracy as mean +- std, the method bold only for a headline-valid win
     (the csv keeps every column)."""
@@ -230,7 +241,7 @@ def markdown_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
             "dyn. units": _cell(r["dynamic_frac"], ".3f"), "vs best baseline": r["best_baseline"] or "–",
             "Δ pt": _cell(r["delta_vs_best"], "+.2f"), "p (Welch)": _cell(r["p_vs_best_baseline"], ".3g"),
             "win": "yes" if r["win"] else "", "headline": "yes" if r["headline_valid"] else "no",
-            "epochs (own/total)": f"{r['epochs']}/{r['total_epochs']}"})
+            "epochs (own/total)": f"{r['epochs']}/{r['total_epochs']}", "note": _note(r)})
     return out
 
 
