@@ -26,6 +26,7 @@ demo: setup
 test: setup
 	$(BIN)/ruff check dynprune tests experiments
 	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m numerics --torch-threads 2  # float results whose summation order depends on threads
 
 clean:
 	rm -rf runs wandb lightning_logs .pytest_cache
