@@ -237,10 +237,26 @@ class EpochTimer(L.Callback):
 class GatedCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose monitored best (``best.ckpt``) counts only epochs with the gates on: an epoch of
     a module's dense warm-up (``in_dense_phase()``, see ``GatedClassifier(dense_epochs=...)``) is not a result
-    of the gated model, however good its accuracy. ``last.ckpt`` is written as usual."""
+    of the gated model, however good its accuracy.
+
+    With ``save_last``, ``last.ckpt`` is written at every save point (the end of every epoch by default), dense
+    epochs and epochs that do not improve the best included, so ``--ckpt_path last`` resumes from the newest
+    state; Lightning's ModelCheckpoint writes it only when a top-k checkpoint was written at the same step."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._last_written_step: int | None = None
 
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Tensor]) -> None:
         in_dense = getattr(trainer.lightning_module, "in_dense_phase", None)
-        if in_dense is not None and in_dense():
+        if in_dense is None or not in_dense():
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
+        self._save_last_checkpoint(trainer, monitor_candidates)
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Tensor]) -> None:
+        """Write ``last.ckpt`` once per global step (ModelCheckpoint asks again after a top-k save)."""
+        if self._last_written_step == trainer.global_step:
             return
-        super()._save_topk_checkpoint(trainer, monitor_candidates)
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            self._last_written_step = trainer.global_step

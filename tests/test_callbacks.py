@@ -70,3 +70,34 @@ def test_a_missed_flops_target_is_reported_loudly(tmp_path) -> None:
         trainer.test(module, dp.DigitsDataModule(batch_size=50), verbose=False)
     assert cb.reports["test"]["target_missed"]  # untrained gates: every channel is still open
     assert "WARNING: mean FLOPs 1.000 of dense missed the target 0.25" in format_report(cb.reports["test"])
+
+
+class _ConstantAccuracy(L.LightningModule):
+    """A linear model on digits whose logged val/acc never changes: no epoch after the first improves the best."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 10)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.fc(x.flatten(1)), y)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.log("val/acc", 0.5)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_last_checkpoint_is_the_last_epoch_even_when_the_best_does_not_move(tmp_path) -> None:
+    ckpt = dp.callbacks.GatedCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max", filename="best",
+                                        save_last=True)
+    trainer = L.Trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=1, callbacks=[ckpt],
+                        **quiet_trainer_kwargs(enable_checkpointing=True))
+    module = _ConstantAccuracy()
+    trainer.fit(module, dp.DigitsDataModule())
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    best = torch.load(tmp_path / "best.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"], best["epoch"]) == (2, 6, 0)
+    assert torch.equal(last["state_dict"]["fc.weight"], module.fc.weight)

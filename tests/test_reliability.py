@@ -21,7 +21,7 @@ from torch import nn
 import dynprune as dp
 from dynprune.cli import cli_main
 from dynprune.guard import CollapseGuard, GuardError, skippable_sites
-from dynprune.io import write_json
+from dynprune.io import read_checkpoint, write_json
 from dynprune.static import prune_model
 
 CONF = Path(__file__).parent / "conf"
@@ -97,6 +97,45 @@ def _resume_matches(tmp_path: Path, data: type[dp.DigitsDataModule]) -> None:
 
 def test_resume_from_last_checkpoint_gives_identical_weights_baseline_and_gates(tmp_path: Path) -> None:
     _resume_matches(tmp_path, dp.DigitsDataModule)
+
+
+def _warm_start_fit(root: Path, *args: str) -> Any:
+    """A CLI fit of 4 epochs (2 dense, then 2 gated, distilling from the dense snapshot) with a CSVLogger."""
+    return cli_main(["fit", "--config", str(CONF / "digits_sigmoid.yaml"), "--model.dense_epochs=2",
+                     "--model.distill=1.0", "--model.width_mult=0.5", "--trainer.max_epochs=4",
+                     "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+                     "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={root}",
+                     f"--trainer.default_root_dir={root}", "--flops.plot=false", "--flops.verbose=false", *args])
+
+
+@pytest.fixture(scope="module")
+def warm_start_full(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The final weights of an uninterrupted :func:`_warm_start_fit`; its last.ckpt is its last epoch."""
+    root = tmp_path_factory.mktemp("full")
+    full = _warm_start_fit(root)
+    final = read_checkpoint(root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
+    assert (final["epoch"], final["global_step"]) == (3, 8)  # the last epoch, whichever epoch was best
+    return full.model.state_dict()
+
+
+@pytest.mark.parametrize("kill", [1, 3], ids=["dense_epoch", "gated_epoch"])
+def test_interrupted_warm_start_resumes_from_last_through_the_cli(
+        warm_start_full: dict[str, torch.Tensor], tmp_path: Path, kill: int) -> None:
+    """last.ckpt is written at the end of every epoch, dense ones included: a run killed in epoch ``kill``
+    resumes with ``--ckpt_path last`` from the end of epoch ``kill - 1``, in the same run folder, and ends with
+    the weights of an uninterrupted run."""
+    root = tmp_path / "killed"
+    with pytest.raises(SystemError, match="killed"):
+        _warm_start_fit(root, '--trainer.callbacks+={"class_path": "test_reliability._Kill", '
+                              f'"init_args": {{"k": {kill}}}}}')
+    last = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert last.is_file(), "no last.ckpt after the completed epochs"
+    assert (read_checkpoint(last)["epoch"], read_checkpoint(last)["global_step"]) == (kill - 1, 2 * kill)
+    resumed = _warm_start_fit(root, "--ckpt_path=last")
+    assert resumed.trainer.ckpt_path == str(last) and resumed.trainer.global_step == 8
+    assert [p.name for p in (root / "lightning_logs").iterdir()] == ["version_0"]
+    different = [k for k, v in resumed.model.state_dict().items() if not torch.equal(v, warm_start_full[k])]
+    assert not different, different
 
 
 # -- loading ---------------------------------------------------------------------------------------
