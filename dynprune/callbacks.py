@@ -18,6 +18,8 @@ from dynprune.granularity.width import chosen_widths
 from dynprune.io import run_dir, save_figure, write_csv, write_json
 
 TARGET_TOLERANCE = 0.05
+HIST_BINS = 50  # bins of 0.02 of dense over the fixed range [0, 1]
+NEAR_STATIC_DYNAMIC_FRAC = 0.05  # below this fraction of dynamic units, masks are nearly one per model
 
 
 def flops_stats(flops: Tensor, dense: int) -> dict[str, float]:
@@ -56,10 +58,28 @@ def format_report(report: dict[str, Any]) -> str:
                          f"{row['effective_flops'] / 1e6:>13.3f}")
     if report.get("dependence"):
         lines.append(format_dependence(report["dependence"]))
+        lines += static_verdict(report["dependence"])
     for site, shares in (report.get("widths") or {}).items():
         cells = "  ".join(f"{w}: {share:.1%}" for w, share in shares.items())
         lines.append(f"  width chosen at {site}: {cells}")
     return "\n".join(lines)
+
+
+def static_verdict(dependence: dict[str, Any]) -> list[str]:
+    """Report lines, in words, for masks that are (nearly) the same for every input: when most gated sites apply
+    one mask to every input or fewer than ``NEAR_STATIC_DYNAMIC_FRAC`` of the units are dynamic, the model is
+    (nearly) static pruning; say so and name the options that give input dependence. [] otherwise."""
+    sites = dependence["sites"]
+    static = sum(s["unique_masks"] == 1 for s in sites)
+    dynamic = dependence["dynamic_frac"]
+    if not sites or (2 * static <= len(sites) and dynamic >= NEAR_STATIC_DYNAMIC_FRAC):
+        return []
+    kind = "static" if static == len(sites) else "nearly static"
+    return [f"  This model is {kind} pruning, not input-dependent computation: {static} of {len(sites)} gated sites "
+            f"apply one mask to every input and {dynamic:.1%} of the units are dynamic.",
+            "  For masks that depend on the input, train with batch shaping (--model.batch_shaping 3.0 "
+            "--model.batch_shaping_warmup 0.8) or a logit penalty (--model.logit_penalty 0.1); the README's "
+            "results compare both."]
 
 
 def width_histogram(pl_module: L.LightningModule, masks: dict[str, Tensor]) -> dict[str, dict[str, float]]:
@@ -197,18 +217,26 @@ class FlopsCallback(L.Callback):
 
     @staticmethod
     def _histogram(path: Path, ratios: Tensor, stage: str) -> None:
+        """Histogram of per-input FLOPs ratios (N,) on the fixed range [0, 1] of dense, so that a spread of a
+        few thousandths shows as the one bar it is, with p10/p90 marked and p90/p10 in the title."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        values = ratios.double().cpu()
+        p10, p90 = (float(q) for q in torch.quantile(values, torch.tensor([0.1, 0.9], dtype=values.dtype)))
+        spread = f"{p90 / p10:.2f}" if p10 > 0 else "inf"
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.hist(ratios.cpu().numpy(), bins=40, color="tab:blue")
-        ax.axvline(float(ratios.mean()), color="tab:red", ls="--", label=f"mean {float(ratios.mean()):.3f}")
+        ax.hist(values.numpy(), bins=HIST_BINS, range=(0.0, 1.0), color="tab:blue")
+        ax.axvline(float(values.mean()), color="tab:red", ls="--", label=f"mean {float(values.mean()):.3f}")
+        for q, value, style in (("p10", p10, ":"), ("p90", p90, "-.")):
+            ax.axvline(value, color="black", ls=style, lw=1, label=f"{q} {value:.3f}")
+        ax.set_xlim(0.0, 1.0)
         ax.set_xlabel("effective FLOPs / dense FLOPs (per input)")
         ax.set_ylabel("inputs")
-        ax.set_title(f"Per-input FLOPs ({stage})")
-        ax.legend()
+        ax.set_title(f"Per-input FLOPs ({stage}): p90/p10 = {spread}")
+        ax.legend(fontsize="small")
         save_figure(fig, path)
         plt.close(fig)
 
