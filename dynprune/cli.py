@@ -43,7 +43,7 @@ from dynprune.io import CheckpointError, atomic_write, read_checkpoint, run_dir
 LAST = "last.ckpt"
 EVAL_COMMANDS = ("validate", "test", "predict")
 TRAINING_ONLY = ("lam", "cost", "target", "target_loss", "optimizer", "lr", "momentum", "weight_decay", "gate_lr",
-                 "bn_recalibration", "hard_finetune", "init_from", "dense_epochs", "budget", "budget_width",
+                 "bn_recalibration", "hard_finetune", "init_from", "teacher", "dense_epochs", "budget", "budget_width",
                  "budget_anneal", "batch_shaping", "batch_shaping_warmup", "logit_penalty", "logit_penalty_warmup",
                  "distill", "distill_temperature", "width_targets", "frozen")
 

@@ -10,7 +10,6 @@ every method in a comparison shares one loop, optimiser and schedule.
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -23,35 +22,39 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from dynprune import backbones
+from dynprune.checks import check_number
 from dynprune.data import check_num_classes
 from dynprune.flops import FlopsProfile
 from dynprune.gates import list_gates
-from dynprune.granularity import resolve
-from dynprune.inject import collect_masks, gate_model, gates_disabled, gates_of, gating_info
-from dynprune.io import read_checkpoint
+from dynprune.granularity import Granularity, resolve
+from dynprune.inject import collect_masks, gate_model, gates_of, gating_info
 from dynprune.losses import distillation_loss
 from dynprune.objective import Objective
-from dynprune.optim import OPTIMIZERS, optimizer_and_schedule
+from dynprune.optim import check_optimizer_args, optimizer_and_schedule
 from dynprune.steps import ClassifierSteps
+from dynprune.teacher import check_teacher, freeze, teacher_from_checkpoint, warm_start
 from dynprune.trace import GATE_ATTR, trace_layers
 
 
-def _check_args(gate: str | None, optimizer: str, distill: float, init_from: str | None,
-                hard_finetune: float = 0.0, dense_epochs: int = 0) -> None:
-    if dense_epochs < 0 or (dense_epochs > 0 and gate is None):
-        raise ValueError(f"dense_epochs is a number of epochs (>= 0) before a gate starts, got {dense_epochs} "
-                         f"with gate={gate}")
-    if not 0.0 <= hard_finetune < 1.0:
-        raise ValueError(f"hard_finetune is a fraction of training in [0, 1), got {hard_finetune}")
+def _check_args(gate: str | None, teacher: str | nn.Module | None, dense_epochs: int, distill: float,
+                **numbers: float | None) -> None:
+    """The arguments of :class:`GatedClassifier` that the objective and the optimiser do not check themselves."""
     if gate is not None and gate not in list_gates():
         raise ValueError(f"unknown gate '{gate}'; choose one of: {', '.join(list_gates())} (or null)")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer '{optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
-    if distill < 0:
-        raise ValueError(f"distill weight must be >= 0, got {distill}")
-    if distill > 0 and init_from is None and dense_epochs == 0:
-        raise ValueError("distill > 0 distils from the dense model: set init_from to its checkpoint, or "
-                         "dense_epochs to train it first in the same run")
+    check_number("dense_epochs", dense_epochs, 0, integer=True)
+    if dense_epochs > 0 and gate is None:
+        raise ValueError(f"dense_epochs is a number of epochs (>= 0) before a gate starts, got {dense_epochs} "
+                         f"with gate={gate}")
+    check_number("distill", distill, 0)
+    if distill > 0 and teacher is None and dense_epochs == 0:
+        raise ValueError("distill > 0 needs a teacher: set teacher to a checkpoint path or an nn.Module, or "
+                         "dense_epochs to distil from the model as it is after its dense epochs")
+    check_number("hard_finetune (a fraction of training)", numbers["hard_finetune"], 0, 1, high_open=True)
+    check_number("bn_recalibration (batches)", numbers["bn_recalibration"], 0, integer=True)
+    check_number("width_targets", numbers["width_targets"], 0)
+    check_number("distill_temperature", numbers["distill_temperature"], 0, low_open=True)
+    if numbers["gate_lr"] is not None:
+        check_number("gate_lr", numbers["gate_lr"], 0, low_open=True)
 
 
 class GatedClassifier(ClassifierSteps, L.LightningModule):
@@ -60,17 +63,25 @@ class GatedClassifier(ClassifierSteps, L.LightningModule):
     Args:
         backbone: a registered backbone name, or an nn.Module (gated already or not).
         gate: gate family (``sigmoid``, ``l1``, ``policy``, ``gumbel``, ...) or None for a dense/static model.
-        granularity: ``channel``, ``block`` or a list of them (block gates outside, channel gates inside).
+        granularity: ``channel``, ``block``, ``width``, a list of them (block gates outside, channel gates
+            inside), or {name: {option: value}} for a granularity's options (e.g. ``{"width": {"widths": [0.5, 1]}}``).
         lam: weight of the cost penalty (>= 0).
         cost: ``flops`` (effective-FLOPs ratio) or ``count`` (mean kept fraction).
         target: if set, penalise the distance of the batch-mean cost to ``target`` instead of the cost.
         target_loss: ``abs`` (|c - t|) or ``squared`` ((c - t)^2).
         where: module-name patterns to gate (a list, or {granularity: list} with several granularities).
         gate_kwargs: e.g. ``{"reduction": 4, "init_bias": 3.0}``.
-        init_from: a checkpoint of a dense run of the same backbone to warm-start from.
+        init_from: a checkpoint of a dense run of the same backbone to warm-start from (weights only; it is not
+            a teacher unless also given as ``teacher``).
+        teacher: the model to distil from when ``distill`` > 0: a dynprune checkpoint path (its model is rebuilt
+            from the checkpoint's hyperparameters) or an nn.Module, of any architecture with the student's inputs
+            and classes. It is frozen, in eval mode, runs with its gates switched off if it is gated, is not a
+            submodule (not in ``state_dict``), and its weights are saved in every checkpoint, so a resumed run
+            distils from the same teacher.
         dense_epochs: the warm start inside one run: the first ``dense_epochs`` epochs train the backbone with
             its gates switched off (no cost terms), then the gates start, with a fresh cosine learning-rate
-            schedule and, if ``distill`` > 0, the model as it is at that moment as the frozen teacher. Every
+            schedule and, if ``distill`` > 0 and no ``teacher`` is given, the model as it is at that moment as
+            the frozen teacher. Every
             schedule of the gated objective (budget annealing, batch-shaping and logit-penalty decay,
             ``hard_finetune``) counts the gated epochs only.
         gate_lr: learning rate of gate parameters (default: 0.5 with SGD, 10 x ``lr`` with Adam: fast enough
@@ -92,8 +103,8 @@ class GatedClassifier(ClassifierSteps, L.LightningModule):
         logit_penalty: weight of the mean squared gate score G(x), decayed linearly to 0 over the first
             ``logit_penalty_warmup`` of training: keeps gates near their decision boundary while the network
             learns which inputs need which units (saturated scores give every input the same mask).
-        distill: weight of KL(teacher || student) from the frozen dense model of ``init_from`` or of the
-            end of the ``dense_epochs`` (0: off).
+        distill: weight of KL(teacher || student) from ``teacher``, or else from the model at the end of the
+            ``dense_epochs`` (0: off).
         distill_temperature: softmax temperature of distillation.
         frozen: module-name patterns kept in eval mode with frozen parameters during fit (default: none;
             every other part of the model is put in train mode at the start of each fit, whatever mode
@@ -104,7 +115,7 @@ class GatedClassifier(ClassifierSteps, L.LightningModule):
         self,
         backbone: str | nn.Module = "resnet20",
         gate: str | None = "sigmoid",
-        granularity: str | list[str] = "channel",
+        granularity: str | list[str] | dict[str, dict[str, Any] | None] = "channel",
         lam: float = 2.0,
         cost: str = "flops",
         target: float | None = None,
@@ -117,6 +128,7 @@ class GatedClassifier(ClassifierSteps, L.LightningModule):
         where: list[str] | dict[str, list[str]] | None = None,
         gate_kwargs: dict[str, float] | None = None,
         init_from: str | None = None,
+        teacher: str | nn.Module | None = None,
         dense_epochs: int = 0,
         optimizer: str = "sgd",
         lr: float = 0.1,
@@ -138,11 +150,17 @@ class GatedClassifier(ClassifierSteps, L.LightningModule):
         frozen: list[str] | None = None,
     ) -> None:
         super().__init__()
-        _check_args(gate, optimizer, distill, init_from, hard_finetune, dense_epochs)
+        _check_args(gate, teacher, dense_epochs, distill, hard_finetune=hard_finetune,
+                    bn_recalibration=bn_recalibration, width_targets=width_targets,
+                    distill_temperature=distill_temperature, gate_lr=gate_lr)
+        check_optimizer_args(optimizer, lr, momentum, weight_decay)
         self.objective = Objective(lam, cost, target, target_loss, budget, budget_width, budget_anneal,
                                    batch_shaping, batch_shaping_warmup, logit_penalty, logit_penalty_warmup)
-        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        self.save_hyperparameters(ignore=[k for k, v in (("backbone", backbone), ("teacher", teacher))
+                                          if isinstance(v, nn.Module)])
         if isinstance(backbone, str):
+            check_number("width_mult", width_mult, 0, low_open=True)
+            check_number("depth_mult", depth_mult, 0, low_open=True)
             model = backbones.create(backbone, num_classes, in_chans, input_size, width_mult, depth_mult)
         else:
             model = backbone
@@ -162,24 +180,27 @@ class GatedClassifier(ClassifierSteps, L.LightningModule):
         # some family trains with soft decisions: BN recalibration and the hard fine-tune phase apply
         self._soft_gates = self.gated and any(g.needs_bn_recalibration for g in gates_of(self.model).values())
         if init_from is not None:
-            self._warm_start(init_from)
-        teacher = self._make_teacher() if distill > 0 and not dense_epochs else None
-        object.__setattr__(self, "_teacher", teacher)  # not a submodule
+            warm_start(self.model, init_from)
+        if teacher is not None and distill > 0:
+            teacher = teacher_from_checkpoint(teacher, GatedClassifier) if isinstance(teacher, str) else freeze(teacher)
+            check_teacher(teacher, shape, num_classes)
+        object.__setattr__(self, "_teacher", teacher if distill > 0 else None)  # not a submodule
         self.train_acc = MulticlassAccuracy(num_classes)
         self.val_acc = MulticlassAccuracy(num_classes)
         self.test_acc = MulticlassAccuracy(num_classes)
 
-    def _gate(self, gate: str, granularities: list[str], where: list[str] | dict[str, list[str]] | None,
+    def _gate(self, gate: str, granularities: dict[str, Granularity], where: list[str] | dict[str, list[str]] | None,
               gate_kwargs: dict[str, float]) -> None:
         if isinstance(where, dict):
             unknown = set(where) - set(granularities)
             if unknown:
-                raise ValueError(f"where has keys {sorted(unknown)} that are not among granularity={granularities}")
+                raise ValueError(f"where has keys {sorted(unknown)} that are not among "
+                                 f"granularity={list(granularities)}")
         elif where is not None and len(granularities) > 1:
             raise ValueError("with several granularities, give where as {granularity: [patterns]}")
         for g in granularities:
             patterns = where.get(g) if isinstance(where, dict) else where
-            gate_model(self.model, gate, granularity=g, where=patterns, **gate_kwargs)
+            gate_model(self.model, gate, granularity=granularities[g], where=patterns, **gate_kwargs)
         self.gated = True
 
     @torch.no_grad()
@@ -195,25 +216,6 @@ class GatedClassifier(ClassifierSteps, L.LightningModule):
             self.model.train(was_training)
         if out.shape != (1, num_classes):
             raise ValueError(f"num_classes={num_classes} but the backbone outputs shape {tuple(out.shape[1:])}")
-
-    def _warm_start(self, path: str) -> None:
-        """Load a dense (or gated) checkpoint's backbone weights; only gate parameters may be missing."""
-        ckpt = read_checkpoint(path)
-        state = ckpt.get("state_dict", ckpt)
-        if any(k.startswith("model.") for k in state):
-            state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if GATE_ATTR not in k]
-        if missing or unexpected:
-            raise ValueError(f"init_from={path} does not match the backbone: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-
-    def _make_teacher(self) -> nn.Module:
-        """A frozen copy of the warm-started dense model (gates switched off), not a submodule."""
-        teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
-        if hasattr(teacher, "dynprune"):
-            teacher.dynprune.switch.enabled = False
-        return teacher
 
     def setup(self, stage: str) -> None:
         """Flush denormals: soft masks near 0 otherwise make CPU convolutions ~10x slower."""
@@ -247,7 +249,7 @@ class GatedClassifier(ClassifierSteps, L.LightningModule):
             return
         self.model.dynprune.switch.enabled = not self.in_dense_phase()
         if self.hparams.distill > 0 and self._teacher is None and not self.in_dense_phase():
-            object.__setattr__(self, "_teacher", self._make_teacher())
+            object.__setattr__(self, "_teacher", freeze(self.model))
 
     def on_fit_end(self) -> None:
         """Leave the gates on, whatever phase ``fit`` stopped in."""
@@ -270,18 +272,18 @@ class GatedClassifier(ClassifierSteps, L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the torch RNG state: stochastic gates sample from it, so a resumed run stays exact."""
         checkpoint["torch_rng_state"] = torch.get_rng_state()
-        if self._teacher is not None and self.hparams.dense_epochs:  # made in the run: not rebuildable
+        if self._teacher is not None:  # a resumed run distils from these weights, whatever the path holds by then
             checkpoint["dynprune_teacher"] = self._teacher.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the RNG state when resuming ``fit`` (not when only loading weights), and a teacher that
-        the run made at the end of its dense epochs."""
+        """Restore the RNG state when resuming ``fit`` (not when only loading weights), and the teacher's weights
+        (a teacher made from the model at the end of its dense epochs is made again first)."""
         if "torch_rng_state" in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
             torch.set_rng_state(checkpoint["torch_rng_state"])
-        if "dynprune_teacher" in checkpoint:
-            teacher = self._make_teacher()
-            teacher.load_state_dict(checkpoint["dynprune_teacher"])
-            object.__setattr__(self, "_teacher", teacher)
+        if "dynprune_teacher" in checkpoint and self.hparams.distill > 0:
+            if self._teacher is None:
+                object.__setattr__(self, "_teacher", freeze(self.model))
+            self._teacher.load_state_dict(checkpoint["dynprune_teacher"])
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) -> logits (N, num_classes)."""
@@ -385,7 +387,7 @@ class GatedClassifier(ClassifierSteps, L.LightningModule):
         metrics: dict[str, Any] = {"train/task_loss": loss.detach(), "train/acc": self.train_acc}
         teacher_logits = None
         if self._teacher is not None:
-            with torch.no_grad(), gates_disabled(self._teacher):
+            with torch.no_grad():
                 teacher_logits = self._teacher(x)
             kd = self.hparams.distill * distillation_loss(logits, teacher_logits, self.hparams.distill_temperature)
             loss = loss + kd

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dynprune.checks import check_number
 from dynprune.flops import FlopsProfile
 from dynprune.gates import Gate, GateContext
 from dynprune.losses import (
@@ -44,24 +45,19 @@ class Objective:
     logit_penalty_warmup: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.lam < 0:
-            raise ValueError(f"lam must be >= 0, got {self.lam}")
+        check_number("lam", self.lam, 0)
         if self.cost not in COSTS:
             raise ValueError(f"unknown cost '{self.cost}'; choose one of: {', '.join(COSTS)}")
-        if self.target is not None and not 0 < self.target <= 1:
-            raise ValueError(f"target (FLOPs ratio) must be in (0, 1], got {self.target}")
+        if self.target is not None:
+            check_number("target (FLOPs ratio)", self.target, 0, 1, low_open=True)
         if self.target_loss not in TARGET_LOSSES:
             raise ValueError(f"unknown target_loss '{self.target_loss}'; choose one of: {', '.join(TARGET_LOSSES)}")
-        if self.budget < 0 or self.batch_shaping < 0:
-            raise ValueError(f"budget and batch_shaping weights must be >= 0, got {self.budget}, {self.batch_shaping}")
+        for name in ("budget", "budget_width", "batch_shaping", "logit_penalty"):
+            check_number(name, getattr(self, name), 0)
+        for name in ("budget_anneal", "batch_shaping_warmup", "logit_penalty_warmup"):  # fractions of training
+            check_number(name, getattr(self, name), 0, 1, low_open=True)
         if self.budget > 0 and self.target is None:
             raise ValueError("budget > 0 bounds each layer around the FLOPs target: set target too")
-        if not 0 < self.batch_shaping_warmup <= 1 or not 0 < self.budget_anneal <= 1 \
-                or not 0 < self.logit_penalty_warmup <= 1:
-            raise ValueError("batch_shaping_warmup, logit_penalty_warmup and budget_anneal are fractions of "
-                             "training in (0, 1]")
-        if self.logit_penalty < 0:
-            raise ValueError(f"logit_penalty weight must be >= 0, got {self.logit_penalty}")
 
     def penalty(self, mean_cost: Tensor) -> Tensor:
         """lam * c, or lam * distance(c, target) in target mode, for the batch-mean cost c."""

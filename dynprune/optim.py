@@ -8,7 +8,18 @@ from typing import Any
 
 import torch
 
+from dynprune.checks import check_number
+
 OPTIMIZERS = ("sgd", "adam")
+
+
+def check_optimizer_args(optimizer: str, lr: float, momentum: float, weight_decay: float) -> None:
+    """The optimiser's name and numbers, checked when a task is built (not when training starts)."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer '{optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
+    check_number("lr", lr, 0, low_open=True)
+    check_number("momentum", momentum, 0, 1, low_open=optimizer == "sgd", high_open=True)  # nesterov needs > 0
+    check_number("weight_decay", weight_decay, 0)
 
 
 def optimizer_and_schedule(groups: Iterable[dict[str, Any]], optimizer: str, lr: float, momentum: float,

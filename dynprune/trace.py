@@ -214,6 +214,17 @@ def trace_model(model: nn.Module, example: Tensor) -> Trace:
     return Trace(infos, modules)
 
 
+def reaches_residual(layers: dict[str, LayerInfo], name: str) -> bool:
+    """Whether layer ``name``'s output reaches a residual addition downstream, through the layers it feeds
+    (then turning all its channels off skips a residual branch instead of cutting the network)."""
+
+    def reaches(current: str, seen: frozenset[str]) -> bool:
+        consumers = [i for i in layers.values() if i.producer == current and i.name not in seen]
+        return any(c.residual or reaches(c.name, seen | {current}) for c in consumers)
+
+    return name in layers and reaches(name, frozenset())
+
+
 def trace_layers(model: nn.Module, example: Tensor) -> dict[str, LayerInfo]:
     """LayerInfo per conv/linear of ``model``, in call order (see :func:`trace_model`)."""
     return trace_model(model, example).layers

@@ -1,12 +1,13 @@
 """Deep Compression (Han et al. 2016) on LeNet-300-100 and LeNet-5 with Fashion-MNIST.
 
 Trains each dense LeNet, then prunes (iterative per-layer magnitude pruning, rounds of +10% with
---prune-epochs of retraining each and --final-epochs after the last, per-layer keep ratios as Han et al.),
-shares weights by k-means (8 bits conv / 5 bits fc unless BITS says otherwise) with centroid fine-tuning,
-Huffman-codes the
-cluster indices and relative sparse indices, and decodes the streams back into a fresh model to
-measure the final accuracy. Writes, per model, ``deep_compression_<model>_stages.{csv,md}`` (Han's
-Table 1: accuracy and bytes after each stage) and ``..._layers.{csv,md}`` (Han's Tables 2-3).
+--prune-epochs of retraining each and --final-epochs after the last, per-layer keep ratios as Han et
+al.), shares weights by k-means (8 bits conv / 5 bits fc unless BITS says otherwise) with centroid
+fine-tuning, Huffman-codes the cluster indices and relative sparse indices, and decodes the streams
+back into a fresh model to measure the final accuracy. Every training and retraining runs through the
+project's Lightning loop (``GatedClassifier(gate=None)``, Adam, cosine per fit). Writes, per model,
+``deep_compression_<model>_stages.{csv,md}`` (Han's Table 1: accuracy and bytes after each stage) and
+``..._layers.{csv,md}`` (Han's Tables 2-3).
 
     python experiments/deep_compression.py --models lenet300_100 lenet5 --threads 1
 """
@@ -25,7 +26,7 @@ import dynprune.backbones as B
 from dynprune.compression import DeepCompressionConfig, deep_compression
 from dynprune.data import FASHION_MNIST_DIR, FashionMNISTDataModule
 from dynprune.io import to_markdown
-from dynprune.static import evaluate, train_epochs, write_table
+from dynprune.static import accuracy, finetune, write_table
 
 # Per-layer pruning targets in the spirit of Han et al. (first layers and the classifier kept denser).
 SPARSITY = {
@@ -75,12 +76,13 @@ def main() -> None:
     dm = FashionMNISTDataModule(args.data_dir, batch_size=128, train_subset=args.train_subset, seed=args.seed)
     dm.setup()
     summary = []
+    trainer = {"accelerator": "gpu" if args.device.startswith("cuda") else "cpu", "devices": 1}
     for name in args.models:
         torch.manual_seed(args.seed)
         start = time.time()
-        model = B.create(name).to(args.device)
-        train_epochs(model, dm.train_dataloader(), args.epochs, 1e-3, optimizer="adam")
-        print(f"{name}: dense test accuracy {100 * evaluate(model, dm.test_dataloader()):.2f}%")
+        model = B.create(name)
+        finetune(model, dm, args.epochs, 1e-3, optimizer="adam", trainer=trainer)
+        print(f"{name}: dense test accuracy {100 * accuracy(model, dm, trainer=trainer):.2f}%")
         cfg = DeepCompressionConfig(
             sparsity=args.sparsity or default_sparsity(name, model), prune_start=args.prune_start,
             prune_step=args.prune_step,
@@ -89,7 +91,7 @@ def main() -> None:
             bits=BITS[name], quant_epochs=args.quant_epochs,
             quant_lr=1e-4, seed=args.seed,
         )
-        result = deep_compression(model, dm.train_dataloader(), dm.test_dataloader(), cfg)
+        result = deep_compression(model, dm, cfg, trainer=trainer)
         title = f"Deep Compression, {name} on Fashion-MNIST (test accuracy %, bytes, ratio vs float32 dense)"
         write_table(result.stages, args.out / f"deep_compression_{name}{args.tag}_stages", title)
         write_table(result.layers, args.out / f"deep_compression_{name}{args.tag}_layers",

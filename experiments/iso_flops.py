@@ -164,8 +164,9 @@ def execute(job: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         row = run(static, dm, epochs, job["device"], dense_flops)
     else:
         variant = method.removeprefix("dynamic ")
-        module = dp.GatedClassifier(job["backbone"], lam=job["lam"], target=1 / ratio,
-                                    init_from=str(job["dense_path"]), lr=job["finetune_lr"], **VARIANTS[variant])
+        teacher = dense if VARIANTS[variant].get("distill", 0) > 0 else None  # the +kd recipes distil from it
+        module = dp.GatedClassifier(job["backbone"], lam=job["lam"], target=1 / ratio, init_from=str(job["dense_path"]),
+                                    teacher=teacher, lr=job["finetune_lr"], **VARIANTS[variant])
         row = run(module, dm, epochs, job["device"], dense_flops)
     row["seconds"] = round(time.time() - start, 1)
     return job, row

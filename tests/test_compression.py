@@ -27,7 +27,7 @@ from dynprune.compression import (
     shared_weights,
 )
 from dynprune.data import DigitsDataModule
-from dynprune.static import evaluate, prune_model, train_epochs, weight_layers
+from dynprune.static import accuracy, finetune, prune_model, weight_layers
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_centroid_finetuning_keeps_zeros_and_codebook_size(digits: DigitsDataMod
     dm.setup()
     model, zeros = _quantized_lenet5()
     before = {n: sw.centroids.detach().clone() for n, sw in shared_weights(model).items()}
-    train_epochs(model, dm.train_dataloader(), 1, 1e-2, weight_decay=1e-3)
+    finetune(model, dm, 1, 1e-2, weight_decay=1e-3)
     for name, m in weight_layers(model).items():
         w = m.weight.detach()
         assert torch.equal(w == 0, zeros[name]), name
@@ -135,18 +135,18 @@ def test_centroid_finetuning_keeps_zeros_and_codebook_size(digits: DigitsDataMod
 
 def test_compressed_model_decodes_exactly_and_keeps_accuracy(digits: DigitsDataModule) -> None:
     model = B.create("lenet300_100", input_size=8)
-    train_epochs(model, digits.train_dataloader(), 3, 1e-2, optimizer="adam")
+    finetune(model, digits, 3, 1e-2, optimizer="adam")
     prune_model(model, "l1_unstructured", {"net.1": 0.9, "net.3": 0.9, "net.5": 0.5})
     quantize_model(model, layer_bits(model, fc_bits=4))
     compressed = compress_model(model, layer_bits(model, fc_bits=3))
-    quantized_acc = evaluate(model, digits.test_dataloader())
+    quantized_acc = accuracy(model, digits)
     fresh = B.create("lenet300_100", input_size=8)
     compressed.decode_into(fresh)
     baked = bake(copy.deepcopy(model)).state_dict()
     assert fresh.state_dict().keys() == baked.keys()
     for name, tensor in fresh.state_dict().items():
         assert torch.equal(tensor, baked[name]), name
-    assert evaluate(fresh, digits.test_dataloader()) == quantized_acc
+    assert accuracy(fresh, digits) == quantized_acc
     layer = compressed.layers["net.1"]
     assert layer.fillers > 0 and layer.entries == 1920 + layer.fillers  # 10% of 64*300 kept, 3-bit gaps
     bits = layer.stage_bits()
@@ -161,10 +161,10 @@ def test_compressed_model_decodes_exactly_and_keeps_accuracy(digits: DigitsDataM
 
 def test_deep_compression_pipeline_table(digits: DigitsDataModule) -> None:
     model = B.create("lenet300_100", input_size=8)
-    train_epochs(model, digits.train_dataloader(), 3, 1e-2, optimizer="adam")
+    finetune(model, digits, 3, 1e-2, optimizer="adam")
     cfg = DeepCompressionConfig(sparsity={"net.1": 0.9, "net.3": 0.9, "net.5": 0.5}, prune_start=0.6,
                                 prune_step=0.3, prune_lr=3e-3, fc_bits=4, quant_lr=1e-3)
-    result = deep_compression(model, digits.train_dataloader(), digits.test_dataloader(), cfg, log=None)
+    result = deep_compression(model, digits, cfg, log=None)
     stages = {row["stage"]: row for row in result.stages}
     assert list(stages) == ["dense", "pruned", "quantized", "huffman"]
     assert stages["dense"]["bytes"] == 4 * (64 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10)

@@ -115,18 +115,36 @@ def test_objective_penalty_and_price() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"gate": "sigmod"}, "unknown gate 'sigmod'; choose one of: gumbel, l1, policy, sigmoid"),
-     ({"lam": -1.0}, "lam must be >= 0"),
-     ({"target": 1.5}, r"target .* must be in \(0, 1\]"),
+     ({"lam": -1.0}, "lam must be >= 0, got -1.0"),
+     ({"target": 1.5}, r"target .* must be in \(0, 1\], got 1.5"),
      ({"cost": "macs"}, "unknown cost 'macs'"),
      ({"target_loss": "huber"}, "unknown target_loss 'huber'; choose one of: abs, squared"),
      ({"budget": 1.0}, "budget > 0 bounds each layer around the FLOPs target"),
-     ({"distill": 1.0}, "distill > 0 distils from the dense model: set init_from"),
+     ({"distill": 1.0}, "distill > 0 needs a teacher: set teacher to a checkpoint path or an nn.Module, or "
+                        "dense_epochs"),
      ({"granularity": "stage"}, "unknown granularity 'stage'"),
      ({"backbone": "resnet21"}, "unknown backbone 'resnet21'")],
 )
 def test_bad_arguments_have_clear_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         dp.GatedClassifier(**{"backbone": "lenet5", **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("lam", float("nan")), ("lam", float("inf")), ("lam", -1.0), ("lr", -0.1), ("lr", float("nan")), ("lr", 0.0),
+     ("gate_lr", -1.0), ("momentum", -1.0), ("momentum", 1.0), ("weight_decay", -1e-4), ("weight_decay", float("inf")),
+     ("distill", float("nan")), ("distill_temperature", 0.0), ("bn_recalibration", -5), ("bn_recalibration", 2.5),
+     ("hard_finetune", float("nan")), ("dense_epochs", -1), ("target", float("nan")), ("budget_width", -0.1),
+     ("budget_anneal", 0.0), ("batch_shaping", float("inf")), ("logit_penalty", -1.0), ("logit_penalty_warmup", 1.5),
+     ("width_targets", float("nan")), ("width_mult", 0.0), ("depth_mult", float("nan"))],
+)
+def test_bad_numbers_are_errors_naming_the_argument_and_its_value(name: str, value: float) -> None:
+    """Through the Python API too (the CLI's types do not check ranges): nan, inf and out-of-range values raise
+    before training, with the argument, its value and the allowed range."""
+    kwargs = {"distill": 1.0, "dense_epochs": 1} if name == "distill_temperature" else {}
+    with pytest.raises(ValueError, match=rf"^{name}\b.* must be .*, got {value!r}$"):
+        dp.GatedClassifier("lenet5", **{**kwargs, name: value})
 
 
 @pytest.mark.numerics
@@ -204,12 +222,10 @@ def test_a_backbone_handed_over_in_eval_mode_trains_its_batchnorm() -> None:
 
 
 def _static_pruned() -> nn.Module:
-    """A structurally pruned ResNet-20 left in eval mode by ``dynprune.static.evaluate``."""
-    dm = dp.DigitsDataModule()
-    dm.setup()
+    """A structurally pruned ResNet-20 left in eval mode by ``dynprune.static.accuracy``."""
     model = dp.backbones.create("resnet20", input_size=8, width_mult=0.5)
     pruned = dp.static.remove_channels(dp.static.prune_model(model, "l1_structured", 0.5))
-    dp.static.evaluate(pruned, dm.val_dataloader())
+    dp.static.accuracy(pruned, dp.DigitsDataModule(), "val")
     assert not pruned.training
     return pruned
 
@@ -218,9 +234,9 @@ def _static_pruned() -> nn.Module:
 def test_distillation_is_zero_for_the_teacher_itself_and_positive_otherwise(tmp_path) -> None:
     dense = dp.GatedClassifier("resnet20", gate=None, input_size=8, width_mult=0.5)
     path = tmp_path / "dense.ckpt"
-    torch.save({"state_dict": dense.state_dict()}, path)
+    torch.save({"state_dict": dense.state_dict(), "hyper_parameters": dict(dense.hparams)}, path)
     module = dp.GatedClassifier("resnet20", gate="sigmoid", input_size=8, width_mult=0.5, init_from=str(path),
-                                distill=1.0, gate_kwargs={"init_bias": 20.0})
+                                teacher=str(path), distill=1.0, gate_kwargs={"init_bias": 20.0})
     x = torch.randn(4, 1, 8, 8)
     module.eval()
     with torch.no_grad():

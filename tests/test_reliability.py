@@ -232,7 +232,7 @@ def _val_epoch(guard: CollapseGuard, keep: dict[str, list[float]], epoch: int, a
         masks = {n: torch.tensor(v).unsqueeze(1) for n, v in keep.items()}
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr("dynprune.guard.gating_info",
-                       lambda m: SimpleNamespace(layers=layers, switch=SimpleNamespace(enabled=gates_on)))
+                       lambda m: SimpleNamespace(layers=layers, bypassed=[], switch=SimpleNamespace(enabled=gates_on)))
             mp.setattr("dynprune.guard.collect_masks", lambda m: masks)
             return _val_epoch_hooks(guard, trainer, SimpleNamespace(model=nn.Identity(), hparams={
                 "lam": 0.5, "target": None, "num_classes": 10}))

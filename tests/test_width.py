@@ -12,7 +12,7 @@ from conftest import assert_close_rounding, digits_masks_after_fit, quiet_traine
 from torch import nn
 
 import dynprune as dp
-from dynprune.callbacks import width_histogram
+from dynprune.granularity import report_sections
 from dynprune.granularity.width import chosen_widths
 from dynprune.hooks import PrefixMask
 
@@ -73,7 +73,7 @@ def test_lambda_moves_the_chosen_widths_down_on_digits() -> None:
 def test_flops_report_has_a_histogram_of_chosen_widths() -> None:
     module = dp.GatedClassifier("resnet20", gate="sigmoid", granularity="width", input_size=8, width_mult=0.5)
     masks = {"layer1.1": torch.tensor([[1, 0, 0], [0, 0, 0], [1, 1, 1], [1, 0, 1]], dtype=torch.bool)}
-    shares = width_histogram(module, masks)["layer1.1"]
+    shares = report_sections(dp.gating_info(module.model).sites, masks)["width chosen"]["layer1.1"]
     assert shares == {"0.25": 0.25, "0.5": 0.5, "0.75": 0.0, "1.0": 0.25}
 
 

@@ -1,5 +1,7 @@
-"""The backbone registry: ``@register_backbone("name")`` on a factory taking ``num_classes``, ``in_chans``,
-``input_size`` and, as keywords, only the options it supports (``width_mult``, ``depth_mult``, ...)."""
+"""The backbone registries: ``@register_backbone("name")`` on an image model's factory taking ``num_classes``,
+``in_chans``, ``input_size`` and, as keywords, only the options it supports (``width_mult``, ``depth_mult``,
+...); ``@register_language_model("name")`` on a token model's factory taking ``vocab_size``, ``block_size`` and
+its options. Two registries, because a language model takes token ids (N, T), not images (N, C, S, S)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from dynprune.registry import Registry
 
 BACKBONES: Registry[nn.Module] = Registry("backbone")
 register_backbone = BACKBONES.register
+LANGUAGE_MODELS: Registry[nn.Module] = Registry("language model")
+register_language_model = LANGUAGE_MODELS.register
 
 
 def scale_width(channels: int, width_mult: float, divisor: int = 1) -> int:

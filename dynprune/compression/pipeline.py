@@ -9,21 +9,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import lightning as L
 from torch import nn
-from torch.utils.data import DataLoader
 
 from dynprune.compression.codec import FLOAT_BITS, CompressedModel, compress_model
 from dynprune.compression.quantize import bake, layer_bits, quantize_model
+from dynprune.static.finetune import accuracy, finetune
 from dynprune.static.prune import Amount, weight_layers
 from dynprune.static.schedule import iterative_prune, sparsity_schedule
-from dynprune.static.train import evaluate, train_epochs
 
 
 @dataclass
 class DeepCompressionConfig:
     """Hyper-parameters of the three stages (sparsity per layer name or one float for all).
 
-    ``prune_epochs`` retrain after every pruning round, ``final_epochs`` more after the last one.
+    ``prune_epochs`` retrain after every pruning round, ``final_epochs`` more after the last one; every
+    retraining is one fit of the project's Lightning loop (``dynprune.static.finetune``), without weight decay.
     """
 
     sparsity: Amount = 0.9
@@ -58,29 +59,32 @@ def model_bits(model: nn.Module) -> int:
 
 
 def deep_compression(
-    model: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
-    config: DeepCompressionConfig | None = None, log: Any = print,
+    model: nn.Module, datamodule: L.LightningDataModule, config: DeepCompressionConfig | None = None,
+    log: Any = print, trainer: dict[str, Any] | None = None,
 ) -> DeepCompressionResult:
-    """Run the three stages on a trained ``model`` (modified in place: pruned, then quantized).
+    """Run the three stages on a trained ``model`` (modified in place: pruned, then quantized), retraining
+    through Lightning (``trainer``: extra ``L.Trainer`` kwargs, e.g. the accelerator).
 
-    Accuracy after Huffman coding is measured on a fresh copy decoded from the compressed streams.
+    Accuracies are on ``datamodule``'s test split; after Huffman coding, on a fresh copy decoded from the
+    compressed streams.
     """
     cfg = config or DeepCompressionConfig()
+    fit = {"optimizer": cfg.optimizer, "trainer": trainer}
     dense_bits = model_bits(model)
-    dense_acc = evaluate(model, test_loader)
+    dense_acc = accuracy(model, datamodule, trainer=trainer)
     targets = sparsity_schedule(cfg.sparsity, cfg.prune_start, cfg.prune_step)
-    iterative_prune(model, "l1_unstructured", targets, train_loader, test_loader, cfg.prune_epochs, cfg.prune_lr,
-                    log=log, optimizer=cfg.optimizer)
-    train_epochs(model, train_loader, cfg.final_epochs, cfg.prune_lr, optimizer=cfg.optimizer)
-    pruned_acc = evaluate(model, test_loader)
+    iterative_prune(model, "l1_unstructured", targets, datamodule, cfg.prune_epochs, cfg.prune_lr, log=log,
+                    split="test", **fit)
+    finetune(model, datamodule, cfg.final_epochs, cfg.prune_lr, **fit)
+    pruned_acc = accuracy(model, datamodule, trainer=trainer)
     quantize_model(model, layer_bits(model, cfg.conv_bits, cfg.fc_bits, cfg.bits), cfg.seed)
-    kmeans_acc = evaluate(model, test_loader)
-    train_epochs(model, train_loader, cfg.quant_epochs, cfg.quant_lr, optimizer=cfg.optimizer)
-    quant_acc = evaluate(model, test_loader)
+    kmeans_acc = accuracy(model, datamodule, trainer=trainer)
+    finetune(model, datamodule, cfg.quant_epochs, cfg.quant_lr, **fit)
+    quant_acc = accuracy(model, datamodule, trainer=trainer)
     compressed = compress_model(model, layer_bits(model, cfg.conv_index_bits, cfg.fc_index_bits))
     decoded = compressed.decode_into(bake(copy.deepcopy(model)))
     bits = compressed.stage_bits()
-    accs = {"pruned": pruned_acc, "quantized": quant_acc, "huffman": evaluate(decoded, test_loader)}
+    accs = {"pruned": pruned_acc, "quantized": quant_acc, "huffman": accuracy(decoded, datamodule, trainer=trainer)}
     stages = [_stage_row("dense", dense_acc, dense_bits, dense_bits)]
     stages += [_stage_row(stage, accs[stage], bits[stage], dense_bits) for stage in bits]
     stages[2]["acc_before_finetune"] = round(100 * kmeans_acc, 2)

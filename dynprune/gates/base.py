@@ -45,7 +45,8 @@ class GateContext:
 
 
 class Gate(nn.Module, ABC):
-    """Maps an input (N, C_in, ...) (channels on ``channel_dim``) to decisions (N, units) in [0, 1].
+    """Maps an input (N, C_in, ...) (channels on ``channel_dim``) to decisions (N, units) in [0, 1], or to
+    (N, T, units) with ``per_position`` (one decision per position, e.g. per token of (N, T, D)).
 
     Args:
         in_channels: channels of the gated module's input.
@@ -54,6 +55,8 @@ class Gate(nn.Module, ABC):
         init_bias: initial bias of the last fc; 3.0 means every gate starts ~95% open.
         min_hidden: smallest hidden width of G.
         channel_dim: dimension of the input that holds channels (1, or -1 for channels-last).
+        per_position: decide for every position (the dims other than batch and channels, flattened) instead
+            of pooling them.
     """
 
     needs_bn_recalibration: ClassVar[bool] = False
@@ -62,7 +65,7 @@ class Gate(nn.Module, ABC):
 
     def __init__(
         self, in_channels: int, units: int, reduction: int = 4, init_bias: float = 3.0,
-        min_hidden: int = 8, channel_dim: int = 1,
+        min_hidden: int = 8, channel_dim: int = 1, per_position: bool = False,
     ) -> None:
         super().__init__()
         if reduction < 1:
@@ -71,7 +74,7 @@ class Gate(nn.Module, ABC):
         self.fc1 = nn.Linear(in_channels, hidden)
         self.fc2 = nn.Linear(hidden, units)
         nn.init.constant_(self.fc2.bias, init_bias)
-        self.channel_dim = channel_dim
+        self.channel_dim, self.per_position = channel_dim, per_position
         self.mode: str | None = None
         self.forced: Tensor | None = None
         self.probs: Tensor | None = None
@@ -99,14 +102,15 @@ class Gate(nn.Module, ABC):
         return self.mode == "hard" or (self.mode is None and not self.training)
 
     def pool(self, x: Tensor) -> Tensor:
-        """Global average pool of every dim except batch and channels: -> (N, C_in)."""
+        """Global average pool of every dim except batch and channels: -> (N, C_in); with ``per_position``
+        the positions are kept instead: -> (N, T, C_in)."""
         if x.dim() <= 2:
             return x
-        x = x.movedim(self.channel_dim, -1)
-        return x.flatten(1, -2).mean(1)
+        x = x.movedim(self.channel_dim, -1).flatten(1, -2)
+        return x if self.per_position else x.mean(1)
 
     def logits(self, x: Tensor) -> Tensor:
-        """G(x): (N, C_in, ...) -> (N, units) pre-sigmoid scores."""
+        """G(x): (N, C_in, ...) -> (N, units) (or (N, T, units) per position) pre-sigmoid scores."""
         return self.fc2(self.fc1(self.pool(x)).relu())
 
     def forward(self, x: Tensor) -> Tensor:

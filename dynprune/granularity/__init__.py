@@ -5,11 +5,20 @@ from __future__ import annotations
 from dynprune.granularity import block, channel, width  # noqa: F401  (registers)
 from dynprune.granularity.base import (
     GRANULARITIES,
+    LAYOUTS,
+    FlopsTerms,
     Granularity,
+    Layout,
+    ModuleGranularity,
     Site,
+    create_granularity,
+    layout_of,
     list_granularities,
     register_granularity,
+    report_sections,
     resolve,
 )
 
-__all__ = ["GRANULARITIES", "Granularity", "Site", "list_granularities", "register_granularity", "resolve"]
+__all__ = ["GRANULARITIES", "LAYOUTS", "FlopsTerms", "Granularity", "Layout", "ModuleGranularity", "Site",
+           "create_granularity", "layout_of", "list_granularities", "register_granularity", "report_sections",
+           "resolve"]

@@ -11,6 +11,8 @@ input has zero channels outputs its bias.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -18,7 +20,8 @@ from torch import Tensor, nn
 from dynprune.gates.base import Gate
 from dynprune.hooks import apply_mask
 from dynprune.runtime.decide import decide, se_gate
-from dynprune.runtime.widths import WidthSlot
+from dynprune.runtime.widths import NestedSlots, WidthSlot
+from dynprune.runtime.wrap import Wrapper
 
 
 def conv_out_size(conv: nn.Conv2d, size: tuple[int, ...]) -> tuple[int, ...]:
@@ -40,22 +43,53 @@ def _take(t: Tensor, index: Tensor, dim: int = 0) -> Tensor:
     return t.index_select(dim, index)
 
 
-class ThinLayer(nn.Module):
-    """Runs ``layer`` (Conv2d or Linear, BN already folded) on kept channels only.
+@dataclass
+class Pack:
+    """What one layer runs for one set of kept output rows and present input columns (cached per mask).
 
-    Args:
-        layer: the folded layer; its weights are gathered per batch, never modified.
-        gate: decides this layer's output channels from its input (None: all kept; a WidthSlot: its block decided).
-        source: the ThinLayer whose thin output this layer reads (None: a full-width input).
-        scatter: write the kept channels back into a full-width zero tensor (the output has other readers).
+    ``rows``: kept output channels (None: all). A depthwise conv reading a thin input computes only the kept
+    rows whose input is present (``x_index``: their positions in the input, None: all of it); the other kept
+    rows are its bias, written around the computed ones (``fill``: (their positions, the bias of ``rows``)).
     """
 
-    def __init__(self, layer: nn.Module, gate: Gate | WidthSlot | None, source: ThinLayer | None,
-                 scatter: bool) -> None:
+    weight: Tensor
+    bias: Tensor | None
+    rows: Tensor | None
+    groups: int
+    x_index: Tensor | None = None
+    fill: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def numel(self) -> int:
+        """Elements held (the cache budget counts them)."""
+        return self.weight.numel() + (self.bias.numel() if self.bias is not None else 0)
+
+
+class ThinLayer(Wrapper):
+    """Runs ``layer`` (Conv2d or Linear, BN already folded) on kept channels only; other attributes
+    (``stride``, ``padding``, ``weight``, ...) read those of ``layer``.
+
+    Args:
+        layer: the folded layer; never modified. The weights it runs for a mask (kept rows, present input
+            columns) are gathered once into a contiguous :class:`Pack` and cached, least recently used first
+            out, up to ``cache_factor`` times the layer's weight size: a trained gate repeats few masks, so a
+            call usually gathers nothing.
+        gate: decides this layer's output channels from its input (None: all kept).
+        source: the ThinLayer whose thin output this layer reads (None: a full-width input).
+        scatter: write the kept channels back into a full-width zero tensor (the output has other readers).
+        narrow: the prefix chosen by the enclosing width blocks (None: not narrowed); with a gate too, a
+            channel runs when both keep it, as the masked model multiplies both masks.
+    """
+
+    wrapped = "layer"
+    cache_factor = 4
+
+    def __init__(self, layer: nn.Module, gate: Gate | None, source: ThinLayer | None, scatter: bool,
+                 narrow: WidthSlot | NestedSlots | None = None) -> None:
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             raise TypeError(f"ThinLayer runs Conv2d or Linear, got {type(layer).__name__}")
-        self.layer, self.gate, self.scatter = layer, gate, scatter
+        self.layer, self.gate, self.scatter, self.narrow = layer, gate, scatter, narrow
         object.__setattr__(self, "source", source)  # a reference, not a submodule
         self.is_conv = isinstance(layer, nn.Conv2d)
         self.dim = 1 if self.is_conv else -1
@@ -67,16 +101,25 @@ class ThinLayer(nn.Module):
         self.in_channels = layer.in_channels if self.is_conv else layer.in_features
         per_unit = 1
         if source is not None:
-            if self.is_conv and layer.groups != 1:
-                raise ValueError(f"a thin input needs groups=1, got groups={layer.groups}")
+            if self.is_conv and layer.groups != 1 and not self.depthwise:
+                raise ValueError(f"a thin input needs groups=1 or a depthwise conv, got groups={layer.groups}")
             if self.in_channels % source.out_channels:
                 raise ValueError(f"{self.in_channels} inputs are not a multiple of the source's "
                                  f"{source.out_channels} channels")
             per_unit = self.in_channels // source.out_channels
         self.register_buffer("unit_offsets", torch.arange(per_unit), persistent=False)
         self.kept: Tensor | None = None  # output channels present in the last output (None: all)
+        self.key: bytes | None = None  # identifies ``kept`` for the consumer's cache (None: all)
+        self.packs: dict[tuple[bytes | None, bytes | None], Pack] = {}
+        self.cached = 0
         self.pool_dims = (2, 3)
         self.se_gate = isinstance(gate, Gate) and se_gate(gate)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        """Casting or moving the layer drops the cached packs (they were gathered from the old weights)."""
+        self.packs.clear()
+        self.cached = 0
+        return super()._apply(fn, recurse)
 
     def input_columns(self) -> Tensor | None:
         """Indices of this layer's inputs present in its (thin) input; None when all are."""
@@ -86,10 +129,18 @@ class ThinLayer(nn.Module):
         return (kept[:, None] * len(self.unit_offsets) + self.unit_offsets).flatten()
 
     def decide(self, x: Tensor, cols: Tensor | None) -> tuple[Tensor, bool]:
-        """The gate's decisions (N, C_out) from the (thin) input, pooled then scattered to full width, and
-        whether they are binary (an unforced gate deciding hard: then a bool tensor, without bookkeeping)."""
-        if isinstance(self.gate, WidthSlot):  # decided by the enclosing block: nothing to pool
-            return self.gate.mask(), True
+        """The decisions (N, C_out) of the gate (from the (thin) input, pooled then scattered to full width) and
+        of the width prefix, and whether they are binary (an unforced gate deciding hard: a bool tensor)."""
+        prefix = self.narrow.mask() if self.narrow is not None else None
+        if self.gate is None:
+            return prefix, True
+        mask, binary = self.gate_decisions(x, cols)
+        if prefix is None:
+            return mask, binary
+        return (mask & prefix, True) if binary else (mask * prefix.to(mask.dtype), False)
+
+    def gate_decisions(self, x: Tensor, cols: Tensor | None) -> tuple[Tensor, bool]:
+        """The gate's decisions (N, C_out) from the (thin) input and whether they are binary."""
         if x.dim() > 2:
             pooled = x.mean(self.pool_dims) if self.is_conv else x.flatten(1, -2).mean(1)
         else:
@@ -101,35 +152,98 @@ class ThinLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Thin or full (N, C_in', ...) -> (N, C_out', ...); ``self.kept`` names the output channels present."""
         cols = self.input_columns()
-        weight, bias = self.layer.weight, self.layer.bias
-        rows = scale = None
-        if self.gate is not None:
+        mask = union = scale = None
+        if self.gate is not None or self.narrow is not None:
             mask, binary = self.decide(x, cols)
             if self.thinnable:
-                rows = (mask[0] if len(mask) == 1 else mask.any(0)).nonzero().flatten()
-                if len(rows) == self.out_channels:
-                    rows = None
-                else:
-                    weight, bias = _take(weight, rows), _take(bias, rows) if bias is not None else None
-            if not (binary and len(mask) == 1 and rows is not None):  # else: a thinned 0/1 row is all ones
-                kept = mask if rows is None else mask.index_select(1, rows)
+                union = mask[0] if len(mask) == 1 else mask.any(0)
+                union = union if binary else union != 0
+        pack = self.pack(union, cols)
+        if mask is not None:
+            if not (binary and len(mask) == 1 and pack.rows is not None):  # else: a thinned 0/1 row is all ones
+                kept = mask if pack.rows is None else mask.index_select(1, pack.rows)
                 if not bool(kept.all()) if binary else bool((kept != 1).any()):
                     scale = kept
-        if cols is not None:
-            weight = _take(weight, cols, dim=1)
-        groups = self.layer.groups if self.is_conv else 1
-        if self.depthwise and rows is not None:
-            x, groups = x.index_select(1, rows), len(rows)
-        out = self.run(x, weight, bias, groups)
+        if pack.x_index is not None:
+            x = x.index_select(1, pack.x_index)
+        out = self.run(x, pack.weight, pack.bias, pack.groups)
+        if pack.fill is not None:
+            index, bias = pack.fill
+            full = bias.view(1, -1, 1, 1).expand(out.shape[0], -1, *out.shape[2:]).contiguous()
+            out = full.index_copy_(1, index, out)
         if scale is not None:
             out = apply_mask(out, scale.to(out.dtype), self.dim)
+        rows, self.key = pack.rows, self.cache_key(union)
         if self.scatter and rows is not None:
-            full = list(out.shape)
-            full[self.dim] = self.out_channels
-            out = out.new_zeros(full).index_copy_(self.dim % out.dim(), rows, out)
-            rows = None
+            full_shape = list(out.shape)
+            full_shape[self.dim] = self.out_channels
+            out = out.new_zeros(full_shape).index_copy_(self.dim % out.dim(), rows, out)
+            rows = self.key = None
         self.kept = rows
         return out
+
+    @staticmethod
+    def cache_key(union: Tensor | None) -> bytes | None:
+        """Bytes naming a (C_out,) bool union of kept channels; None: no mask."""
+        return None if union is None else union.cpu().numpy().tobytes()
+
+    def pack(self, union: Tensor | None, cols: Tensor | None) -> Pack:
+        """The cached :class:`Pack` for this union of kept rows and the source's present columns."""
+        key = (self.cache_key(union), self.source.key if self.source is not None else None)
+        found = self.packs.pop(key, None)
+        if found is None:
+            found = self.gather(union, cols)
+            budget = self.cache_factor * self.layer.weight.numel()
+            while self.packs and self.cached + found.numel > budget:
+                self.cached -= self.packs.pop(next(iter(self.packs))).numel
+            if found.numel <= budget:
+                self.cached += found.numel
+            else:
+                return found
+        self.packs[key] = found  # (re)inserted last: the most recently used
+        return found
+
+    def gather(self, union: Tensor | None, cols: Tensor | None) -> Pack:
+        """Gather the weights for kept ``union`` (C_out,) bool (None: all) and present input ``cols``."""
+        weight, bias = self.layer.weight, self.layer.bias
+        groups = self.layer.groups if self.is_conv else 1
+        rows = None if union is None else union.nonzero().flatten()
+        if rows is not None and len(rows) == self.out_channels:
+            rows = None
+        if self.depthwise:
+            return self.gather_depthwise(rows, cols)
+        if rows is not None:
+            weight, bias = _take(weight, rows), _take(bias, rows) if bias is not None else None
+        if cols is not None:
+            weight = _take(weight, cols, dim=1)
+        return Pack(weight.contiguous(), bias.contiguous() if bias is not None else None, rows, groups)
+
+    def gather_depthwise(self, rows: Tensor | None, cols: Tensor | None) -> Pack:
+        """A depthwise conv computes the kept ``rows`` whose input channel is among ``cols``; the other kept
+        rows read an all-zero input channel and output their bias."""
+        weight, bias = self.layer.weight, self.layer.bias
+        n = self.out_channels
+        everything = torch.arange(n, device=weight.device)
+        out_set = everything if rows is None else rows
+        if cols is None:
+            both, x_index = out_set, rows
+        else:
+            present = torch.zeros(n, dtype=torch.bool, device=weight.device)
+            present[cols] = True
+            both = out_set[present[out_set]]
+            position = torch.full((n,), -1, dtype=torch.long, device=weight.device)
+            position[cols] = torch.arange(len(cols), device=weight.device)
+            x_index = position[both]
+            if len(x_index) == len(cols):  # every present column is computed, in order
+                x_index = None
+        fill = None
+        if len(both) < len(out_set):
+            position = torch.full((n,), -1, dtype=torch.long, device=weight.device)
+            position[out_set] = torch.arange(len(out_set), device=weight.device)
+            full_bias = bias[out_set] if bias is not None else weight.new_zeros(len(out_set))
+            fill = (position[both], full_bias.contiguous())
+        return Pack(weight[both].contiguous(), bias[both].contiguous() if bias is not None else None, rows,
+                    len(both), x_index, fill)
 
     def run(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
         """The layer with the gathered weights; zero output or input channels handled without calling it."""

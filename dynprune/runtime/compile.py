@@ -1,9 +1,10 @@
 """``compile_for_inference``: an eval-only copy of a model that executes only the compute it keeps.
 
 BatchNorms are folded into the layer before them (also in dense and statically pruned, physically thinned
-models). In a gated model, the dynprune hooks are removed and each site's module is replaced by an
-executor: channel sites by :class:`ThinLayer` (with the layer reading their output), block sites by
-:class:`SubBatchBlock`, width sites by :class:`WidthBlock` around ThinLayers that run weight prefixes.
+models). In a gated model, the dynprune hooks are removed and each site is run by the executor its
+granularity registers (:class:`~dynprune.runtime.executor.Executor`): the layers it gates or narrows run as
+:class:`ThinLayer` (with the layer reading their output), and its module may be wrapped (e.g. a block that
+runs on a sub-batch, or one that decides its width once). A granularity without an executor is refused, by name.
 The compiled model is checked against the original before it is returned, with the gates' own decisions
 and with forced mixed decisions at batch 1 and batch > 1.
 """
@@ -19,17 +20,20 @@ import torch
 from torch import Tensor, nn
 
 from dynprune.gates.base import Gate
+from dynprune.granularity import GRANULARITIES, list_granularities
 from dynprune.inject import gates_of, gating_info
-from dynprune.runtime.blocks import SubBatchBlock
 from dynprune.runtime.channels import ThinLayer
 from dynprune.runtime.fold import fold_batchnorm, set_submodule
-from dynprune.runtime.widths import WidthBlock, WidthSlot
+from dynprune.runtime.widths import NestedSlots, WidthSlot, layer_slots
 from dynprune.trace import LayerInfo
 
 if TYPE_CHECKING:
     from dynprune.granularity import Site
 
-SUPPORTED = ("block", "channel", "width")
+
+def compilable() -> list[str]:
+    """The registered granularities that register a runtime executor."""
+    return [n for n in list_granularities() if GRANULARITIES.get(n).executor is not None]
 
 
 class CompiledModel(nn.Module):
@@ -61,31 +65,55 @@ def compile_for_inference(
 ) -> CompiledModel:
     """An eval-only copy of ``model`` (left unchanged) with the same outputs that runs only the kept compute.
 
-    ``model``: dense, statically pruned, or gated by :func:`dynprune.gate_model` (granularities ``channel``,
-    ``block`` and ``width``). ``input_shape`` (C, H, W) defaults to ``model.input_shape``. Random batches of 1 and
-    ``check_batch`` inputs must agree within ``tol`` relative to the largest output, else RuntimeError.
+    ``model``: dense, statically pruned, or gated by :func:`dynprune.gate_model` at granularities that register
+    an executor (:func:`compilable`). ``input_shape`` (C, H, W) defaults to ``model.input_shape``, else to the shape
+    ``gate_model`` traced. Random batches of 1 and ``check_batch`` inputs must agree within ``tol`` relative to
+    the largest output, else RuntimeError.
     """
-    shape = tuple(input_shape or getattr(model, "input_shape", ()))
-    if not shape:
-        raise ValueError("pass input_shape=(C, H, W): the model has no `input_shape` attribute")
     sites = _sites(model)
-    unsupported = sorted({s.granularity for s in sites.values()} - set(SUPPORTED))
+    shape = tuple(input_shape or getattr(model, "input_shape", None) or
+                  (gating_info(model).flops.input_shape if sites else ()))
+    if not shape:
+        raise ValueError("pass input_shape=(C, H, W): the model has no `input_shape` attribute and is not gated")
+    unsupported = sorted({s.granularity for s in sites.values() if s.owner.executor is None})
     if unsupported:
-        raise NotImplementedError(f"cannot compile granularity {unsupported}; supported: {', '.join(SUPPORTED)}")
+        raise NotImplementedError(f"cannot compile granularity {unsupported}: it registers no runtime executor "
+                                  f"(Granularity.executor); compilable: {', '.join(compilable())}")
+    param = next(model.parameters(), None)
+    if param is None or not param.dtype.is_floating_point:
+        raise ValueError(f"compile_for_inference needs a model with floating-point parameters, got "
+                         f"{None if param is None else param.dtype}")
     was_training = model.training
     model.eval()
     try:
-        example = torch.randn(check_batch, *shape, device=next(model.parameters()).device)
-        compiled = _build(model, sites, example, thin=True)
+        example = torch.randn(check_batch, *shape, device=param.device)
+        if param.dtype == torch.float32:
+            return _compile_checked(model, sites, example, tol)
+        # Folding and the thin-passing check run in float32 (the precision gates are trained in), then the
+        # compiled copy is cast back and checked again with decisions forced (rounding may flip own ones).
+        compiled = _compile_checked(copy.deepcopy(model).float(), sites, example, tol).to(param.dtype)
+        low = example.to(param.dtype)
+        scaled = tol * max(1.0, torch.finfo(param.dtype).eps / torch.finfo(torch.float32).eps)
         try:
-            _check(model, compiled, sites, example, tol)
-        except RuntimeError as err:  # a thin output reached more than its one consumer: keep full widths
-            warnings.warn(f"thin channel passing disagrees with the masked model ({err}); gated layers scatter "
-                          "their kept channels back to full width instead", stacklevel=2)
-            compiled = _build(model, sites, example, thin=False)
-            _check(model, compiled, sites, example, tol)
+            _check(model, compiled, sites, low, scaled, own=False)
+        except RuntimeError as err:
+            raise RuntimeError(f"compiled in float32, the model cast back to {param.dtype} fails its check: {err}; "
+                               "compile and run the float32 model instead") from err
+        return compiled
     finally:
         model.train(was_training)
+
+
+def _compile_checked(model: nn.Module, sites: dict[str, Site], example: Tensor, tol: float) -> CompiledModel:
+    """Build with thin channel passing and check; if that disagrees, build with full-width outputs."""
+    compiled = _build(model, sites, example, thin=True)
+    try:
+        _check(model, compiled, sites, example, tol)
+    except RuntimeError as err:  # a thin output reached more than its one consumer: keep full widths
+        warnings.warn(f"thin channel passing disagrees with the masked model ({err}); gated layers scatter "
+                      "their kept channels back to full width instead", stacklevel=3)
+        compiled = _build(model, sites, example, thin=False)
+        _check(model, compiled, sites, example, tol)
     return compiled
 
 
@@ -111,58 +139,63 @@ def _build(model: nn.Module, sites: dict[str, Site], example: Tensor, thin: bool
         delattr(net.get_submodule(owner), child)
     if hasattr(net, "dynprune"):
         del net.dynprune
-    blocks = {n for n, s in sites.items() if s.granularity == "block"}
-    net, folded = fold_batchnorm(net, example[:1], keep=blocks)
-    channel = [n for n, s in sites.items() if s.granularity == "channel"]
-    slots = {name: {layer: WidthSlot(expand) for layer, expand in sites[name].expanders.items()}
-             for name, s in sites.items() if s.granularity == "width"}
-    narrowed = {layer: slot for per_site in slots.values() for layer, slot in per_site.items()}
-    if channel or narrowed:
-        _thin_layers(net, channel + list(narrowed), {**gates, **narrowed}, gating_info(model).layers, thin)
-    for name, per_site in slots.items():  # after the layers inside were replaced: their paths stay valid
-        set_submodule(net, name, WidthBlock(net.get_submodule(name), gates[name], list(per_site.values())))
-    for name in sorted(blocks, key=lambda n: -n.count(".")):  # inner blocks first: their paths stay valid
-        whole = sites[name].kind == "whole"
+    executors = {name: site.owner.executor for name, site in sites.items()}
+    net, folded = fold_batchnorm(net, example[:1], keep=set().union(*(executors[n].keep(s) for n, s in sites.items())))
+    gated = {layer: gate for n, s in sites.items() for layer, gate in executors[n].gated(s, gates[n]).items()}
+    slots = {n: executors[n].narrowed(s) for n, s in sites.items()}
+    narrowed = layer_slots(slots)
+    if gated or narrowed:
+        _thin_layers(net, gated, narrowed, gating_info(model).layers, thin)
+    for name in sorted(sites, key=lambda n: -n.count(".")):  # inner sites first: outer paths stay valid
         inner = [gates[n] for n in sites if n.startswith(name + ".")]
-        set_submodule(net, name, SubBatchBlock(net.get_submodule(name), gates[name], whole, inner))
+        wrapped = executors[name].wrap(net.get_submodule(name), sites[name], gates[name], inner, slots[name])
+        if wrapped is not None:
+            set_submodule(net, name, wrapped)
     return CompiledModel(net, folded, gates)
 
 
-def _thin_layers(net: nn.Module, channel: list[str], gates: dict[str, Gate], layers: dict[str, LayerInfo],
-                 thin: bool) -> None:
-    """Replace each channel site, and the one layer reading its output thin, by a ThinLayer (in call order)."""
+def _thin_layers(net: nn.Module, gates: dict[str, Gate], narrowed: dict[str, WidthSlot | NestedSlots],
+                 layers: dict[str, LayerInfo], thin: bool) -> None:
+    """Replace each layer gated per channel (``gates``) or narrowed by width sites, and the one layer reading
+    its output thin, by a ThinLayer (in call order)."""
+    channel = list(dict.fromkeys([*gates, *narrowed]))
     readers = {name: [i for i in layers.values() if i.producer == name] for name in channel}
     thin_source = {}
     for name in channel:
         consumer = readers[name][0] if len(readers[name]) == 1 else None
         module = net.get_submodule(consumer.name) if consumer else None
-        if (thin and consumer and consumer.calls == 1 and getattr(module, "groups", 1) == 1
+        groups = getattr(module, "groups", 1)
+        depthwise = groups > 1 and groups == consumer.in_channels == consumer.out_channels if consumer else False
+        if (thin and consumer and consumer.calls == 1 and (groups == 1 or depthwise)
                 and consumer.in_channels % layers[name].out_channels == 0):
             thin_source[consumer.name] = name
     executors: dict[str, ThinLayer] = {}
     for info in sorted(layers.values(), key=lambda i: i.order):
-        if info.name not in gates and info.name not in thin_source:
+        if info.name not in channel and info.name not in thin_source:
             continue
         source = executors[thin_source[info.name]] if info.name in thin_source else None
         scatter = info.name not in thin_source.values()
-        executors[info.name] = ThinLayer(net.get_submodule(info.name), gates.get(info.name), source, scatter)
+        executors[info.name] = ThinLayer(net.get_submodule(info.name), gates.get(info.name), source, scatter,
+                                         narrowed.get(info.name))
     for name, executor in executors.items():
         set_submodule(net, name, executor)
 
 
 @torch.no_grad()
-def _check(model: nn.Module, compiled: CompiledModel, sites: dict[str, Site], example: Tensor, tol: float) -> None:
-    """RuntimeError unless ``compiled`` matches ``model`` with the gates' decisions and with forced mixed ones."""
+def _check(model: nn.Module, compiled: CompiledModel, sites: dict[str, Site], example: Tensor, tol: float,
+           own: bool = True) -> None:
+    """RuntimeError unless ``compiled`` matches ``model`` with forced mixed decisions and (``own``) with the
+    gates' own decisions."""
     originals = gates_of(model) if sites else {}
     gen = torch.Generator().manual_seed(0)
-    trials: list[tuple[Tensor, dict[str, Tensor] | None]] = [(example, None)]
+    trials: list[tuple[Tensor, dict[str, Tensor] | None]] = [(example, None)] if own or not sites else []
     for x in (example[:1], example) if sites else ():
         forced = {}
         for name, site in sites.items():
             decisions = (torch.rand(len(x), site.units, generator=gen) < 0.5).float()
             if len(x) > 1:  # every unit on for one input, every unit off for another
                 decisions[0], decisions[1] = 1.0, 0.0
-            forced[name] = decisions.to(x.device)
+            forced[name] = decisions.to(x.device, x.dtype)
         trials.append((x, forced))
     for x, forced in trials:
         before = {name: gate.forced for name, gate in originals.items()}

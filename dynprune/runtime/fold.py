@@ -14,13 +14,17 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from dynprune.runtime.wrap import Wrapper
 from dynprune.trace import trace_layers
 
 
 def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted ``path`` of ``model`` by ``module``."""
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+    """Replace the submodule at dotted ``path`` of ``model`` by ``module`` (through executors wrapping its parents)."""
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    while isinstance(parent, Wrapper) and child not in parent._modules:
+        parent = parent._modules[parent.wrapped]
+    setattr(parent, child, module)
 
 
 @torch.no_grad()

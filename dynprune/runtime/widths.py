@@ -3,21 +3,29 @@ narrows runs on the first ceil(w * C) output channels only (a contiguous slice o
 
 :class:`WidthBlock` decides once from the block input and publishes the units; each narrowed layer is a
 :class:`~dynprune.runtime.channels.ThinLayer` whose gate is a :class:`WidthSlot` that expands those units to
-its own prefix mask. At batch > 1 a layer computes the widest width any input chose and masks the rest, as
-the masked model does.
+its own prefix mask. A layer narrowed by nested width sites (a stage and its only block) runs the
+intersection of their prefixes (:class:`NestedSlots`), as the masked model multiplies their masks. At
+batch > 1 a layer computes the widest width any input chose and masks the rest, as the masked model does.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor, nn
 
 from dynprune.gates.base import Gate
 from dynprune.hooks import PrefixMask
 from dynprune.runtime.decide import decide, se_gate
+from dynprune.runtime.wrap import Wrapper
 
 
-class WidthBlock(nn.Module):
-    """Runs ``block`` after deciding its inputs' widths (N, K-1) with ``gate`` into ``slots``."""
+class WidthBlock(Wrapper):
+    """Runs ``block`` after deciding its inputs' widths (N, K-1) with ``gate`` into ``slots``; other attributes
+    read those of ``block``."""
+
+    wrapped = "block"
 
     def __init__(self, block: nn.Module, gate: Gate, slots: list[WidthSlot]) -> None:
         super().__init__()
@@ -25,12 +33,13 @@ class WidthBlock(nn.Module):
         self.slots = slots  # plain references: each slot belongs to its ThinLayer
         self.se_gate = se_gate(gate)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(N, ...) -> the block's output with its layers narrowed to the chosen widths."""
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """(N, ...) -> the block's output with its layers narrowed to the chosen widths (further arguments
+        passed on)."""
         units, _ = decide(self.gate, self.gate.pool(x), self.se_gate)
         for slot in self.slots:
             slot.units = units
-        return self.block(x)
+        return self.block(x, *args, **kwargs)
 
 
 class WidthSlot(nn.Module):
@@ -47,3 +56,27 @@ class WidthSlot(nn.Module):
         if self.units is None:
             raise RuntimeError("a width slot runs only inside its WidthBlock, which decides the widths first")
         return self.expander(self.units.float()) != 0
+
+
+class NestedSlots(nn.Module):
+    """The slots of nested width sites narrowing one layer: the layer keeps the channels all of them keep."""
+
+    def __init__(self, slots: list[WidthSlot]) -> None:
+        super().__init__()
+        self.slots = nn.ModuleList(slots)
+
+    def mask(self) -> Tensor:
+        """The intersection (N, C) of the slots' prefix masks: again a prefix."""
+        out = self.slots[0].mask()
+        for slot in self.slots[1:]:
+            out = out & slot.mask()
+        return out
+
+
+def layer_slots(slots: Mapping[str, Mapping[str, WidthSlot]]) -> dict[str, WidthSlot | NestedSlots]:
+    """{layer: what narrows it} from {width site: {layer: its slot}}: one slot, or the nested sites' slots."""
+    per_layer: dict[str, list[WidthSlot]] = {}
+    for per_site in slots.values():
+        for layer, slot in per_site.items():
+            per_layer.setdefault(layer, []).append(slot)
+    return {layer: found[0] if len(found) == 1 else NestedSlots(found) for layer, found in per_layer.items()}

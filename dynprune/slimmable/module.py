@@ -19,8 +19,9 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from dynprune import backbones
+from dynprune.checks import check_number
 from dynprune.flops import FlopsProfile, count_flops
-from dynprune.optim import optimizer_and_schedule
+from dynprune.optim import check_optimizer_args, optimizer_and_schedule
 from dynprune.slimmable.convert import ThinBackbone, make_slimmable, set_width, spec_of
 from dynprune.steps import ClassifierSteps
 from dynprune.trace import trace_layers
@@ -73,10 +74,9 @@ class SlimmableClassifier(ClassifierSteps, L.LightningModule):
             raise ValueError(f"unknown rule '{rule}'; choose one of: {', '.join(RULES)}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"unknown reduction '{reduction}'; choose one of: {', '.join(REDUCTIONS)}")
-        if num_random < 0 or temperature <= 0:
-            raise ValueError(f"num_random must be >= 0 and temperature > 0, got {num_random}, {temperature}")
-        if optimizer not in ("sgd", "adam"):
-            raise ValueError(f"unknown optimizer '{optimizer}'; choose one of: adam, sgd")
+        check_number("num_random", num_random, 0, integer=True)
+        check_number("temperature", temperature, 0, low_open=True)
+        check_optimizer_args(optimizer, lr, momentum, weight_decay)
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         if isinstance(backbone, str):
             kwargs = dict(num_classes=num_classes, in_chans=in_chans, input_size=input_size, depth_mult=depth_mult)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning as L
-from torch import nn
+from torch import Tensor, nn
 
 from dynprune.flops import count_flops
 from dynprune.static.channel_removal import remove_channels
@@ -37,6 +37,12 @@ class StaticPruning(L.Callback):
         self.method, self.targets = method, sparsity_schedule(final, start, step)
         self.start_epoch, self.every_n_epochs = start_epoch, every_n_epochs
         self.rounds_done = 0
+        self._batch: tuple[Tensor, Tensor] | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object,
+                           batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Keep the latest training batch: gradient criteria (``taylor``) score channels on it."""
+        self._batch = (batch[0].detach(), batch[1].detach())
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Apply the next pruning round when this epoch is a pruning epoch."""
@@ -45,7 +51,7 @@ class StaticPruning(L.Callback):
             return
         model = getattr(pl_module, "model", pl_module)
         shape = _module_input_shape(pl_module, model)
-        prune_model(model, self.method, self.targets[self.rounds_done], shape)
+        prune_model(model, self.method, self.targets[self.rounds_done], shape, self._batch)
         self.rounds_done += 1
         pl_module.static_flops = physical_flops(model, shape)
         pl_module.log_dict({"prune/sparsity": global_sparsity(model), "prune/round": float(self.rounds_done),

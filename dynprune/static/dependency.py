@@ -1,22 +1,27 @@
-"""Channel groups of any model, from Torch-Pruning's ``DependencyGraph``.
+"""Channel groups of any model, read off Torch-Pruning's ``DependencyGraph`` (the one graph analysis
+that static pruning uses).
 
-A group is the set of output channels of a root conv / linear layer together with every parameter
-coupled to them: the root's bias, the BatchNorm after it, a depthwise conv that reads them, the other
-producers of a residual sum they join, and the inputs of every consumer. Static structured pruning
-masks a group's *producing* parameters (weight rows, bias, norm affine), so a pruned channel outputs
-exactly zero everywhere; physical removal slices the whole group, which then computes the same
-function.
+A group is Torch-Pruning's: the output channels of a root conv / linear layer with every parameter
+coupled to them (the root's bias, the norm after it, a depthwise conv that reads them, the other
+producers of a residual sum they join, the inputs of every consumer). ``ChannelGroup`` keeps the
+*producing* members (weight rows, biases, norm affine entries): structured pruning masks those, so a
+pruned channel outputs exactly zero everywhere, and physical removal (``prune_group``) slices the whole
+group, which then computes the same function.
 
-Torch-Pruning follows any traced model, but not every op it meets maps channel indices as it assumes
-(e.g. ``F.pad`` over channels in a ResNet option-A shortcut), and a grouped (not depthwise) conv cannot
-lose single channels. So each group is *checked*: one channel
-is masked in one copy and removed in another, and a group whose two copies disagree (or whose removal
-fails) is left out. A model without any checked group raises ``ValueError``.
+A grouped (not depthwise) conv among the members or consumers splits the root channels into
+``conv_groups`` equal blocks that must lose the same offsets, as Torch-Pruning's pruners do
+(channels ``c`` and ``c + k * C / conv_groups`` go together); depthwise convs follow their input.
+
+Torch-Pruning follows any traced model, but not every op maps channel indices as it assumes (e.g.
+``F.pad`` over channels in a ResNet option-A shortcut). So each group is *checked*: one offset is masked
+in one copy and removed in another, and a group whose two copies disagree (or whose removal fails) is
+left out with a warning. A model without any checked group raises ``ValueError``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,11 +47,26 @@ class Member:
 
 @dataclass(frozen=True, eq=False)
 class ChannelGroup:
-    """The ``channels`` output channels of layer ``root`` and the ``members`` that produce them."""
+    """The ``channels`` output channels of layer ``root``, the ``members`` that produce them, and the
+    number of equal blocks (``conv_groups``) that a grouped conv splits them into."""
 
     root: str
     channels: int
     members: tuple[Member, ...]
+    conv_groups: int = 1
+
+    @property
+    def block(self) -> int:
+        """Channels per block: the unit that pruning chooses offsets in."""
+        return self.channels // self.conv_groups
+
+    def expand(self, offsets: Tensor) -> Tensor:
+        """(C,) bool: the (C / conv_groups,) bool ``offsets`` repeated in every block."""
+        return offsets.repeat(self.conv_groups)
+
+    def offsets(self, channels: Tensor) -> Tensor:
+        """(C / conv_groups,) bool: offsets selected in *every* block by the (C,) bool ``channels``."""
+        return channels.reshape(self.conv_groups, self.block).all(0)
 
     def member_rows(self, channels: Tensor) -> dict[str, Tensor]:
         """{member name: rows to zero / remove} for the (C,) bool selection ``channels`` of the root."""
@@ -90,10 +110,15 @@ def dependency_graph(model: nn.Module, input_shape: Sequence[int]) -> tp.Depende
         model.train(was_training)
 
 
+def tp_group(graph: tp.DependencyGraph, model: nn.Module, root: str, channels: Sequence[int]) -> tp.Group:
+    """Torch-Pruning's group of output ``channels`` of layer ``root`` (what its importances score)."""
+    layer = model.get_submodule(root)
+    return graph.get_pruning_group(layer, graph.get_pruner_of_module(layer).prune_out_channels, list(channels))
+
+
 def prune_group(graph: tp.DependencyGraph, model: nn.Module, root: str, channels: Sequence[int]) -> None:
     """Physically remove output ``channels`` of layer ``root`` and everything coupled to them, in place."""
-    layer = model.get_submodule(root)
-    graph.get_pruning_group(layer, graph.get_pruner_of_module(layer).prune_out_channels, list(channels)).prune()
+    tp_group(graph, model, root, channels).prune()
 
 
 def channel_groups(model: nn.Module, input_shape: Sequence[int] | None = None) -> list[ChannelGroup]:
@@ -102,17 +127,19 @@ def channel_groups(model: nn.Module, input_shape: Sequence[int] | None = None) -
     key = (type(model), shape, tuple((n, type(m), m.extra_repr()) for n, m in model.named_modules()))
     if key not in _CACHE:
         folded = fold_masks(model)
-        candidates = _candidate_groups(folded, shape)
+        candidates, unfit = _candidate_groups(folded, shape)
         checks = _removal_matches(folded, candidates, shape)
         good = [g for g, ok in zip(candidates, checks, strict=True) if ok]
+        left_out = unfit + [g.root for g, ok in zip(candidates, checks, strict=True) if not ok]
         if not good:
             raise ValueError(f"no channel group of {type(model).__name__} can be removed without changing its "
-                             f"outputs (checked: {', '.join(g.root for g in candidates) or 'none found'})")
-        _CACHE[key] = (good, [g.root for g, ok in zip(candidates, checks, strict=True) if not ok])
+                             f"outputs (checked: {', '.join(left_out) or 'none found'})")
+        _CACHE[key] = (good, left_out)
     good, left_out = _CACHE[key]
     if left_out:  # the warnings module shows it once per call site
         warnings.warn(f"channel groups rooted at {left_out} are not prunable: removing one of their channels "
-                      "fails or changes the outputs (e.g. a grouped conv, or F.pad over channels)", stacklevel=2)
+                      "fails or changes the outputs (e.g. F.pad over channels, or an op that is not zero at 0)",
+                      stacklevel=2)
     return good
 
 
@@ -131,11 +158,18 @@ def _output_layers(model: nn.Module, shape: tuple[int, ...]) -> list[nn.Module]:
     return [found] if found is not None else []
 
 
-def _candidate_groups(model: nn.Module, shape: tuple[int, ...]) -> list[ChannelGroup]:
-    """Every Torch-Pruning group rooted at a conv / linear whose producing members can all be masked."""
+def _conv_groups(modules: list[nn.Module]) -> int:
+    """Least common multiple of the ``groups`` of the grouped, not depthwise, convs among ``modules``."""
+    return math.lcm(1, *(m.groups for m in modules if isinstance(m, nn.modules.conv._ConvNd)
+                         and 1 < m.groups < m.out_channels))
+
+
+def _candidate_groups(model: nn.Module, shape: tuple[int, ...]) -> tuple[list[ChannelGroup], list[str]]:
+    """Every Torch-Pruning group rooted at a conv / linear whose producing members can all be masked,
+    and the roots of the groups whose channels the grouped convs in them cannot split evenly."""
     graph = dependency_graph(model, shape)
     names = {m: n for n, m in model.named_modules()}
-    groups = []
+    groups, unfit = [], []
     for group in graph.get_all_groups(ignored_layers=_output_layers(model, shape),
                                       root_module_types=(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
         members, maskable = [], True
@@ -145,11 +179,16 @@ def _candidate_groups(model: nn.Module, shape: tuple[int, ...]) -> list[ChannelG
                 continue  # inputs of consumers and Torch-Pruning's own op nodes need no mask
             maskable &= isinstance(module, MASKABLE)
             members.append(Member(names[module], torch.as_tensor(item.idxs), torch.as_tensor(item.root_idxs)))
-        root = group[0].dep.target.module
-        if maskable and members:
-            groups.append(ChannelGroup(names[root], len(group[0].idxs), tuple(members)))
+        root, channels = names[group[0].dep.target.module], len(group[0].idxs)
+        conv_groups = _conv_groups([item.dep.target.module for item in group])
+        if not (maskable and members):
+            continue
+        if channels % conv_groups:
+            unfit.append(root)
+        else:
+            groups.append(ChannelGroup(root, channels, tuple(members), conv_groups))
     order = {n: i for i, n in enumerate(names.values())}
-    return sorted(groups, key=lambda g: order[g.root])
+    return sorted(groups, key=lambda g: order[g.root]), unfit
 
 
 def zero_rows(model: nn.Module, rows: dict[str, Tensor]) -> None:
@@ -163,7 +202,7 @@ def zero_rows(model: nn.Module, rows: dict[str, Tensor]) -> None:
 
 
 def _removal_matches(folded: nn.Module, groups: list[ChannelGroup], shape: tuple[int, ...]) -> list[bool]:
-    """Per group: masking its middle channel and removing it give the same outputs (random input).
+    """Per group: masking its middle offset (in every block) and removing it give the same outputs.
 
     Groups are tried together and a failing set is split in halves (group testing), restoring the
     modules that Torch-Pruning changed in place after each try (one traced graph for all tries).
@@ -177,10 +216,11 @@ def _removal_matches(folded: nn.Module, groups: list[ChannelGroup], shape: tuple
         masked = copy.deepcopy(folded).eval()
         try:
             for g in tried:
-                one = torch.zeros(g.channels, dtype=torch.bool)
-                one[g.channels // 2] = True
+                middle = torch.zeros(g.block, dtype=torch.bool)
+                middle[g.block // 2] = True
+                one = g.expand(middle)
                 zero_rows(masked, g.member_rows(one))
-                prune_group(graph, removed, g.root, [g.channels // 2])
+                prune_group(graph, removed, g.root, one.nonzero().flatten().tolist())
             with torch.no_grad():
                 want, got = masked(x), removed(x)
         except (RuntimeError, ValueError, IndexError, AssertionError):

@@ -7,42 +7,54 @@ sequence of calls, and each layer ends at exactly ``round(fraction * units)`` pr
 
 - unstructured (units = weights of every Conv2d / Linear): ``l1_unstructured``,
   ``random_unstructured`` (per layer), ``global_l1_unstructured``, ``global_random_unstructured``;
-- structured (units = output channels of each ``ChannelGroup`` root, see ``dependency.py``; amounts
-  by root name): ``l1_structured``, ``l2_structured`` (Ln norm of the root's filters, Li et al.),
-  ``random_structured``, and ``group_norm`` (Torch-Pruning's group L2-norm importance over every
-  coupled parameter). Structured methods mask every producing parameter of a group (weight rows, bias,
-  norm affine), so a pruned channel outputs exactly zero and ``remove_channels`` can drop it without
-  changing the outputs.
+- structured (units = output channels of each ``ChannelGroup``, Torch-Pruning's dependency groups, see
+  ``dependency.py``; amounts by root name), one per criterion, each a Torch-Pruning importance:
+  ``l1_structured``, ``l2_structured`` (Ln norm of the root's filters, Li et al.), ``random_structured``,
+  ``group_norm`` (group L2 norm over every coupled parameter) and ``taylor`` (first-order Taylor,
+  Molchanov et al.; needs a labelled ``batch``). Structured methods mask every producing parameter of a
+  group (weight rows, bias, norm affine), so a pruned channel outputs exactly zero and
+  ``remove_channels`` can drop it without changing the outputs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from functools import cache, partial
+from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from dynprune.registry import Registry
-from dynprune.static.dependency import ChannelGroup, channel_groups, dependency_graph, input_shape_of
+from dynprune.static.dependency import (
+    ChannelGroup,
+    channel_groups,
+    dependency_graph,
+    fold_masks,
+    input_shape_of,
+    tp_group,
+)
 
 Amount = float | Mapping[str, float]
+Batch = tuple[Tensor, Tensor]
 PRUNERS: Registry[None] = Registry("pruning method")
 register_pruner = PRUNERS.register
 
 
 def prune_model(
     model: nn.Module, method: str, amount: Amount, input_shape: Sequence[int] | None = None,
+    batch: Batch | None = None,
 ) -> nn.Module:
     """Prune ``model`` in place with registered ``method`` up to total sparsity ``amount``; returns it.
 
     Structured methods trace the model on one (1, *input_shape) input; ``input_shape`` defaults to
-    ``model.input_shape`` (set by ``dynprune.backbones.create``).
+    ``model.input_shape`` (set by ``dynprune.backbones.create``). ``batch`` ((N, *input_shape) inputs, (N,)
+    labels) is read by gradient criteria (``taylor``) only.
     """
-    PRUNERS.get(method)(model, amount, input_shape)
+    PRUNERS.get(method)(model, amount, input_shape, batch)
     return model
 
 
@@ -82,13 +94,13 @@ def _zeros(module: nn.Module) -> int:
     return int((mask == 0).sum()) if mask is not None else 0
 
 
-def _per_layer_unstructured(fn: Callable[..., nn.Module], model: nn.Module, amount: Amount, _: object) -> None:
+def _per_layer_unstructured(fn: Callable[..., nn.Module], model: nn.Module, amount: Amount, *_: object) -> None:
     for name, (m, frac) in _targets(weight_layers(model), amount).items():
         fn(m, "weight", amount=_extra(_zeros(m), m.weight.numel(), frac, name))
 
 
 def _global_unstructured(
-    method: type[prune.BasePruningMethod], model: nn.Module, amount: Amount, _: object,
+    method: type[prune.BasePruningMethod], model: nn.Module, amount: Amount, *_: object,
 ) -> None:
     if isinstance(amount, Mapping):
         raise ValueError("global pruning takes one float amount, not a per-layer mapping")
@@ -100,7 +112,27 @@ def _global_unstructured(
     )
 
 
-Score = Callable[[nn.Module, ChannelGroup, Callable[[], tp.DependencyGraph]], Tensor]
+CRITERIA: Registry[tp.importance.Importance] = Registry("structured criterion")
+_NEEDS_BATCH: set[str] = set()
+
+
+def register_criterion(name: str, needs_batch: bool = False) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
+    """Register a factory of a Torch-Pruning ``Importance`` as criterion *and* structured method ``name``;
+    ``needs_batch``: it scores with gradients of the loss on a labelled batch (``prune_model(batch=...)``)."""
+
+    def deco(factory: Callable[[], Any]) -> Callable[[], Any]:
+        CRITERIA.register(name)(factory)
+        PRUNERS.register(name)(partial(_structured, name))
+        if needs_batch:
+            _NEEDS_BATCH.add(name)
+        return factory
+
+    return deco
+
+
+def list_criteria() -> list[str]:
+    """Names of the structured (channel) criteria, which are also pruning methods."""
+    return CRITERIA.names()
 
 
 def pruned_channels(model: nn.Module, group: ChannelGroup) -> Tensor:
@@ -109,45 +141,55 @@ def pruned_channels(model: nn.Module, group: ChannelGroup) -> Tensor:
     return (rows.reshape(group.channels, -1) == 0).all(1).cpu()
 
 
-def _structured(score: Score, model: nn.Module, amount: Amount, input_shape: Sequence[int] | None) -> None:
-    """Mask the lowest-``score`` channels of each group up to its fraction (already pruned ones stay)."""
+def channel_scores(
+    model: nn.Module, criterion: str, input_shape: Sequence[int] | None = None, batch: Batch | None = None,
+) -> dict[str, Tensor]:
+    """{group root: (C,) importance of its channels} by Torch-Pruning's importance ``criterion``, computed
+    on a copy of ``model`` with its masks folded (eval mode); ``batch`` ((N, *input_shape) inputs, (N,)
+    labels) gives the loss gradients that a gradient criterion (``taylor``) needs."""
+    importance = CRITERIA.get(criterion)()
+    if criterion in _NEEDS_BATCH and batch is None:
+        raise ValueError(f"criterion '{criterion}' scores channels with loss gradients: pass batch=(inputs, labels)")
     shape = input_shape_of(model, input_shape)
-    groups = {g.root: g for g in channel_groups(model, shape)}
-    graph = cache(partial(dependency_graph, model, shape))  # traced once, only when a score needs it
+    groups = channel_groups(model, shape)
+    folded = fold_masks(model).eval()
+    if criterion in _NEEDS_BATCH:
+        device = next(folded.parameters()).device
+        with torch.enable_grad():
+            F.cross_entropy(folded(batch[0].to(device)), batch[1].to(device)).backward()
+    graph = dependency_graph(folded, shape)
+    return {g.root: importance(tp_group(graph, folded, g.root, range(g.channels))).detach().float().cpu()
+            for g in groups}
+
+
+def mask_channels(
+    model: nn.Module, amount: Amount, scores: Mapping[str, Tensor], input_shape: Sequence[int] | None = None,
+) -> nn.Module:
+    """Mask the lowest-``scores`` channels of each group up to its fraction ``amount`` (already pruned
+    ones stay); a group split by grouped convs loses the same offsets, by mean score, in every block."""
+    groups = {g.root: g for g in channel_groups(model, input_shape_of(model, input_shape))}
     for name, (group, frac) in _targets(groups, amount).items():
-        pruned = pruned_channels(model, group)
+        pruned = group.offsets(pruned_channels(model, group))
         already = int(pruned.sum())
-        extra = _extra(already, group.channels, frac, name)
-        if extra + already >= group.channels:
+        extra = _extra(already, group.block, frac, name)
+        if extra + already >= group.block:
             raise ValueError(f"amount {frac} would prune all {group.channels} channels of '{name}'")
-        scores = score(model, group, graph).detach().float().cpu().masked_fill(pruned, float("inf"))
-        pruned[scores.argsort()[:extra]] = True
-        for member, rows in group.member_rows(pruned).items():
+        score = scores[name].reshape(group.conv_groups, group.block).mean(0).masked_fill(pruned, float("inf"))
+        pruned[score.argsort()[:extra]] = True
+        for member, rows in group.member_rows(group.expand(pruned)).items():
             module = model.get_submodule(member)
             for pname in ("weight", "bias"):
                 if getattr(module, pname, None) is not None:
                     mask = torch.ones_like(getattr(module, pname))
                     mask[rows] = 0
                     prune.custom_from_mask(module, pname, mask)
+    return model
 
 
-def _filter_norm(p: int, model: nn.Module, group: ChannelGroup, _: object) -> Tensor:
-    """(C,) Lp norm of each filter of the group's root (Li et al.'s filter pruning for p = 1)."""
-    return model.get_submodule(group.root).weight.reshape(group.channels, -1).norm(p=p, dim=1)
-
-
-def _random_score(model: nn.Module, group: ChannelGroup, _: object) -> Tensor:
-    """(C,) uniform random scores from the global torch RNG."""
-    return torch.rand(group.channels)
-
-
-def _group_norm(model: nn.Module, group: ChannelGroup, traced: Callable[[], tp.DependencyGraph]) -> Tensor:
-    """(C,) Torch-Pruning's group L2-norm importance: every coupled parameter of a channel, mean-reduced."""
-    graph = traced()
-    root = model.get_submodule(group.root)
-    tp_group = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels,
-                                       list(range(group.channels)))
-    return tp.importance.GroupMagnitudeImportance(p=2)(tp_group)
+def _structured(criterion: str, model: nn.Module, amount: Amount, input_shape: Sequence[int] | None,
+                batch: Batch | None) -> None:
+    """Score every channel group with ``criterion``, then mask each group's lowest channels."""
+    mask_channels(model, amount, channel_scores(model, criterion, input_shape, batch), input_shape)
 
 
 def make_permanent(model: nn.Module) -> nn.Module:
@@ -180,7 +222,11 @@ register_pruner("l1_unstructured")(partial(_per_layer_unstructured, prune.l1_uns
 register_pruner("random_unstructured")(partial(_per_layer_unstructured, prune.random_unstructured))
 register_pruner("global_l1_unstructured")(partial(_global_unstructured, prune.L1Unstructured))
 register_pruner("global_random_unstructured")(partial(_global_unstructured, prune.RandomUnstructured))
-register_pruner("l1_structured")(partial(_structured, partial(_filter_norm, 1)))
-register_pruner("l2_structured")(partial(_structured, partial(_filter_norm, 2)))
-register_pruner("random_structured")(partial(_structured, _random_score))
-register_pruner("group_norm")(partial(_structured, _group_norm))
+# Li et al.'s filter norms: the root layer's own filters ("first" member of the group)
+register_criterion("l1_structured")(partial(tp.importance.GroupMagnitudeImportance, 1, "first", None))
+register_criterion("l2_structured")(partial(tp.importance.GroupMagnitudeImportance, 2, "first", None))
+register_criterion("random_structured")(tp.importance.RandomImportance)
+# Torch-Pruning's group L2 norm: every coupled parameter of a channel (root rows, norms, consumers' inputs)
+register_criterion("group_norm")(partial(tp.importance.GroupMagnitudeImportance, 2, "mean", None))
+# Molchanov et al.'s first-order Taylor |w * dL/dw|, summed over the group
+register_criterion("taylor", needs_batch=True)(partial(tp.importance.GroupTaylorImportance, "mean", None))

@@ -10,11 +10,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import lightning as L
 from torch import nn
-from torch.utils.data import DataLoader
 
+from dynprune.static.finetune import accuracy, finetune
 from dynprune.static.prune import Amount, global_sparsity, prune_model
-from dynprune.static.train import evaluate, train_epochs
 
 
 @dataclass(frozen=True)
@@ -48,22 +48,23 @@ def iterative_prune(
     model: nn.Module,
     method: str,
     targets: Sequence[Amount],
-    train_loader: DataLoader,
-    eval_loader: DataLoader,
+    datamodule: L.LightningDataModule,
     epochs: int = 1,
     lr: float = 0.01,
     log: Callable[[RoundResult], Any] | None = print,
-    **train_kwargs: Any,
+    split: str = "val",
+    **finetune_kwargs: Any,
 ) -> list[RoundResult]:
     """Prune ``model`` in place round by round to each of ``targets`` with ``method``, fine-tuning
-    ``epochs`` after each; evaluates before and after fine-tuning and logs each round."""
+    ``epochs`` after each (``finetune``: one Lightning fit per round); measures the ``split`` accuracy
+    before and after fine-tuning and logs each round."""
     results = []
     for i, target in enumerate(targets):
         prune_model(model, method, target)
-        acc_pruned = evaluate(model, eval_loader)
-        train_epochs(model, train_loader, epochs, lr, **train_kwargs)
+        acc_pruned = accuracy(model, datamodule, split)
+        finetune(model, datamodule, epochs, lr, **finetune_kwargs)
         mean_target = sum(target.values()) / len(target) if isinstance(target, Mapping) else float(target)
-        result = RoundResult(i, mean_target, global_sparsity(model), acc_pruned, evaluate(model, eval_loader))
+        result = RoundResult(i, mean_target, global_sparsity(model), acc_pruned, accuracy(model, datamodule, split))
         results.append(result)
         if log is not None:
             log(result)

@@ -1,0 +1,119 @@
+"""CharLM: a LightningModule training a registered language model on next-character prediction.
+
+The loss is the natural-log cross-entropy of every next character, so ``train/loss``, ``val/loss`` and
+``test/loss`` are in nats per character (``*/bpc`` gives bits per character). AdamW with weight decay on matrices
+and embeddings only, linear warm-up then cosine decay per step (nanoGPT's recipe).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from dynprune import backbones
+from dynprune.flops import FlopsProfile
+
+
+class CharLM(L.LightningModule):
+    """A language model (N, T) ids -> (N, T, vocab) logits, trained on (x, y) batches of the TextDataModule.
+
+    Args:
+        backbone: a registered language model name (``dynprune.backbones.list_language_models()``) or an nn.Module.
+        vocab_size: ids the model predicts; must equal the data's ``vocab_size``.
+        block_size: the model's context; must equal the data's ``block_size``.
+        model_kwargs: options of the language model (e.g. ``{"dim": 256, "depth": 6, "heads": 8}``).
+        lr: peak learning rate; ``min_lr`` is where the cosine ends.
+        weight_decay: AdamW weight decay of matrices and embeddings (not biases or norms).
+        betas: AdamW betas.
+        warmup_steps: linear warm-up steps before the cosine.
+    """
+
+    def __init__(self, backbone: str | nn.Module = "char_gpt", vocab_size: int = 65, block_size: int = 256,
+                 model_kwargs: dict[str, Any] | None = None, lr: float = 1e-3, min_lr: float = 1e-4,
+                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.99), warmup_steps: int = 100) -> None:
+        super().__init__()
+        if not 0 <= min_lr <= lr or warmup_steps < 0 or weight_decay < 0:
+            raise ValueError(f"need 0 <= min_lr <= lr, warmup_steps >= 0 and weight_decay >= 0; got min_lr={min_lr}, "
+                             f"lr={lr}, warmup_steps={warmup_steps}, weight_decay={weight_decay}")
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        if isinstance(backbone, str):
+            backbone = backbones.create_language_model(backbone, vocab_size, block_size, **(model_kwargs or {}))
+        elif model_kwargs:
+            raise ValueError("model_kwargs configure a language model built by name; the given module is built")
+        self.model = backbone
+        self.profile = self._dense_profile(block_size)
+
+    @torch.no_grad()
+    def _dense_profile(self, block_size: int) -> FlopsProfile:
+        """Dense FLOPs of one full window (1, block_size), counted by FlopCounterMode (FLOPs = 2 x MACs)."""
+        example = torch.zeros(1, block_size, dtype=torch.long, device=next(self.model.parameters()).device)
+        was_training = self.model.training
+        try:
+            with FlopCounterMode(display=False) as counter:
+                self.model.eval()(example)
+        finally:
+            self.model.train(was_training)
+        return FlopsProfile((block_size,), int(counter.get_total_flops()), [])
+
+    def setup(self, stage: str) -> None:
+        """The data's vocabulary and window must be the model's."""
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        for attr in ("vocab_size", "block_size"):
+            value = getattr(data, attr, None)
+            if value is not None and value != self.hparams[attr]:
+                raise ValueError(f"the data has {attr}={value} but the model has {attr}={self.hparams[attr]}; "
+                                 f"set model.{attr}={value}")
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """Token ids (N, T) -> logits (N, T, vocab_size)."""
+        return self.model(idx)
+
+    def loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """Mean next-character cross-entropy of a batch (x, y) of ids (N, T), in nats per character."""
+        x, y = batch
+        return F.cross_entropy(self(x).flatten(0, 1), y.flatten())
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> dict[str, Any]:
+        """Log the loss (nats/char) and return the per-window FLOPs the FlopsCallback reports (dense here)."""
+        loss = self.loss(batch)
+        self.log_dict({f"{stage}/loss": loss, f"{stage}/bpc": loss / math.log(2)}, prog_bar=True, on_epoch=True,
+                      sync_dist=True, batch_size=batch[1].numel())
+        flops = torch.full((len(batch[0]),), float(self.profile.dense_total), device=loss.device)
+        return {"loss": loss, "flops": flops, "keep": {}, "layer_flops": {}}
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, "test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW (decay on parameters with >= 2 dims) with warm-up + cosine from ``lr`` to ``min_lr`` per step."""
+        hp = self.hparams
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
+
+        def factor(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            if not math.isfinite(total) or total <= hp.warmup_steps:
+                return 1.0
+            done = min(1.0, (step - hp.warmup_steps) / (total - hp.warmup_steps))
+            return (hp.min_lr + 0.5 * (hp.lr - hp.min_lr) * (1 + math.cos(math.pi * done))) / hp.lr
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
