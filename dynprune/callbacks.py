@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -88,7 +87,9 @@ class FlopsCallback(L.Callback):
     (across DDP ranks); logs summary and input-dependence statistics (p10/p90 FLOPs, dynamic units,
     unique masks, per-class FLOPs), warns when a FLOPs target is missed by more than 0.05, and writes
     ``flops.json``, ``flops_layers.csv``, ``flops_hist_<stage>.png`` and ``flops_class_<stage>.png`` to
-    ``dirpath`` (default: the run's folder, next to ``checkpoints/``).
+    ``dirpath`` (default: the run's folder, next to ``checkpoints/``). ``flops.json`` holds the reports of the
+    stages this callback measured ({stage: report}), written fresh each time: a file already there, from another
+    run or another program, is replaced (a symlink itself, never its target), not read.
 
     Args:
         dirpath: where to write; None uses the run's folder (:func:`dynprune.io.run_dir`).
@@ -195,11 +196,8 @@ class FlopsCallback(L.Callback):
 
     def _write(self, trainer: L.Trainer, stage: str, report: dict[str, Any], flops: Tensor) -> None:
         out = self.output_dir(trainer)
-        path = out / "flops.json"
-        merged = json.loads(path.read_text()) if path.is_file() else {}
-        merged[stage] = report
-        write_json(path, merged)
-        rows = [{"stage": s, **row} for s, rep in merged.items() for row in rep["layers"]]
+        write_json(out / "flops.json", self.reports)  # fresh: a file already there (even a symlink) is replaced
+        rows = [{"stage": s, **row} for s, rep in self.reports.items() for row in rep["layers"]]
         write_csv(out / "flops_layers.csv", rows)
         if self.plot:
             self._histogram(out / f"flops_hist_{stage}.png", flops / report["dense_flops"], stage)

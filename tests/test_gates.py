@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import assert_close_rounding
@@ -40,6 +42,10 @@ def test_gate_contract(family: str) -> None:
     assert torch.equal(gate.force(forced)(x), forced.expand(8, 5))
     with pytest.raises(ValueError, match="unknown gate mode 'soft'"):
         gate.set_mode("soft")
+    for wrong in (torch.ones(4), torch.ones(8, 6), torch.tensor(1.0)):  # the gate has 5 units
+        with pytest.raises(ValueError, match=rf"force: mask of shape {re.escape(str(tuple(wrong.shape)))} for a "
+                                             r"gate of 5 units; expected \(5,\) or \(N, 5\)"):
+            gate.force(wrong)
 
 
 @pytest.mark.numerics

@@ -404,6 +404,28 @@ def test_flops_json_survives_a_crash_mid_write(tmp_path: Path, monkeypatch: pyte
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flops.json", "flops_layers.csv"]  # no temp file left
 
 
+@pytest.mark.parametrize("foreign", ["garbage", "symlink"])
+def test_a_foreign_flops_json_never_loses_the_report(tmp_path: Path, foreign: str) -> None:
+    """flops.json is written fresh from the callback's own reports: a non-JSON file, or a symlink to another
+    program's JSON, is replaced (the symlink's target untouched) and never read."""
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere.json"
+    out.mkdir()
+    elsewhere.write_text('{"val": {"inputs": -1}, "theirs": 1}')
+    if foreign == "garbage":
+        (out / "flops.json").write_text("not json {")
+    else:
+        (out / "flops.json").symlink_to(elsewhere)
+    module, dm = _module(), dp.DigitsDataModule()
+    trainer = _trainer(out, [dp.FlopsCallback(dirpath=str(out), plot=False, verbose=False)], limit_val_batches=1,
+                       limit_test_batches=1)
+    trainer.validate(module, dm, verbose=False)
+    trainer.test(module, dm, verbose=False)
+    saved = json.loads((out / "flops.json").read_text())
+    assert set(saved) == {"val", "test"} and saved["val"]["inputs"] == saved["test"]["inputs"] == 64
+    assert not (out / "flops.json").is_symlink()
+    assert elsewhere.read_text() == '{"val": {"inputs": -1}, "theirs": 1}'
+
+
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_atomic_outputs_honour_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
     old = os.umask(umask)
