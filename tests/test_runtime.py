@@ -298,3 +298,28 @@ def test_width_layers_run_a_prefix_of_their_weights() -> None:
         assert isinstance(executor, ThinLayer)
         k = int(expand(torch.zeros(1, units)).sum())
         assert k < expand.channels and executor.kept is not None and executor.kept.tolist() == list(range(k))
+
+
+def test_thin_layer_gathers_each_mask_once_within_its_budget() -> None:
+    """Repeated masks reuse one packed weight (no gather per call); the cache stays within its budget and a
+    cast drops it (packs were gathered from the old weights)."""
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    gate = dp.create_gate("sigmoid", 4, 6).eval()
+    layer = ThinLayer(conv, gate, None, scatter=False)
+    x = torch.randn(1, 4, 8, 8)
+    masks = [torch.tensor([[1.0, 0, 1, 0, 0, 1]]), torch.tensor([[0.0, 1, 1, 1, 0, 0]])]
+    for mask in masks + masks:
+        gate.force(mask)
+        keep = mask[0].nonzero().flatten()
+        torch.testing.assert_close(layer(x), F.conv2d(x, conv.weight[keep], conv.bias[keep], padding=1))
+    assert len(layer.packs) == 2
+    first = next(iter(layer.packs.values())).weight
+    gate.force(masks[1])
+    layer(x)
+    assert next(iter(layer.packs.values())).weight is first  # least recently used first
+    layer.cache_factor = 0.6  # room for one pack of 3 of 6 rows
+    gate.force(torch.tensor([[1.0, 1, 1, 0, 0, 0]]))
+    layer(x)
+    assert len(layer.packs) == 1 and layer.cached <= 0.6 * conv.weight.numel()
+    layer.double()
+    assert not layer.packs and layer(x.double()).dtype == torch.float64
