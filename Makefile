@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean docs docs-serve
 
 $(FMNIST):
 	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
@@ -27,5 +27,16 @@ test: setup
 	$(BIN)/ruff check dynprune tests experiments
 	$(BIN)/pytest -q
 
+# The documentation site (docs/, mkdocs.yml) into site/; not needed by demo or test.
+$(BIN)/mkdocs: $(BIN)/dynprune
+	$(BIN)/pip install -q -e '.[dev,docs]'
+	touch $@
+
+docs: $(BIN)/mkdocs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: $(BIN)/mkdocs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 clean:
-	rm -rf runs wandb lightning_logs .pytest_cache
+	rm -rf runs wandb lightning_logs .pytest_cache site

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from dynprune.dependence import format_dependence, input_dependence, plot_class_flops
-from dynprune.granularity.width import chosen_widths
+from dynprune.granularity import report_sections
 from dynprune.io import run_dir, save_figure, write_csv, write_json
 
 TARGET_TOLERANCE = 0.05
@@ -56,21 +56,11 @@ def format_report(report: dict[str, Any]) -> str:
                          f"{row['effective_flops'] / 1e6:>13.3f}")
     if report.get("dependence"):
         lines.append(format_dependence(report["dependence"]))
-    for site, shares in (report.get("widths") or {}).items():
-        cells = "  ".join(f"{w}: {share:.1%}" for w, share in shares.items())
-        lines.append(f"  width chosen at {site}: {cells}")
+    for title, rows in (report.get("sections") or {}).items():
+        for site, shares in rows.items():
+            cells = "  ".join(f"{label}: {share:.1%}" for label, share in shares.items())
+            lines.append(f"  {title} at {site}: {cells}")
     return "\n".join(lines)
-
-
-def width_histogram(pl_module: L.LightningModule, masks: dict[str, Tensor]) -> dict[str, dict[str, float]]:
-    """{width site: {width: share of inputs}} for the model's width-gated sites ({} if it has none)."""
-    info = getattr(getattr(pl_module, "model", None), "dynprune", None)
-    out = {}
-    for name, site in getattr(info, "sites", {}).items():
-        if site.widths and name in masks:
-            chosen = chosen_widths(masks[name].float(), site.widths)
-            out[name] = {str(w): float((chosen == w).float().mean()) for w in site.widths}
-    return out
 
 
 class FlopsCallback(L.Callback):
@@ -152,7 +142,8 @@ class FlopsCallback(L.Callback):
         dependence = input_dependence(masks, flops, labels, profile.dense_total,
                                       hparams.get("num_classes")) if masks else None
         target = hparams.get("target") if masks else None
-        widths = width_histogram(pl_module, masks)
+        info = getattr(getattr(pl_module, "model", None), "dynprune", None)
+        sections = report_sections(info.sites, masks) if info is not None else {}  # each granularity's own
         missed = target is not None and abs(summary["flops_mean_ratio"] - target) > TARGET_TOLERANCE
         layers = [{"layer": lay.name, "gated": lay.gated, "keep": keep.get(lay.name),
                    "dense_flops": lay.dense, "effective_flops": layer_eff.get(lay.name, lay.dense)}
@@ -160,7 +151,7 @@ class FlopsCallback(L.Callback):
         report = {"stage": stage, "inputs": int(flops.numel()), "dense_flops": profile.dense_total,
                   "gate_flops": profile.gate_flops, "summary": summary, "layers": layers,
                   "epoch": trainer.current_epoch, "target": target, "target_missed": missed,
-                  "dependence": dependence, "widths": widths}
+                  "dependence": dependence, "sections": sections}
         self.reports[stage] = report
         metrics = {f"{stage}/{k}": v for k, v in summary.items()}
         if dependence is not None:

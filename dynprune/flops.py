@@ -2,15 +2,15 @@
 effective FLOPs of a gated model.
 
 All numbers are FLOPs = 2 x MACs (FlopCounterMode's convention) for one input (batch 1).
-A layer's effective FLOPs for input i are ``dense_l * keep_in_l(i) * keep_out_l(i) * exec_l(i)``
+A layer's effective FLOPs for input i are ``dense_l * keep_in_l(i) * keep_out_l(i) * scale_l(i)``
 (see :class:`FlopsProfile`). Ops outside conv/linear layers (e.g. a functional matmul) are counted
-densely; the gates' own FLOPs are reported separately.
+densely unless a site scales the module holding them; the gates' own FLOPs are reported separately.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -20,12 +20,14 @@ from dynprune.trace import LayerInfo
 
 
 @torch.no_grad()
-def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, dict[str, int]]:
-    """Dense FLOPs of ``model`` on one input of shape (C, H, W): (total, {module path: flops}).
+def count_flops(model: nn.Module, input_shape: tuple[int, ...] | Tensor) -> tuple[int, dict[str, int]]:
+    """Dense FLOPs of ``model`` on one input: (total, {module path: flops}).
 
-    Per-module counts include their children, as FlopCounterMode reports them.
+    ``input_shape``: the shape of one float input, e.g. (C, H, W) (zeros are counted), or an example batch
+    of one (any dtype, e.g. integer token ids (1, T)). Per-module counts include their children, as
+    FlopCounterMode reports them.
     """
-    example = torch.zeros(1, *input_shape, device=_device(model))
+    example = example_input(input_shape, _device(model))
     was_training = model.training
     model.eval()
     try:
@@ -42,9 +44,25 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, di
     return int(counter.get_total_flops()), per_module
 
 
+def example_input(spec: tuple[int, ...] | Tensor, device: torch.device) -> Tensor:
+    """One example batch: ``spec`` itself when it is a tensor, else float zeros of shape (1, *spec)."""
+    if isinstance(spec, Tensor):
+        return spec.to(device)
+    return torch.zeros(1, *spec, device=device)
+
+
 def _device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+def _times(a: Tensor, b: Tensor) -> Tensor:
+    """a * b for per-input (N,) and per-position (N, T) factors, the per-input one broadcast over positions."""
+    if a.dim() < b.dim():
+        a = a[:, None]
+    elif b.dim() < a.dim():
+        b = b[:, None]
+    return a * b
 
 
 class FlopsSite(Protocol):
@@ -52,7 +70,7 @@ class FlopsSite(Protocol):
 
     layers: tuple[str, ...]
 
-    def flops_terms(self, mask: Tensor) -> tuple[dict[str, Tensor], Tensor | None]: ...
+    def flops_terms(self, mask: Tensor) -> Any: ...  # a dynprune.granularity.FlopsTerms
 
 
 @dataclass
@@ -70,10 +88,13 @@ class LayerFlops:
 class FlopsProfile:
     """Dense FLOPs of a backbone and the recipe for its per-input effective FLOPs.
 
-    A layer's effective FLOPs for input i = dense * keep_in(i) * keep_out(i) * exec(i): keep_out is the
+    A layer's effective FLOPs for input i = dense * keep_in(i) * keep_out(i) * scale(i): keep_out is the
     kept fraction of its own output-channel mask, keep_in that of the layer feeding it (a depthwise
-    conv uses the per-channel product of both), exec the product of the decisions of the gated blocks
-    that contain it. Masks and decisions come from the sites (any granularity) via ``flops_terms``.
+    conv uses the per-channel product of both; masks per position (N, T, C) average over positions after
+    the product), scale the product of the factors the sites give it (e.g. the decisions of the gated
+    blocks that contain it). A site may also scale a module that is not a conv/linear layer (e.g. an
+    attention core): its own FLOPs then leave ``other`` and become an entry of ``layers``. Masks and
+    factors come from the sites (any granularity) via ``flops_terms``.
     """
 
     input_shape: tuple[int, ...]
@@ -81,46 +102,61 @@ class FlopsProfile:
     layers: list[LayerFlops]
     gate_flops: int = 0
     sites: dict[str, FlopsSite] = field(default_factory=dict)
-    dependents: dict[str, set[str]] = field(default_factory=dict)
+    dependents: dict[str, list[str]] = field(default_factory=dict)
+    modules: dict[str, int] = field(default_factory=dict)
     other: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.other = self.dense_total - sum(layer.dense for layer in self.layers)
 
     @classmethod
-    def build(cls, model: nn.Module, input_shape: tuple[int, ...], infos: dict[str, LayerInfo]) -> FlopsProfile:
-        """Count ``model`` (ungated, or with its gates switched off) densely, per traced layer."""
-        total, per_module = count_flops(model, input_shape)
+    def build(cls, model: nn.Module, example: tuple[int, ...] | Tensor, infos: dict[str, LayerInfo]) -> FlopsProfile:
+        """Count ``model`` (ungated, or with its gates switched off) densely, per traced layer, on one input
+        (a shape or an example batch of one, see :func:`count_flops`)."""
+        total, per_module = count_flops(model, example)
         layers = [LayerFlops(i.name, per_module.get(i.name, 0), i.producer, i.depthwise) for i in infos.values()]
-        return cls(tuple(input_shape), total, layers)
+        shape = tuple(example.shape[1:]) if isinstance(example, Tensor) else tuple(example)
+        return cls(shape, total, layers, modules=per_module)
+
+    def _own_flops(self, module: str) -> int:
+        """FLOPs of ``module`` outside the traced layers in it."""
+        inside = sum(lay.dense for lay in self.layers if lay.name.startswith(module + ".") or not module)
+        return self.modules.get(module, 0) - inside
 
     def with_sites(self, sites: dict[str, FlopsSite], units: dict[str, int]) -> FlopsProfile:
         """The same dense profile, its effective FLOPs following ``sites`` ({name: site}, units per site)."""
-        profile = FlopsProfile(self.input_shape, self.dense_total,
-                               [LayerFlops(lay.name, lay.dense, lay.producer, lay.depthwise) for lay in self.layers],
-                               self.gate_flops, dict(sites))
+        layers = [LayerFlops(lay.name, lay.dense, lay.producer, lay.depthwise) for lay in self.layers]
+        profile = FlopsProfile(self.input_shape, self.dense_total, layers, self.gate_flops, dict(sites),
+                               modules=self.modules)
         ones = {name: torch.ones(1, units[name]) for name in sites}
-        out_masks, execs = profile._terms(ones)
-        affected = set(out_masks) | set(execs)
+        terms = {name: site.flops_terms(ones[name]) for name, site in sites.items()}
+        known = {lay.name for lay in profile.layers}
+        extra = sorted({m for t in terms.values() for m in t.scale if m not in known})
+        unknown = [m for m in extra if m not in self.modules]
+        if unknown:
+            raise ValueError(f"sites scale the FLOPs of {unknown}, which run no counted op")
+        profile.layers += [LayerFlops(m, profile._own_flops(m), None, False) for m in extra]
+        profile.other = profile.dense_total - sum(lay.dense for lay in profile.layers)
+        out_masks, scales = profile._terms(ones)
+        affected = set(out_masks) | set(scales)
         for layer in profile.layers:
             layer.gated = layer.name in affected
-        for name, site in sites.items():
-            masked, _ = site.flops_terms(ones[name])
-            consumers = {lay.name for lay in profile.layers if lay.producer in masked}
-            profile.dependents[name] = set(masked) | consumers | set(site.layers)
+        for name, t in terms.items():
+            consumers = {lay.name for lay in profile.layers if lay.producer in t.masks}
+            changed = set(t.masks) | consumers | set(t.scale) | set(sites[name].layers)
+            profile.dependents[name] = [lay.name for lay in profile.layers if lay.name in changed]  # a fixed order
         return profile
 
     def _terms(self, masks: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """({layer: output-channel mask (N, C)}, {layer: execution factor (N,)}) from site decisions."""
+        """({layer: output-channel mask (N, C)}, {module: product of its scale factors (N,)}) from site decisions."""
         out_masks: dict[str, Tensor] = {}
-        execs: dict[str, Tensor] = {}
+        scales: dict[str, Tensor] = {}
         for name, site in self.sites.items():
-            masked, factor = site.flops_terms(masks[name])
-            out_masks.update(masked)
-            if factor is not None:
-                for layer in site.layers:
-                    execs[layer] = execs[layer] * factor if layer in execs else factor
-        return out_masks, execs
+            terms = site.flops_terms(masks[name])
+            out_masks.update(terms.masks)
+            for module, factor in terms.scale.items():
+                scales[module] = scales[module] * factor if module in scales else factor
+        return out_masks, scales
 
     def per_layer(self, masks: dict[str, Tensor]) -> dict[str, Tensor]:
         """Effective FLOPs per layer and input, {name: (N,)}; differentiable through the masks.
@@ -129,27 +165,32 @@ class FlopsProfile:
         """
         first = next(iter(masks.values()))
         batch, device = first.shape[0], first.device
-        out_masks, execs = self._terms(masks)
+        out_masks, scales = self._terms(masks)
         out = {}
         for layer in self.layers:
             keep_out = out_masks.get(layer.name)
             keep_in = out_masks.get(layer.producer) if layer.producer else None
             if layer.depthwise and keep_in is not None and keep_out is not None:
-                keep = (keep_in * keep_out).mean(dim=1)
+                keep = (keep_in * keep_out).mean(dim=-1)
             else:
                 keep = torch.ones(batch, device=device)
                 for m in (keep_in, keep_out):
                     if m is not None:
-                        keep = keep * m.mean(dim=1)
-            if layer.name in execs:
-                keep = keep * execs[layer.name]
+                        keep = _times(keep, m.mean(dim=-1))
+            if keep.dim() > 1:  # per position: the mean over positions of the per-position keep
+                keep = keep.flatten(1).mean(1)
+            if layer.name in scales:
+                keep = keep * scales[layer.name]
             out[layer.name] = layer.dense * keep
         return out
 
     def site_costs(self, per_layer: dict[str, Tensor]) -> dict[str, Tensor]:
         """Each site's own share of the cost per input, {site: (N,)}: the effective FLOPs of the layers
-        its decisions change, over the dense total (the per-layer credit of a REINFORCE gate)."""
-        return {name: sum(per_layer[lay] for lay in self.dependents[name]) / self.dense_total for name in self.sites}
+        its decisions change, over the dense total (the per-layer credit of a REINFORCE gate); zeros for a site
+        whose decisions change no counted FLOPs."""
+        zeros = torch.zeros_like(next(iter(per_layer.values())))
+        return {name: sum((per_layer[lay] for lay in self.dependents[name]), zeros) / self.dense_total
+                for name in self.sites}
 
     def total(self, per_layer: dict[str, Tensor]) -> Tensor:
         """Backbone FLOPs per input (N,) from :meth:`per_layer`'s result (plus the ungated rest)."""

@@ -41,18 +41,9 @@ def _is_gated(model: nn.Module) -> bool:
 
 
 def skippable_sites(model: nn.Module, names: list[str]) -> set[str]:
-    """Sites among ``names`` whose all-closed gate skips a residual branch or a block instead of cutting the
-    network: block sites, and layers whose output reaches a residual addition through the layers it feeds."""
-    info = gating_info(model)
-    layers = info.layers
-    sites = getattr(info, "sites", {})
-
-    def reaches_residual(name: str, seen: frozenset[str]) -> bool:
-        consumers = [i for i in layers.values() if i.producer == name and i.name not in seen]
-        return any(c.residual or reaches_residual(c.name, seen | {name}) for c in consumers)
-
-    return {n for n in names if getattr(sites.get(n), "granularity", "channel") != "channel"
-            or n not in layers or reaches_residual(n, frozenset())}
+    """Sites among ``names`` whose all-closed gate skips work (a residual branch, a block) instead of cutting the
+    network, as each site's granularity says (see ``GatingInfo.bypassed``)."""
+    return set(names) & set(gating_info(model).bypassed)
 
 
 class GuardError(RuntimeError):

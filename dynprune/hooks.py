@@ -10,6 +10,7 @@ reads ``conv.stride`` or checks ``isinstance`` keeps working. The hooks are smal
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,7 +27,13 @@ class HookSwitch:
 
 
 def apply_mask(out: Tensor, mask: Tensor, channel_dim: int = 1) -> Tensor:
-    """Multiply (N, ..., C, ...) by a mask (N, C) along ``channel_dim``, broadcasting elsewhere."""
+    """Multiply (N, ..., C, ...) by a mask (N, C) along ``channel_dim``, broadcasting elsewhere, or a
+    channels-last output (N, T, C) by a per-position mask of its shape."""
+    if mask.dim() > 2:
+        if mask.shape != out.shape or channel_dim % out.dim() != out.dim() - 1:
+            raise ValueError(f"a per-position mask {tuple(mask.shape)} applies to a channels-last output of its "
+                             f"shape, got {tuple(out.shape)} with channels on dim {channel_dim}")
+        return out * mask
     dim = channel_dim % out.dim()
     shape = [1] * out.dim()
     shape[0], shape[dim] = mask.shape[0], mask.shape[1]
@@ -48,10 +55,12 @@ class MaskHook:
     """Forward hook: zero the output channels that ``source``'s gate turned off.
 
     Registered on the gated layer itself, or on the BatchNorm that normalises its raw output (so BN
-    statistics see the dense activations and gated channels are exactly zero).
+    statistics see the dense activations and gated channels are exactly zero). ``expand`` maps the gate's
+    decisions to the channel mask (e.g. :class:`PrefixMask`; None: they are the mask).
     """
 
-    def __init__(self, switch: HookSwitch, gate: Gate, channel_dim: int, expand: PrefixMask | None = None) -> None:
+    def __init__(self, switch: HookSwitch, gate: Gate, channel_dim: int,
+                 expand: Callable[[Tensor], Tensor] | None = None) -> None:
         self.switch, self.gate, self.channel_dim, self.expand = switch, gate, channel_dim, expand
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor | None:
@@ -62,9 +71,9 @@ class MaskHook:
             raise RuntimeError("a gated layer's mask was applied before its gate decided")
         if self.expand is not None:
             mask = self.expand(mask)
-        if output.shape[self.channel_dim] != mask.shape[1]:
+        if output.shape[self.channel_dim] != mask.shape[-1]:
             raise ValueError(f"gated output has {output.shape[self.channel_dim]} channels on dim "
-                             f"{self.channel_dim}, its gate decides {mask.shape[1]}")
+                             f"{self.channel_dim}, its gate decides {mask.shape[-1]}")
         return apply_mask(output, mask.to(output.dtype), self.channel_dim)
 
 
@@ -89,8 +98,9 @@ class PrefixMask:
 
 
 class SkipHook:
-    """Forward hook of a gated block, decision d (N, 1): a residual branch gives d * f(x); a whole
-    block gives d * f(x) + (1 - d) * x (a skipped block passes its input through)."""
+    """Forward hook of a gated block, decision d (N, 1) (or (N, T, 1) per position of a channels-last (N, T, D)
+    output): a residual branch gives d * f(x); a whole block gives d * f(x) + (1 - d) * x (a skipped block
+    passes its input through)."""
 
     def __init__(self, switch: HookSwitch, gate: Gate, whole: bool) -> None:
         self.switch, self.gate, self.whole = switch, gate, whole
@@ -99,5 +109,6 @@ class SkipHook:
         if not self.switch.enabled:
             return None
         d = self.gate.mask
-        d = d.to(output.dtype).reshape(d.shape[0], *([1] * (output.dim() - 1)))
+        d = d.to(output.dtype)
+        d = d.reshape(d.shape[0], *([1] * (output.dim() - 1))) if d.dim() == 2 else d
         return d * output + (1 - d) * inputs[0] if self.whole else d * output

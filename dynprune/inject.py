@@ -1,8 +1,10 @@
 """``gate_model``: add gates to ANY nn.Module without editing its source, at any granularity.
 
-The model is traced once (:mod:`dynprune.trace`); the granularity (:mod:`dynprune.granularity`) picks
-the eligible sites, attaches a gate to each (a child module named ``dynprune_gate``) and the forward
-hooks that apply its decisions. Gated modules keep their type, attributes and ``state_dict`` keys.
+The model is traced once on an example input (float zeros of ``input_shape``, or any example such as
+integer token ids) (:mod:`dynprune.trace`); the granularity (:mod:`dynprune.granularity`, a name or an
+instance carrying its options) picks the eligible sites, attaches a gate to each (a child module named
+``dynprune_gate``) and the forward hooks that apply its decisions, and says how they change FLOPs. This
+file knows no granularity by name. Gated modules keep their type, attributes and ``state_dict`` keys.
 A model may be gated at several granularities (e.g. block gates outside, channel gates inside).
 """
 
@@ -17,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from dynprune.flops import FlopsProfile, count_flops
+from dynprune.flops import FlopsProfile, count_flops, example_input
 from dynprune.gates import Gate
-from dynprune.granularity import GRANULARITIES, Granularity, Site
+from dynprune.granularity import Granularity, Site, resolve
 from dynprune.hooks import HookSwitch
 from dynprune.trace import LayerInfo, ModuleInfo, Trace, trace_model
 
@@ -34,7 +36,10 @@ class GatingInfo:
     flops: FlopsProfile
     switch: HookSwitch
     bypassed: list[str] = field(default_factory=list)
+    """Sites whose every unit off skips work (a residual branch, a block) instead of cutting the network."""
     skipped: dict[str, str] = field(default_factory=dict)
+    example: Tensor | None = None
+    """The example input (1, ...) the model was traced and counted with."""
 
     @property
     def gated(self) -> list[str]:
@@ -50,17 +55,6 @@ class GatingInfo:
     def gate(self) -> str:
         """The gate family (or families, joined by '+')."""
         return "+".join(sorted({s.family for s in self.sites.values()}))
-
-
-def bypassed_layers(infos: dict[str, LayerInfo], names: Sequence[str]) -> list[str]:
-    """Layers among ``names`` whose output reaches a residual addition downstream (through the layers
-    it feeds): turning all their channels off skips a residual branch, it does not cut the network."""
-
-    def reaches_residual(name: str, seen: frozenset[str] = frozenset()) -> bool:
-        consumers = [i for i in infos.values() if i.producer == name and i.name not in seen]
-        return any(c.residual or reaches_residual(c.name, seen | {name}) for c in consumers)
-
-    return [n for n in names if n in infos and reaches_residual(n)]
 
 
 def _select(gran: Granularity, trace: Trace, where: Sequence[str] | None, skip_first: bool,
@@ -93,7 +87,12 @@ def _select(gran: Granularity, trace: Trace, where: Sequence[str] | None, skip_f
     return chosen, skipped
 
 
-def _input_shape(model: nn.Module, input_shape: Sequence[int] | None) -> tuple[int, ...]:
+def _input_shape(model: nn.Module, input_shape: Sequence[int] | None, example: Tensor | None) -> tuple[int, ...]:
+    if example is not None:
+        if not isinstance(example, Tensor) or example.dim() < 1 or len(example) != 1:
+            raise ValueError(f"example must be one input as a batch of one (1, ...), got "
+                             f"{tuple(example.shape) if isinstance(example, Tensor) else type(example).__name__}")
+        return tuple(example.shape[1:])
     shape = input_shape if input_shape is not None else getattr(model, "input_shape", None)
     if shape is None:
         raise ValueError("pass input_shape=(C, H, W): the model has no `input_shape` attribute")
@@ -131,11 +130,12 @@ def gates_disabled(model: nn.Module) -> Iterator[nn.Module]:
 def gate_model(
     model: nn.Module,
     gate: str = "sigmoid",
-    granularity: str = "channel",
+    granularity: str | Granularity = "channel",
     where: Sequence[str] | None = None,
     input_shape: Sequence[int] | None = None,
     skip_first: bool = True,
     skip_last: bool = True,
+    example: Tensor | None = None,
     **gate_kwargs: float,
 ) -> nn.Module:
     """Gate ``model`` (in place) with gates of family ``gate`` at ``granularity``.
@@ -143,37 +143,50 @@ def gate_model(
     Args:
         model: any float32 nn.Module; ``input_shape`` (C, H, W) defaults to ``model.input_shape``.
         gate: a registered gate family (see ``dynprune.list_gates()``).
-        granularity: ``channel`` (output channels of conv/linear layers) or ``block`` (run or skip residual
-            blocks/branches); see ``dynprune.granularity.list_granularities()``. Call again with another
-            granularity to combine them.
+        granularity: a registered name (``channel``: output channels of conv/linear layers; ``block``: run or
+            skip residual blocks/branches; ``width``; see ``dynprune.granularity.list_granularities()``) or a
+            Granularity instance carrying its options (e.g. ``WidthGranularity(widths=[0.5, 1.0])``). Call
+            again with another granularity to combine them.
         where: module-name patterns (fnmatch). An exact name that cannot be gated is an error saying why;
             patterns skip what cannot be gated. Default: channel = every Conv2d/Linear except the first, the
             classifier and those feeding a residual addition; block = every shape-preserving residual block.
+        example: one input as a batch of one, of any dtype (e.g. integer token ids (1, T)), instead of
+            ``input_shape`` (float zeros of that shape).
         gate_kwargs: passed to the gate, e.g. ``reduction=4, init_bias=3.0``.
     Returns:
         the same model, with ``model.dynprune`` (:class:`GatingInfo`) attached.
     """
-    gran = GRANULARITIES.get(granularity)()
+    resolved = list(resolve(granularity).values())
+    if len(resolved) != 1:
+        raise ValueError(f"gate_model takes one granularity, got {[g.name for g in resolved]}: call it once per "
+                         "granularity")
+    gran = resolved[0]
+    misplaced = sorted(set(gate_kwargs) & set(gran.options()))
+    if misplaced:
+        raise ValueError(f"{misplaced} are options of granularity '{gran.name}', not of gate '{gate}': pass "
+                         f"granularity={{'{gran.name}': {{{', '.join(repr(k) + ': ...' for k in misplaced)}}}}} "
+                         f"(gate_model: a {type(gran).__name__} instance)")
     existing = getattr(model, "dynprune", None)
     if existing is not None and not isinstance(existing, GatingInfo):
         raise ValueError("model has a `dynprune` attribute that dynprune did not set")
-    if existing is not None and granularity in existing.granularities:
-        raise ValueError(f"model is already gated at granularity '{granularity}' (it has a `dynprune` attribute)")
-    shape = _input_shape(model, input_shape)
+    if existing is not None and gran.name in existing.granularities:
+        raise ValueError(f"model is already gated at granularity '{gran.name}' (it has a `dynprune` attribute)")
+    shape = _input_shape(model, input_shape, example)
     device = _check_dtype(model)
-    example = torch.zeros(1, *shape, device=device)
+    example = example_input(example if example is not None else shape, device)
     with gates_disabled(model):
         try:
             trace = trace_model(model, example)
         except (RuntimeError, IndexError, ValueError, TypeError) as err:
-            raise ValueError(f"model does not accept input of shape (N, {', '.join(map(str, shape))}): "
+            raise ValueError(f"model does not accept input of shape (N, {', '.join(map(str, shape))}) and dtype "
+                             f"{example.dtype}: "
                              f"{err}") from err
     names, skipped = _select(gran, trace, where, skip_first, skip_last)
     if not names:
-        raise ValueError(f"nothing to gate at granularity '{granularity}' (where={where}); "
+        raise ValueError(f"nothing to gate at granularity '{gran.name}' (where={where}); "
                          f"not eligible: {skipped or list(trace.layers)}")
     switch = existing.switch if existing else HookSwitch()
-    dense = existing.flops if existing else FlopsProfile.build(model, shape, trace.layers)
+    dense = existing.flops if existing else FlopsProfile.build(model, example, trace.layers)
     sites = dict(existing.sites) if existing else {}
     for name in names:
         site = gran.attach(model, trace, name, gate, dict(gate_kwargs), switch)
@@ -182,14 +195,13 @@ def gate_model(
     order = {n: i.order for n, i in trace.modules.items()}
     sites = dict(sorted(sites.items(), key=lambda kv: order.get(kv[0], -1)))
     profile = dense.with_sites(sites, {n: s.units for n, s in sites.items()})
-    gated_total, _ = count_flops(model, shape)
+    gated_total, _ = count_flops(model, example)
     profile.gate_flops = gated_total - profile.dense_total
-    channel_sites = [n for n, s in sites.items() if s.granularity == "channel"]
-    info = GatingInfo(sites, trace.layers, trace.modules, profile, switch,
-                      bypassed_layers(trace.layers, channel_sites), skipped)
+    bypassed = [n for n, s in sites.items() if s.owner.skips_when_closed(s, trace.layers)]
+    info = GatingInfo(sites, trace.layers, trace.modules, profile, switch, bypassed, skipped, example)
     model.dynprune = info
     with gates_disabled(model):
-        if count_flops(model, shape)[0] != profile.dense_total:
+        if count_flops(model, example)[0] != profile.dense_total:
             raise RuntimeError("FLOPs of the gated backbone with its gates off differ from the dense count; "
                                "please report")
     return model

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynprune import backbones
+from dynprune.flops import FlopsProfile
+from dynprune.trace import trace_layers
 
 
 class CharLM(L.LightningModule):
@@ -45,6 +47,12 @@ class CharLM(L.LightningModule):
         elif model_kwargs:
             raise ValueError("model_kwargs configure a language model built by name; the given module is built")
         self.model = backbone
+        self.profile = self._dense_profile(block_size)
+
+    def _dense_profile(self, block_size: int) -> FlopsProfile:
+        """Dense FLOPs of one full window of ids (1, block_size), per traced layer (FLOPs = 2 x MACs)."""
+        ids = torch.zeros(1, block_size, dtype=torch.long, device=next(self.model.parameters()).device)
+        return FlopsProfile.build(self.model, ids, trace_layers(self.model, ids))
 
     def setup(self, stage: str) -> None:
         """The data's vocabulary and window must be the model's."""
@@ -69,16 +77,18 @@ class CharLM(L.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> dict[str, Any]:
+        """Log the loss (nats/char) and return the per-window FLOPs the FlopsCallback reports (dense here)."""
         loss = self.loss(batch)
         self.log_dict({f"{stage}/loss": loss, f"{stage}/bpc": loss / math.log(2)}, prog_bar=True, on_epoch=True,
                       sync_dist=True, batch_size=batch[1].numel())
-        return loss
+        flops = torch.full((len(batch[0]),), float(self.profile.dense_total), device=loss.device)
+        return {"loss": loss, "flops": flops, "keep": {}, "layer_flops": {}}
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
         return self._eval_step(batch, "val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
         return self._eval_step(batch, "test")
 
     def configure_optimizers(self) -> dict[str, Any]:

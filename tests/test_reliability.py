@@ -192,7 +192,7 @@ def _val_epoch(guard: CollapseGuard, keep: dict[str, list[float]], epoch: int, a
         masks = {n: torch.tensor(v).unsqueeze(1) for n, v in keep.items()}
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr("dynprune.guard.gating_info",
-                       lambda m: SimpleNamespace(layers=layers, switch=SimpleNamespace(enabled=gates_on)))
+                       lambda m: SimpleNamespace(layers=layers, bypassed=[], switch=SimpleNamespace(enabled=gates_on)))
             mp.setattr("dynprune.guard.collect_masks", lambda m: masks)
             return _val_epoch_hooks(guard, trainer, SimpleNamespace(model=nn.Identity(), hparams={
                 "lam": 0.5, "target": None, "num_classes": 10}))
@@ -309,7 +309,7 @@ def test_guard_stops_on_nan_loss_and_never_writes_a_nan_checkpoint(tmp_path: Pat
 # -- input validation ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"gate": "sigmod"}, "unknown gate 'sigmod'; choose one of: gumbel, l1, policy, sigmoid"),
+    ({"gate": "sigmod"}, "unknown gate 'sigmod'; choose one of: " + ", ".join(dp.list_gates())),
     ({"backbone": "resnet21"}, "unknown backbone 'resnet21'; choose one of: " + ", ".join(dp.list_backbones())),
     ({"lam": -0.1}, r"lam must be >= 0, got -0.1"),
     ({"target": 0.0}, r"target \(FLOPs ratio\) must be in \(0, 1\], got 0.0"),

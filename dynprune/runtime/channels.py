@@ -11,6 +11,8 @@ input has zero channels outputs its bias.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -41,12 +43,37 @@ def _take(t: Tensor, index: Tensor, dim: int = 0) -> Tensor:
     return t.index_select(dim, index)
 
 
+@dataclass
+class Pack:
+    """What one layer runs for one set of kept output rows and present input columns (cached per mask).
+
+    ``rows``: kept output channels (None: all). A depthwise conv reading a thin input computes only the kept
+    rows whose input is present (``x_index``: their positions in the input, None: all of it); the other kept
+    rows are its bias, written around the computed ones (``fill``: (their positions, the bias of ``rows``)).
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    rows: Tensor | None
+    groups: int
+    x_index: Tensor | None = None
+    fill: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def numel(self) -> int:
+        """Elements held (the cache budget counts them)."""
+        return self.weight.numel() + (self.bias.numel() if self.bias is not None else 0)
+
+
 class ThinLayer(Wrapper):
     """Runs ``layer`` (Conv2d or Linear, BN already folded) on kept channels only; other attributes
     (``stride``, ``padding``, ``weight``, ...) read those of ``layer``.
 
     Args:
-        layer: the folded layer; its weights are gathered per batch, never modified.
+        layer: the folded layer; never modified. The weights it runs for a mask (kept rows, present input
+            columns) are gathered once into a contiguous :class:`Pack` and cached, least recently used first
+            out, up to ``cache_factor`` times the layer's weight size: a trained gate repeats few masks, so a
+            call usually gathers nothing.
         gate: decides this layer's output channels from its input (None: all kept).
         source: the ThinLayer whose thin output this layer reads (None: a full-width input).
         scatter: write the kept channels back into a full-width zero tensor (the output has other readers).
@@ -55,6 +82,7 @@ class ThinLayer(Wrapper):
     """
 
     wrapped = "layer"
+    cache_factor = 4
 
     def __init__(self, layer: nn.Module, gate: Gate | None, source: ThinLayer | None, scatter: bool,
                  narrow: WidthSlot | NestedSlots | None = None) -> None:
@@ -73,16 +101,37 @@ class ThinLayer(Wrapper):
         self.in_channels = layer.in_channels if self.is_conv else layer.in_features
         per_unit = 1
         if source is not None:
-            if self.is_conv and layer.groups != 1:
-                raise ValueError(f"a thin input needs groups=1, got groups={layer.groups}")
+            if self.is_conv and layer.groups != 1 and not self.depthwise:
+                raise ValueError(f"a thin input needs groups=1 or a depthwise conv, got groups={layer.groups}")
             if self.in_channels % source.out_channels:
                 raise ValueError(f"{self.in_channels} inputs are not a multiple of the source's "
                                  f"{source.out_channels} channels")
             per_unit = self.in_channels // source.out_channels
         self.register_buffer("unit_offsets", torch.arange(per_unit), persistent=False)
         self.kept: Tensor | None = None  # output channels present in the last output (None: all)
+        self.key: bytes | None = None  # identifies ``kept`` for the consumer's cache (None: all)
+        self.packs: dict[tuple[bytes | None, bytes | None], Pack] = {}
+        self.cached = 0
         self.pool_dims = (2, 3)
         self.se_gate = isinstance(gate, Gate) and se_gate(gate)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Plain references for the per-call path (module attributes go through ``nn.Module.__getattr__``)."""
+        layer, gate = self.layer, self.gate
+        plain = self.__dict__
+        plain["_gate"], plain["_narrow"] = gate, self.narrow
+        plain["_conv"] = (layer.stride, layer.padding, layer.dilation) if self.is_conv else None
+        plain["_se"] = (gate.fc1.weight, gate.fc1.bias, gate.fc2.weight, gate.fc2.bias) if self.se_gate else None
+        plain["_on_cpu"] = layer.weight.device.type == "cpu"
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        """Casting or moving the layer drops the cached packs (they were gathered from the old weights)."""
+        self.packs.clear()
+        self.cached = 0
+        out = super()._apply(fn, recurse)
+        self._refresh()
+        return out
 
     def input_columns(self) -> Tensor | None:
         """Indices of this layer's inputs present in its (thin) input; None when all are."""
@@ -110,40 +159,118 @@ class ThinLayer(Wrapper):
             pooled = x
         if cols is not None:
             pooled = pooled.new_zeros(pooled.shape[0], self.in_channels).index_copy_(1, cols, pooled)
-        return decide(self.gate, pooled, self.se_gate)
+        gate = self._gate
+        if self._se is not None and gate.forced is None and gate.hard:  # the SE net inlined, plain references
+            w1, b1, w2, b2 = self._se
+            return F.linear(F.linear(pooled, w1, b1).relu_(), w2, b2) >= 0, True
+        return decide(gate, pooled, self.se_gate)
 
     def forward(self, x: Tensor) -> Tensor:
         """Thin or full (N, C_in', ...) -> (N, C_out', ...); ``self.kept`` names the output channels present."""
-        cols = self.input_columns()
-        weight, bias = self.layer.weight, self.layer.bias
-        rows = scale = None
-        if self.gate is not None or self.narrow is not None:
+        plain = self.__dict__
+        source = plain["source"]
+        cols = None if source is None else self.input_columns()
+        mask = union = scale = None
+        binary = True
+        if plain["_gate"] is not None or plain["_narrow"] is not None:
             mask, binary = self.decide(x, cols)
             if self.thinnable:
-                rows = (mask[0] if len(mask) == 1 else mask.any(0)).nonzero().flatten()
-                if len(rows) == self.out_channels:
-                    rows = None
-                else:
-                    weight, bias = _take(weight, rows), _take(bias, rows) if bias is not None else None
-            if not (binary and len(mask) == 1 and rows is not None):  # else: a thinned 0/1 row is all ones
-                kept = mask if rows is None else mask.index_select(1, rows)
-                if not bool(kept.all()) if binary else bool((kept != 1).any()):
-                    scale = kept
-        if cols is not None:
-            weight = _take(weight, cols, dim=1)
-        groups = self.layer.groups if self.is_conv else 1
-        if self.depthwise and rows is not None:
-            x, groups = x.index_select(1, rows), len(rows)
-        out = self.run(x, weight, bias, groups)
+                union = mask[0] if len(mask) == 1 else mask.any(0)
+                union = union if binary else union != 0
+        key = self.cache_key(union)
+        pack = self.pack(key, union, cols)
+        if mask is not None and not (binary and len(mask) == 1 and pack.rows is not None):
+            kept = mask if pack.rows is None else mask.index_select(1, pack.rows)  # inputs disagree, or soft
+            if not bool(kept.all()) if binary else bool((kept != 1).any()):
+                scale = kept
+        if pack.x_index is not None:
+            x = x.index_select(1, pack.x_index)
+        conv = plain["_conv"]
+        if pack.weight.shape[0] and pack.weight.shape[1] and x.shape[self.dim]:
+            out = (F.conv2d(x, pack.weight, pack.bias, *conv, pack.groups) if conv is not None
+                   else F.linear(x, pack.weight, pack.bias))
+        else:
+            out = self.run(x, pack.weight, pack.bias, pack.groups)
+        if pack.fill is not None:
+            index, bias = pack.fill
+            full = bias.view(1, -1, 1, 1).expand(out.shape[0], -1, *out.shape[2:]).contiguous()
+            out = full.index_copy_(1, index, out)
         if scale is not None:
             out = apply_mask(out, scale.to(out.dtype), self.dim)
+        rows = pack.rows
         if self.scatter and rows is not None:
-            full = list(out.shape)
-            full[self.dim] = self.out_channels
-            out = out.new_zeros(full).index_copy_(self.dim % out.dim(), rows, out)
-            rows = None
-        self.kept = rows
+            full_shape = list(out.shape)
+            full_shape[self.dim] = self.out_channels
+            out = out.new_zeros(full_shape).index_copy_(self.dim % out.dim(), rows, out)
+            rows = key = None
+        plain["kept"], plain["key"] = rows, key
         return out
+
+    def cache_key(self, union: Tensor | None) -> bytes | None:
+        """Bytes naming a (C_out,) bool union of kept channels; None: no mask."""
+        if union is None:
+            return None
+        return (union if self._on_cpu else union.cpu()).numpy().tobytes()
+
+    def pack(self, rows_key: bytes | None, union: Tensor | None, cols: Tensor | None) -> Pack:
+        """The cached :class:`Pack` for this union of kept rows (named by ``rows_key``) and the source's
+        present columns."""
+        source = self.__dict__["source"]
+        key = (rows_key, None if source is None else source.key)
+        found = self.packs.pop(key, None)
+        if found is None:
+            found = self.gather(union, cols)
+            budget = self.cache_factor * self.layer.weight.numel()
+            while self.packs and self.cached + found.numel > budget:
+                self.cached -= self.packs.pop(next(iter(self.packs))).numel
+            if found.numel <= budget:
+                self.cached += found.numel
+            else:
+                return found
+        self.packs[key] = found  # (re)inserted last: the most recently used
+        return found
+
+    def gather(self, union: Tensor | None, cols: Tensor | None) -> Pack:
+        """Gather the weights for kept ``union`` (C_out,) bool (None: all) and present input ``cols``."""
+        weight, bias = self.layer.weight, self.layer.bias
+        groups = self.layer.groups if self.is_conv else 1
+        rows = None if union is None else union.nonzero().flatten()
+        if rows is not None and len(rows) == self.out_channels:
+            rows = None
+        if self.depthwise:
+            return self.gather_depthwise(rows, cols)
+        if rows is not None:
+            weight, bias = _take(weight, rows), _take(bias, rows) if bias is not None else None
+        if cols is not None:
+            weight = _take(weight, cols, dim=1)
+        return Pack(weight.contiguous(), bias.contiguous() if bias is not None else None, rows, groups)
+
+    def gather_depthwise(self, rows: Tensor | None, cols: Tensor | None) -> Pack:
+        """A depthwise conv computes the kept ``rows`` whose input channel is among ``cols``; the other kept
+        rows read an all-zero input channel and output their bias."""
+        weight, bias = self.layer.weight, self.layer.bias
+        n = self.out_channels
+        everything = torch.arange(n, device=weight.device)
+        out_set = everything if rows is None else rows
+        if cols is None:
+            both, x_index = out_set, rows
+        else:
+            present = torch.zeros(n, dtype=torch.bool, device=weight.device)
+            present[cols] = True
+            both = out_set[present[out_set]]
+            position = torch.full((n,), -1, dtype=torch.long, device=weight.device)
+            position[cols] = torch.arange(len(cols), device=weight.device)
+            x_index = position[both]
+            if len(x_index) == len(cols):  # every present column is computed, in order
+                x_index = None
+        fill = None
+        if len(both) < len(out_set):
+            position = torch.full((n,), -1, dtype=torch.long, device=weight.device)
+            position[out_set] = torch.arange(len(out_set), device=weight.device)
+            full_bias = bias[out_set] if bias is not None else weight.new_zeros(len(out_set))
+            fill = (position[both], full_bias.contiguous())
+        return Pack(weight[both].contiguous(), bias[both].contiguous() if bias is not None else None, rows,
+                    len(both), x_index, fill)
 
     def run(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
         """The layer with the gathered weights; zero output or input channels handled without calling it."""

@@ -1,9 +1,10 @@
 """``compile_for_inference``: an eval-only copy of a model that executes only the compute it keeps.
 
 BatchNorms are folded into the layer before them (also in dense and statically pruned, physically thinned
-models). In a gated model, the dynprune hooks are removed and each site's module is replaced by an
-executor: channel sites by :class:`ThinLayer` (with the layer reading their output), block sites by
-:class:`SubBatchBlock`, width sites by :class:`WidthBlock` around ThinLayers that run weight prefixes.
+models). In a gated model, the dynprune hooks are removed and each site is run by the executor its
+granularity registers (:class:`~dynprune.runtime.executor.Executor`): the layers it gates or narrows run as
+:class:`ThinLayer` (with the layer reading their output), and its module may be wrapped (e.g. a block that
+runs on a sub-batch, or one that decides its width once). A granularity without an executor is refused, by name.
 The compiled model is checked against the original before it is returned, with the gates' own decisions
 and with forced mixed decisions at batch 1 and batch > 1.
 """
@@ -19,17 +20,20 @@ import torch
 from torch import Tensor, nn
 
 from dynprune.gates.base import Gate
+from dynprune.granularity import GRANULARITIES, list_granularities
 from dynprune.inject import gates_of, gating_info
-from dynprune.runtime.blocks import SubBatchBlock
 from dynprune.runtime.channels import ThinLayer
 from dynprune.runtime.fold import fold_batchnorm, set_submodule
-from dynprune.runtime.widths import NestedSlots, WidthBlock, WidthSlot, layer_slots
+from dynprune.runtime.widths import NestedSlots, WidthSlot, layer_slots
 from dynprune.trace import LayerInfo
 
 if TYPE_CHECKING:
     from dynprune.granularity import Site
 
-SUPPORTED = ("block", "channel", "width")
+
+def compilable() -> list[str]:
+    """The registered granularities that register a runtime executor."""
+    return [n for n in list_granularities() if GRANULARITIES.get(n).executor is not None]
 
 
 class CompiledModel(nn.Module):
@@ -61,8 +65,8 @@ def compile_for_inference(
 ) -> CompiledModel:
     """An eval-only copy of ``model`` (left unchanged) with the same outputs that runs only the kept compute.
 
-    ``model``: dense, statically pruned, or gated by :func:`dynprune.gate_model` (granularities ``channel``,
-    ``block`` and ``width``). ``input_shape`` (C, H, W) defaults to ``model.input_shape``, else to the shape
+    ``model``: dense, statically pruned, or gated by :func:`dynprune.gate_model` at granularities that register
+    an executor (:func:`compilable`). ``input_shape`` (C, H, W) defaults to ``model.input_shape``, else to the shape
     ``gate_model`` traced. Random batches of 1 and ``check_batch`` inputs must agree within ``tol`` relative to
     the largest output, else RuntimeError.
     """
@@ -71,9 +75,10 @@ def compile_for_inference(
                   (gating_info(model).flops.input_shape if sites else ()))
     if not shape:
         raise ValueError("pass input_shape=(C, H, W): the model has no `input_shape` attribute and is not gated")
-    unsupported = sorted({s.granularity for s in sites.values()} - set(SUPPORTED))
+    unsupported = sorted({s.granularity for s in sites.values() if s.owner.executor is None})
     if unsupported:
-        raise NotImplementedError(f"cannot compile granularity {unsupported}; supported: {', '.join(SUPPORTED)}")
+        raise NotImplementedError(f"cannot compile granularity {unsupported}: it registers no runtime executor "
+                                  f"(Granularity.executor); compilable: {', '.join(compilable())}")
     param = next(model.parameters(), None)
     if param is None or not param.dtype.is_floating_point:
         raise ValueError(f"compile_for_inference needs a model with floating-point parameters, got "
@@ -134,20 +139,18 @@ def _build(model: nn.Module, sites: dict[str, Site], example: Tensor, thin: bool
         delattr(net.get_submodule(owner), child)
     if hasattr(net, "dynprune"):
         del net.dynprune
-    blocks = {n for n, s in sites.items() if s.granularity == "block"}
-    net, folded = fold_batchnorm(net, example[:1], keep=blocks)
-    channel = [n for n, s in sites.items() if s.granularity == "channel"]
-    slots = {name: {layer: WidthSlot(expand) for layer, expand in sites[name].expanders.items()}
-             for name, s in sites.items() if s.granularity == "width"}
+    executors = {name: site.owner.executor for name, site in sites.items()}
+    net, folded = fold_batchnorm(net, example[:1], keep=set().union(*(executors[n].keep(s) for n, s in sites.items())))
+    gated = {layer: gate for n, s in sites.items() for layer, gate in executors[n].gated(s, gates[n]).items()}
+    slots = {n: executors[n].narrowed(s) for n, s in sites.items()}
     narrowed = layer_slots(slots)
-    if channel or narrowed:
-        _thin_layers(net, {n: gates[n] for n in channel}, narrowed, gating_info(model).layers, thin)
-    for name, per_site in slots.items():  # after the layers inside were replaced: their paths stay valid
-        set_submodule(net, name, WidthBlock(net.get_submodule(name), gates[name], list(per_site.values())))
-    for name in sorted(blocks, key=lambda n: -n.count(".")):  # inner blocks first: their paths stay valid
-        whole = sites[name].kind == "whole"
+    if gated or narrowed:
+        _thin_layers(net, gated, narrowed, gating_info(model).layers, thin)
+    for name in sorted(sites, key=lambda n: -n.count(".")):  # inner sites first: outer paths stay valid
         inner = [gates[n] for n in sites if n.startswith(name + ".")]
-        set_submodule(net, name, SubBatchBlock(net.get_submodule(name), gates[name], whole, inner))
+        wrapped = executors[name].wrap(net.get_submodule(name), sites[name], gates[name], inner, slots[name])
+        if wrapped is not None:
+            set_submodule(net, name, wrapped)
     return CompiledModel(net, folded, gates)
 
 
@@ -161,7 +164,9 @@ def _thin_layers(net: nn.Module, gates: dict[str, Gate], narrowed: dict[str, Wid
     for name in channel:
         consumer = readers[name][0] if len(readers[name]) == 1 else None
         module = net.get_submodule(consumer.name) if consumer else None
-        if (thin and consumer and consumer.calls == 1 and getattr(module, "groups", 1) == 1
+        groups = getattr(module, "groups", 1)
+        depthwise = groups > 1 and groups == consumer.in_channels == consumer.out_channels if consumer else False
+        if (thin and consumer and consumer.calls == 1 and (groups == 1 or depthwise)
                 and consumer.in_channels % layers[name].out_channels == 0):
             thin_source[consumer.name] = name
     executors: dict[str, ThinLayer] = {}

@@ -1,0 +1,307 @@
+"""Run one benchmark point: build the arm's model from the protocol, train it, validate, test once.
+
+Every run goes through the same Lightning loop (SGD nesterov, per-epoch cosine), data split and seed;
+only the method differs. The dense model of a seed is trained once, saved as ``<root>/dense_s<seed>/
+dense.ckpt`` (under a file lock, so concurrent points share it) and reused as every arm's warm start and,
+for the ``+kd`` variants, as the frozen teacher. A point's result is ``<root>/<point>/result.json``, written
+last and atomically with the hash of the point's spec: a finished point is never rerun; a point whose
+FLOPs miss 1/R leaves ``rejected.json`` instead and raises :class:`FairnessError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from dynprune import backbones
+from dynprune.bench.config import BenchConfig, FairnessError, Point
+from dynprune.callbacks import FlopsCallback
+from dynprune.data import DigitsDataModule, FashionMNISTDataModule
+from dynprune.flops import count_flops
+from dynprune.io import write_json
+from dynprune.module import GatedClassifier
+
+RESULT = "result.json"
+REJECTED = "rejected.json"
+DENSE_CKPT = "dense.ckpt"
+
+
+def device_name(accelerator: str) -> str:
+    """The machine a number came from: GPU name, or CPU model, with the torch thread count."""
+    if accelerator != "cpu" and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__})"
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {torch.get_num_threads()} thread(s) (torch {torch.__version__})"
+
+
+def datamodule(cfg: BenchConfig, seed: int) -> L.LightningDataModule:
+    """The protocol's data for ``seed`` (the validation split and the shuffling depend on it)."""
+    d = cfg.data
+    if d.dataset == "digits":
+        return DigitsDataModule(batch_size=d.batch_size, input_size=d.input_size, seed=seed)
+    return FashionMNISTDataModule(d.data_dir, batch_size=d.batch_size, val_size=d.val_size,
+                                  train_subset=d.train_subset, test_subset=d.test_subset, seed=seed)
+
+
+def shape_kwargs(cfg: BenchConfig) -> dict[str, int]:
+    """num_classes / in_chans / input_size of the protocol's data."""
+    return {"num_classes": 10, "in_chans": 1, "input_size": cfg.data.input_size}
+
+
+def input_shape(cfg: BenchConfig) -> tuple[int, int, int]:
+    """(C, H, W) of one input."""
+    return (1, cfg.data.input_size, cfg.data.input_size)
+
+
+def dense_flops(cfg: BenchConfig, width_mult: float = 1.0) -> int:
+    """FlopCounterMode FLOPs of the backbone at ``width_mult`` on one input."""
+    return _flops_at(cfg.backbone, cfg.data.input_size, width_mult)
+
+
+@functools.cache
+def _flops_at(backbone: str, input_size: int, width_mult: float) -> int:
+    model = backbones.create(backbone, num_classes=10, in_chans=1, input_size=input_size, width_mult=width_mult)
+    return count_flops(model, (1, input_size, input_size))[0]
+
+
+def search_width(cfg: BenchConfig, ratio: float) -> tuple[float, float]:
+    """The width multiplier whose thin network has FLOPs closest to 1/``ratio`` of the dense one:
+    (width_mult, achieved FLOPs ratio). FLOPs grow monotonically with the width, so a bisection finds
+    the two widths around the target and the closer one wins; widths map to integer channel counts, so
+    a target between them is missed by up to one channel step (checked against the tolerance by the caller)."""
+    full, target = dense_flops(cfg), 1.0 / ratio
+    lo, hi = 1e-3, 1.0
+    for _ in range(16):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if dense_flops(cfg, mid) / full < target else (lo, mid)
+    candidates = [(w, dense_flops(cfg, w) / full) for w in (lo, hi)]
+    return min(candidates, key=lambda c: abs(c[1] / target - 1))
+
+
+def check_flops(point: Point, achieved: float, tolerance: float, where: str) -> None:
+    """FairnessError unless ``achieved`` (a FLOPs ratio) lies within ``tolerance`` (relative) of 1/R."""
+    target = 1.0 / point.ratio
+    if abs(achieved / target - 1) > tolerance:
+        raise FairnessError(f"{point.id}: {where} FLOPs ratio {achieved:.5f} is {100 * (achieved / target - 1):+.2f}% "
+                            f"off the target 1/{point.ratio:g} = {target:.5f} (allowed: +-{100 * tolerance:g}% "
+                            "relative)")
+
+
+def _trainer(cfg: BenchConfig, epochs: int, callbacks: list[L.Callback] | None = None) -> L.Trainer:
+    """The one loop every run uses; validation and test are separate calls (see :func:`fit_and_evaluate`)."""
+    return L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                     accelerator=cfg.accelerator, devices=1, callbacks=callbacks or [])
+
+
+def _flops_row(report: dict[str, Any], full: int) -> dict[str, Any]:
+    """FLOPs ratios of one FlopsCallback report, against the full dense model's ``full`` FLOPs (a thinned
+    model's own dense count is smaller), gates' own FLOPs included in ``flops_ratio``."""
+    s, dep = report["summary"], report.get("dependence") or {}
+    gates = report.get("gate_flops", 0) or 0
+    return {"flops_ratio": (s["flops_mean"] + gates) / full, "flops_ratio_no_gates": s["flops_mean"] / full,
+            "gate_flops_ratio": gates / full, "flops_p10": s["flops_p10"] / full, "flops_p90": s["flops_p90"] / full,
+            "dynamic_frac": dep.get("dynamic_frac", 0.0), "class_spread": dep.get("class_spread") or 1.0,
+            "class_flops": {str(c["class"]): c["flops_ratio"] for c in dep.get("classes", [])}}
+
+
+def fit_and_evaluate(cfg: BenchConfig, module: L.LightningModule, dm: L.LightningDataModule, epochs: int,
+                     out: Path, full: int) -> dict[str, Any]:
+    """Train for ``epochs`` (no checkpoint selection: the last epoch is the model), then one validation
+    pass and one test pass: {"val": {...}, "test": {...}} with accuracy and FLOPs statistics."""
+    start = time.time()
+    if epochs:
+        _trainer(cfg, epochs).fit(module, dm)
+    fit_s = time.time() - start
+    cb = FlopsCallback(dirpath=str(out), plot=False, verbose=False, log_layers=False)
+    evaluator = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, accelerator=cfg.accelerator, devices=1, callbacks=[cb])
+    val = evaluator.validate(module, dm, verbose=False)[0]
+    test = evaluator.test(module, dm, verbose=False)[0]
+    return {"val": {"acc": 100 * val["val/acc"], **_flops_row(cb.reports["val"], full)},
+            "test": {"acc": 100 * test["test/acc"], **_flops_row(cb.reports["test"], full)},
+            "fit_seconds": round(fit_s, 1)}
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (blocking): one process trains a dense model, the others wait."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def finished(cfg: BenchConfig, point: Point, root: Path) -> dict[str, Any] | None:
+    """The stored result of ``point`` if it ran with the same spec, else None."""
+    path = root / point.id / RESULT
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    return result if result.get("digest") == cfg.digest(point) else None
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (the identity of a teacher)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def dense_checkpoint(cfg: BenchConfig, seed: int, root: Path) -> Path:
+    """The dense checkpoint of ``seed``, training it first (once, under a lock) if it is missing."""
+    point = Point("dense", "dense", seed)
+    with _locked(root / f".{point.id}.lock"):
+        if finished(cfg, point, root) is None:
+            _record(cfg, point, root, _train_dense(cfg, point, root))
+    return root / point.id / DENSE_CKPT
+
+
+def _train_dense(cfg: BenchConfig, point: Point, root: Path) -> dict[str, Any]:
+    out = root / point.id
+    out.mkdir(parents=True, exist_ok=True)
+    dm = datamodule(cfg, point.seed)
+    module = GatedClassifier(cfg.backbone, gate=None, lr=cfg.lr, **shape_kwargs(cfg))
+    trainer = _trainer(cfg, cfg.dense_epochs)
+    start = time.time()
+    trainer.fit(module, dm)
+    tmp = out / f".{DENSE_CKPT}.{os.getpid()}.tmp"
+    trainer.save_checkpoint(tmp)
+    os.replace(tmp, out / DENSE_CKPT)
+    evaluated = fit_and_evaluate(cfg, module, dm, 0, out, dense_flops(cfg))
+    evaluated["fit_seconds"] = round(time.time() - start, 1)
+    return {**evaluated, "epochs": cfg.dense_epochs, "total_epochs": cfg.dense_epochs,
+            "checkpoint_digest": file_digest(out / DENSE_CKPT)}
+
+
+def _teacher_kwargs(cfg: BenchConfig, point: Point, dense: Path) -> dict[str, Any]:
+    """The shared teacher of a ``+kd`` point: the frozen dense model of its seed (none without kd)."""
+    if not point.kd:
+        return {}
+    return {"teacher": str(dense), "distill": cfg.kd_weight, "distill_temperature": cfg.kd_temperature}
+
+
+def _static_model(cfg: BenchConfig, point: Point, dense: Path,
+                  dm: L.LightningDataModule) -> tuple[nn.Module, dict[str, Any]]:
+    """The dense model of the seed pruned by the arm's criterion to 1/R of its FLOPs (Torch-Pruning's channel
+    groups, physically removed; ``prune_to_flops``); a data-driven criterion scores one training batch."""
+    from dynprune.static import prune_to_flops
+
+    criterion = cfg.arm(point.arm).criterion
+    module = GatedClassifier(cfg.backbone, gate=None, init_from=str(dense), **shape_kwargs(cfg))
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    try:
+        small = prune_to_flops(module.model.cpu(), point.ratio, criterion, input_shape(cfg), batch=batch,
+                               tol=cfg.flops_tolerance)
+    except ValueError as err:  # 1/R out of reach within the tolerance
+        raise FairnessError(f"{point.id}: {err}") from err
+    report = small.pruning_report
+    return small, {"criterion": criterion, "flops_ratio": report["flops_ratio"],
+                   "fractions": {k: round(v, 4) for k, v in report["fractions"].items()}}
+
+
+def build(cfg: BenchConfig, point: Point, dense: Path,
+          dm: L.LightningDataModule) -> tuple[L.LightningModule, dict[str, Any]]:
+    """The arm's LightningModule for ``point`` and what the harness chose for it (width, fraction)."""
+    arm = cfg.arm(point.arm)
+    shape, teacher = shape_kwargs(cfg), _teacher_kwargs(cfg, point, dense)
+    if arm.kind == "static":
+        small, info = _static_model(cfg, point, dense, dm)
+        return GatedClassifier(small, gate=None, lr=cfg.finetune_lr, **shape, **teacher), info
+    if arm.kind == "thin":
+        width, _ = search_width(cfg, point.ratio)
+        return GatedClassifier(cfg.backbone, gate=None, width_mult=width, lr=cfg.lr, **shape, **teacher), {
+            "width_mult": width}
+    if arm.kind == "dynamic":
+        warm = {"init_from": str(dense), "lr": cfg.finetune_lr} if arm.start == "warm" else {"lr": cfg.lr}
+        return GatedClassifier(cfg.backbone, target=1.0 / point.ratio, **arm.model, **warm, **shape, **teacher), {}
+    from dynprune.slimmable import SlimmableClassifier
+
+    widths = sorted({search_width(cfg, r)[0] for r in cfg.supernet_ratios()} | {1.0})
+    return SlimmableClassifier(cfg.backbone, widths=widths, lr=cfg.lr, **arm.model, **shape), {"widths": widths}
+
+
+def _slimmable_rows(cfg: BenchConfig, module: L.LightningModule, dm: L.LightningDataModule) -> dict[str, Any]:
+    """Validate and test a slimmable supernet once; per R, the accuracy of its width matched to 1/R."""
+    start = time.time()
+    _trainer(cfg, cfg.total_epochs).fit(module, dm)
+    evaluator = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, accelerator=cfg.accelerator, devices=1)
+    val = evaluator.validate(module, dm, verbose=False)[0]
+    test = evaluator.test(module, dm, verbose=False)[0]
+    full = dense_flops(cfg)
+    per_ratio = {}
+    for r in cfg.ratios:
+        width, _ = search_width(cfg, r)
+        ratio = module.flops[width] / full
+        row = {"flops_ratio": ratio, "flops_ratio_no_gates": ratio, "gate_flops_ratio": 0.0, "flops_p10": ratio,
+               "flops_p90": ratio, "dynamic_frac": 0.0, "class_spread": 1.0, "width_mult": width}
+        per_ratio[f"{r:g}"] = {"val": {"acc": 100 * val[f"val/acc_w{width:g}"], **row},
+                               "test": {"acc": 100 * test[f"test/acc_w{width:g}"], **row}}
+    return {"per_ratio": per_ratio, "fit_seconds": round(time.time() - start, 1)}
+
+
+def _record(cfg: BenchConfig, point: Point, root: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """Write ``result.json`` of ``point`` (atomically, last: its presence means finished)."""
+    record = {"point": point.id, "method": point.method, "arm": point.arm, "kind": point.kind, "seed": point.seed,
+              "ratio": point.ratio, "kd": point.kd, "digest": cfg.digest(point), "spec": cfg.spec(point),
+              "device": device_name(cfg.accelerator), "threads": torch.get_num_threads(),
+              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), **result}
+    write_json(root / point.id / RESULT, record)
+    return record
+
+
+def run_point(cfg: BenchConfig, point: Point, root: str | os.PathLike[str]) -> dict[str, Any]:
+    """Run ``point`` unless it already finished with this spec; returns its result record."""
+    root = Path(root)
+    torch.set_num_threads(cfg.threads)
+    done = finished(cfg, point, root)
+    if done is not None:
+        return done
+    if point.kind == "dense":
+        dense_checkpoint(cfg, point.seed, root)
+        return finished(cfg, point, root)
+    dense = dense_checkpoint(cfg, point.seed, root)
+    out = root / point.id
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REJECTED).unlink(missing_ok=True)
+    L.seed_everything(point.seed, verbose=False)
+    dm, arm, full = datamodule(cfg, point.seed), cfg.arm(point.arm), dense_flops(cfg)
+    teacher = {"teacher": f"dense_s{point.seed}", "teacher_digest": file_digest(dense)} if point.kd else {}
+    chosen: dict[str, Any] = {}
+    try:
+        module, chosen = build(cfg, point, dense, dm)
+        common = {"epochs": cfg.own_epochs(arm), "warm_start": arm.start == "warm",
+                  "total_epochs": cfg.own_epochs(arm) + (cfg.dense_epochs if arm.start == "warm" else 0),
+                  "chosen": chosen, **teacher}
+        if point.kind == "slimmable":
+            return _record(cfg, point, root, {**_slimmable_rows(cfg, module, dm), **common})
+        if point.kind in ("static", "thin"):  # the architecture fixes the FLOPs: check before spending the budget
+            check_flops(point, count_flops(module.model, input_shape(cfg))[0] / full, cfg.flops_tolerance,
+                        "architecture")
+        result = fit_and_evaluate(cfg, module, dm, cfg.own_epochs(arm), out, full)
+        check_flops(point, result["val"]["flops_ratio"], cfg.flops_tolerance, "validation mean")
+    except FairnessError as err:
+        write_json(out / REJECTED, {"point": point.id, "reason": str(err), "chosen": chosen})
+        raise
+    return _record(cfg, point, root, {**result, **common})

@@ -1,0 +1,43 @@
+"""The executor contract: how ``compile_for_inference`` runs the sites of one granularity for real.
+
+Each granularity registers one (``Granularity.executor``), so the compiler never names a granularity. It
+builds a compiled model in three passes over every site: BatchNorm folding leaves the modules ``keep`` names;
+the layers ``gated`` or ``narrowed`` names become :class:`~dynprune.runtime.channels.ThinLayer` objects (a layer
+narrowed by several sites keeps what all of them keep); then ``wrap`` may put an executor module at the
+site's path (inner sites first, so outer paths stay valid).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from dynprune.gates.base import Gate
+
+if TYPE_CHECKING:
+    from dynprune.granularity.base import Site
+
+
+class Executor:
+    """Runs one granularity's sites; the defaults do nothing (override what the granularity needs)."""
+
+    def keep(self, site: Site) -> set[str]:
+        """Module paths that BatchNorm folding must leave in place (e.g. a block that is wrapped later)."""
+        return set()
+
+    def gated(self, site: Site, gate: Gate) -> dict[str, Gate]:
+        """{layer path: gate} for the conv/linear layers that run on the output channels a gate decides from the
+        layer's own input."""
+        return {}
+
+    def narrowed(self, site: Site) -> dict[str, Any]:
+        """{layer path: slot} for the layers that run on the output channels the site's wrapper decided (a slot
+        has ``mask() -> (N, C)`` bools, e.g. :class:`~dynprune.runtime.widths.WidthSlot`)."""
+        return {}
+
+    def wrap(self, module: nn.Module, site: Site, gate: Gate, inner: list[Gate],
+             slots: dict[str, Any]) -> nn.Module | None:
+        """The module that replaces the site's ``module`` (None: it stays); ``inner`` are the gates of the sites
+        inside it, ``slots`` what :meth:`narrowed` returned for this site."""
+        return None
