@@ -1,8 +1,10 @@
 """``gate_model``: add gates to ANY nn.Module without editing its source, at any granularity.
 
-The model is traced once (:mod:`dynprune.trace`); the granularity (:mod:`dynprune.granularity`) picks
-the eligible sites, attaches a gate to each (a child module named ``dynprune_gate``) and the forward
-hooks that apply its decisions. Gated modules keep their type, attributes and ``state_dict`` keys.
+The model is traced once on an example input (float zeros of ``input_shape``, or any example such as
+integer token ids) (:mod:`dynprune.trace`); the granularity (:mod:`dynprune.granularity`, a name or an
+instance carrying its options) picks the eligible sites, attaches a gate to each (a child module named
+``dynprune_gate``) and the forward hooks that apply its decisions, and says how they change FLOPs. This
+file knows no granularity by name. Gated modules keep their type, attributes and ``state_dict`` keys.
 A model may be gated at several granularities (e.g. block gates outside, channel gates inside).
 """
 

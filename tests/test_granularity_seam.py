@@ -298,6 +298,22 @@ def test_module_gates_read_features_not_positions_of_token_inputs() -> None:
         assert gate.mask.shape == (3, gate.fc2.out_features)
 
 
+def test_a_language_model_is_gated_from_integer_token_ids() -> None:
+    """The package's char GPT takes token ids: gated from an example of ids, its gates read the D features of
+    (N, T, D) and its dense FLOPs are FlopCounterMode's on those ids."""
+    model = dp.backbones.create_language_model("char_gpt", 11, 16, dim=16, depth=1, heads=2).eval()
+    ids = torch.randint(0, 11, (1, 12))  # T = 12 tokens of D = 16 features
+    dense = dp.count_flops(model, ids)[0]
+    dp.gate_model(model, "sigmoid", example=ids)
+    dp.gate_model(model, "sigmoid", granularity="block", where=["blocks.0"], example=ids)
+    info = dp.gating_info(model)
+    assert info.flops.dense_total == dense and info.flops.input_shape == (12,)
+    assert {s.layout.name for s in info.sites.values()} == {"tokens"}
+    assert all(g.fc1.in_features == 16 for g in dp.gates_of(model).values())
+    with torch.no_grad():
+        assert model(torch.randint(0, 11, (3, 12))).shape == (3, 12, 11)
+
+
 def test_granularity_options_are_checked_and_not_gate_arguments() -> None:
     with pytest.raises(ValueError, match=r"granularity 'width' has no option\(s\) \['widht'\]; its options: widths"):
         dp.GatedClassifier("resnet20", granularity={"width": {"widht": [0.5, 1.0]}}, input_size=8, width_mult=0.5)
@@ -307,6 +323,16 @@ def test_granularity_options_are_checked_and_not_gate_arguments() -> None:
     module = dp.GatedClassifier("resnet20", granularity={"width": {"widths": [0.5, 1.0]}}, input_size=8,
                                 width_mult=0.5)
     assert all(s.widths == [0.5, 1.0] and s.units == 1 for s in dp.gating_info(module.model).sites.values())
+
+
+def test_granularity_options_from_the_cli(tmp_path: Path) -> None:
+    from dynprune.cli import cli_main
+
+    cli = cli_main(["fit", "--config", str(Path(__file__).parent / "conf" / "digits_sigmoid.yaml"),
+                    "--model.granularity={width: {widths: [0.5, 1.0]}}", "--model.width_mult=0.5",
+                    "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}"])
+    sites = dp.gating_info(cli.model.model).sites
+    assert sites and all(s.widths == [0.5, 1.0] for s in sites.values())
 
 
 def _named_literals(names: set[str], package: Path, home: str) -> list[str]:

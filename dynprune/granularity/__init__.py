@@ -1,4 +1,6 @@
-"""Granularities by name (``channel``, ``block``, ``width``); ``list_granularities()``."""
+"""Granularities by name (``channel``, ``block``, ``width``; ``list_granularities()``), one file each, and
+the seam they share (:mod:`dynprune.granularity.base`): sites, input layouts, FLOPs terms, options, report
+sections; each registers its runtime executor (:mod:`dynprune.runtime.executor`)."""
 
 from __future__ import annotations
 

@@ -114,12 +114,24 @@ class ThinLayer(Wrapper):
         self.cached = 0
         self.pool_dims = (2, 3)
         self.se_gate = isinstance(gate, Gate) and se_gate(gate)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Plain references for the per-call path (module attributes go through ``nn.Module.__getattr__``)."""
+        layer, gate = self.layer, self.gate
+        plain = self.__dict__
+        plain["_gate"], plain["_narrow"] = gate, self.narrow
+        plain["_conv"] = (layer.stride, layer.padding, layer.dilation) if self.is_conv else None
+        plain["_se"] = (gate.fc1.weight, gate.fc1.bias, gate.fc2.weight, gate.fc2.bias) if self.se_gate else None
+        plain["_on_cpu"] = layer.weight.device.type == "cpu"
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         """Casting or moving the layer drops the cached packs (they were gathered from the old weights)."""
         self.packs.clear()
         self.cached = 0
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        self._refresh()
+        return out
 
     def input_columns(self) -> Tensor | None:
         """Indices of this layer's inputs present in its (thin) input; None when all are."""
@@ -147,49 +159,64 @@ class ThinLayer(Wrapper):
             pooled = x
         if cols is not None:
             pooled = pooled.new_zeros(pooled.shape[0], self.in_channels).index_copy_(1, cols, pooled)
-        return decide(self.gate, pooled, self.se_gate)
+        gate = self._gate
+        if self._se is not None and gate.forced is None and gate.hard:  # the SE net inlined, plain references
+            w1, b1, w2, b2 = self._se
+            return F.linear(F.linear(pooled, w1, b1).relu_(), w2, b2) >= 0, True
+        return decide(gate, pooled, self.se_gate)
 
     def forward(self, x: Tensor) -> Tensor:
         """Thin or full (N, C_in', ...) -> (N, C_out', ...); ``self.kept`` names the output channels present."""
-        cols = self.input_columns()
+        plain = self.__dict__
+        source = plain["source"]
+        cols = None if source is None else self.input_columns()
         mask = union = scale = None
-        if self.gate is not None or self.narrow is not None:
+        binary = True
+        if plain["_gate"] is not None or plain["_narrow"] is not None:
             mask, binary = self.decide(x, cols)
             if self.thinnable:
                 union = mask[0] if len(mask) == 1 else mask.any(0)
                 union = union if binary else union != 0
-        pack = self.pack(union, cols)
-        if mask is not None:
-            if not (binary and len(mask) == 1 and pack.rows is not None):  # else: a thinned 0/1 row is all ones
-                kept = mask if pack.rows is None else mask.index_select(1, pack.rows)
-                if not bool(kept.all()) if binary else bool((kept != 1).any()):
-                    scale = kept
+        key = self.cache_key(union)
+        pack = self.pack(key, union, cols)
+        if mask is not None and not (binary and len(mask) == 1 and pack.rows is not None):
+            kept = mask if pack.rows is None else mask.index_select(1, pack.rows)  # inputs disagree, or soft
+            if not bool(kept.all()) if binary else bool((kept != 1).any()):
+                scale = kept
         if pack.x_index is not None:
             x = x.index_select(1, pack.x_index)
-        out = self.run(x, pack.weight, pack.bias, pack.groups)
+        conv = plain["_conv"]
+        if pack.weight.shape[0] and pack.weight.shape[1] and x.shape[self.dim]:
+            out = (F.conv2d(x, pack.weight, pack.bias, *conv, pack.groups) if conv is not None
+                   else F.linear(x, pack.weight, pack.bias))
+        else:
+            out = self.run(x, pack.weight, pack.bias, pack.groups)
         if pack.fill is not None:
             index, bias = pack.fill
             full = bias.view(1, -1, 1, 1).expand(out.shape[0], -1, *out.shape[2:]).contiguous()
             out = full.index_copy_(1, index, out)
         if scale is not None:
             out = apply_mask(out, scale.to(out.dtype), self.dim)
-        rows, self.key = pack.rows, self.cache_key(union)
+        rows = pack.rows
         if self.scatter and rows is not None:
             full_shape = list(out.shape)
             full_shape[self.dim] = self.out_channels
             out = out.new_zeros(full_shape).index_copy_(self.dim % out.dim(), rows, out)
-            rows = self.key = None
-        self.kept = rows
+            rows = key = None
+        plain["kept"], plain["key"] = rows, key
         return out
 
-    @staticmethod
-    def cache_key(union: Tensor | None) -> bytes | None:
+    def cache_key(self, union: Tensor | None) -> bytes | None:
         """Bytes naming a (C_out,) bool union of kept channels; None: no mask."""
-        return None if union is None else union.cpu().numpy().tobytes()
+        if union is None:
+            return None
+        return (union if self._on_cpu else union.cpu()).numpy().tobytes()
 
-    def pack(self, union: Tensor | None, cols: Tensor | None) -> Pack:
-        """The cached :class:`Pack` for this union of kept rows and the source's present columns."""
-        key = (self.cache_key(union), self.source.key if self.source is not None else None)
+    def pack(self, rows_key: bytes | None, union: Tensor | None, cols: Tensor | None) -> Pack:
+        """The cached :class:`Pack` for this union of kept rows (named by ``rows_key``) and the source's
+        present columns."""
+        source = self.__dict__["source"]
+        key = (rows_key, None if source is None else source.key)
         found = self.packs.pop(key, None)
         if found is None:
             found = self.gather(union, cols)
