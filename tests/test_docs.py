@@ -131,7 +131,8 @@ def safe_form(command: str) -> tuple[str, list[str]]:
             return "dynprune", ["bench", args[1], "--dry-run", "--root", "bench_dry_run"]
         return "dynprune", [*args, "--help"]
     if head in ("python", "python3") and args and args[0].endswith(".py"):
-        return "script", [*args, "--help"]
+        check = "--print_config" if args[1:2] and args[1] in CLI_COMMANDS else "--help"  # a script wrapping the CLI
+        return "script", [*args, check]
     if head == "make":
         return "make", args
     if head == "bash" and len(args) == 1 and args[0].endswith(".sh"):
@@ -236,6 +237,8 @@ def test_safe_forms() -> None:
                                                                                     "--help"])
     assert safe_form("dynprune bench b.yaml --jobs 2") == ("dynprune", ["bench", "b.yaml", "--dry-run", "--root",
                                                                         "bench_dry_run"])
+    assert safe_form("python my_cli.py fit --config c.yaml") == ("script", ["my_cli.py", "fit", "--config", "c.yaml",
+                                                                        "--print_config"])
     assert safe_form("python experiments/pareto.py a.csv") == ("script", ["experiments/pareto.py", "a.csv", "--help"])
     assert safe_form("pip install -e '.[dev,docs]'") == ("extras", ["dev", "docs"])
     with pytest.raises(ValueError, match="no safe form"):
