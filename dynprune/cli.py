@@ -39,13 +39,11 @@ from dynprune.callbacks import EpochTimer, FlopsCallback, GatedCheckpoint
 from dynprune.data import check_num_classes
 from dynprune.guard import CollapseGuard
 from dynprune.io import CheckpointError, atomic_write, read_checkpoint, run_dir
+from dynprune.module import GatedClassifier
 
 LAST = "last.ckpt"
 EVAL_COMMANDS = ("validate", "test", "predict")
-TRAINING_ONLY = ("lam", "cost", "target", "target_loss", "optimizer", "lr", "momentum", "weight_decay", "gate_lr",
-                 "bn_recalibration", "hard_finetune", "init_from", "teacher", "dense_epochs", "budget", "budget_width",
-                 "budget_anneal", "batch_shaping", "batch_shaping_warmup", "logit_penalty", "logit_penalty_warmup",
-                 "distill", "distill_temperature", "width_targets", "frozen")
+TRAINING_ONLY = GatedClassifier.training_args()  # arguments a checkpoint may be evaluated with other values of
 
 
 class ConfigError(ValueError):

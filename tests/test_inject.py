@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 import dynprune as dp
 
@@ -284,3 +284,33 @@ def test_reused_module_half_precision_and_bad_shapes_are_explained() -> None:
         dp.gate_model(dp.backbones.create("resnet20"), input_shape=(8, 8))
     with pytest.raises(ValueError, match="positive ints"):
         dp.gate_model(dp.backbones.create("resnet20"), input_shape=(1, -28, 28))
+
+
+REDUCTIONS = {"mean_hw": (lambda x: x.mean((2, 3)), True), "amax_then_sum": (lambda x: x.amax(dim=-1).sum(-1), True),
+              "mean_channels": (lambda x: x.mean(1).flatten(1), False), "sum_all": (lambda x: x.sum(), False)}
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_trace_follows_a_reduction_that_keeps_the_channels(reduction: str) -> None:
+    """Global pooling written as a reduction keeps the conv's channels: the classifier reads them (its FLOPs follow
+    the conv's mask); reducing the channels themselves, or everything, does not."""
+    reduce, follows = REDUCTIONS[reduction]
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 8, 3), nn.LazyLinear(2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc(reduce(self.conv(x)).reshape(len(x), -1))
+
+    net = Net()
+    net(torch.zeros(1, 1, 6, 6))
+    info = dp.gate_model(net, "sigmoid", where=["conv"], input_shape=(1, 6, 6)).dynprune
+    assert (info.layers["fc"].producer == "conv") is follows
+    gate = dp.gates_of(net)["conv"].force(torch.tensor([1.0, 0, 0, 0, 1, 1, 0, 0]))
+    with torch.no_grad():
+        net(torch.randn(1, 1, 6, 6))
+    fc = info.flops.per_layer(dp.collect_masks(net))["fc"].item()
+    dense = next(lay.dense for lay in info.flops.layers if lay.name == "fc")
+    assert fc == pytest.approx(dense * (3 / 8 if follows else 1.0), rel=1e-6) and gate.mask.sum() == 3

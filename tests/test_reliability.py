@@ -309,7 +309,7 @@ def test_guard_stops_on_nan_loss_and_never_writes_a_nan_checkpoint(tmp_path: Pat
 # -- input validation ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"gate": "sigmod"}, "unknown gate 'sigmod'; choose one of: gumbel, l1, policy, sigmoid"),
+    ({"gate": "sigmod"}, "unknown gate 'sigmod'; choose one of: " + ", ".join(dp.list_gates())),
     ({"backbone": "resnet21"}, "unknown backbone 'resnet21'; choose one of: " + ", ".join(dp.list_backbones())),
     ({"lam": -0.1}, r"lam must be >= 0, got -0.1"),
     ({"target": 0.0}, r"target \(FLOPs ratio\) must be in \(0, 1\], got 0.0"),

@@ -13,7 +13,7 @@ from torch import nn
 
 import dynprune as dp
 from dynprune.granularity import report_sections
-from dynprune.granularity.width import chosen_widths
+from dynprune.granularity.width import chosen_widths, width_target_loss
 from dynprune.hooks import PrefixMask
 
 
@@ -93,16 +93,14 @@ def test_dsnet_gate_targets_follow_the_smallest_subnet_and_leave_no_trace() -> N
     gates = dp.gates_of(module.model)
     before = {n: g.mask.clone() for n, g in gates.items()}
     stats = module.model.bn1.running_mean.clone()
-    loss, target = module.width_target_loss(x, y)
+    loss, target = width_target_loss(module.terms.batch(x, y, "width"))
     assert target.tolist() == [0.0] * 8 + [1.0] * 8
     torch.testing.assert_close(module.model.bn1.running_mean, stats)
     assert all(torch.equal(g.mask, before[n]) and g.forced is None for n, g in gates.items())
     loss.backward()
     assert all(g.fc2.weight.grad.abs().sum() > 0 for g in gates.values())
-    channel = dp.GatedClassifier("resnet20", gate="sigmoid", input_size=8, width_mult=0.5)
-    channel(x)
-    with pytest.raises(ValueError, match="granularity='width'"):
-        channel.width_target_loss(x, y)
+    with pytest.raises(ValueError, match="width_targets needs width sites: set granularity='width'"):
+        dp.GatedClassifier("resnet20", gate="sigmoid", input_size=8, width_mult=0.5, width_targets=1.0)
 
 
 def test_gate_targets_train_through_the_module() -> None:
