@@ -78,8 +78,8 @@ def static_verdict(dependence: dict[str, Any]) -> list[str]:
     return [f"  This model is {kind} pruning, not input-dependent computation: {static} of {len(sites)} gated sites "
             f"apply one mask to every input and {dynamic:.1%} of the units are dynamic.",
             "  For masks that depend on the input, train with batch shaping (--model.batch_shaping 3.0 "
-            "--model.batch_shaping_warmup 0.8) or a logit penalty (--model.logit_penalty 0.1); the README's "
-            "results compare both."]
+            "--model.batch_shaping_warmup 0.8) or a logit penalty (--model.logit_penalty 0.1); "
+            "docs/concepts/flops.md compares both."]
 
 
 class FlopsCallback(L.Callback):
