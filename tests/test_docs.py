@@ -280,3 +280,13 @@ def test_commands_must_name_files_that_exist(tmp_path: Path) -> None:
         check_paths("dynprune fit --config missing.yaml", tmp_path)
     with pytest.raises(AssertionError, match="gone.py"):
         check_paths("python gone.py --help", tmp_path)
+
+
+def test_readme_links_resolve() -> None:
+    """Every relative link of the README names a file of the repository (anchors aside), or a results file that
+    mkdocs.yml declares as expected before the benchmark has written it."""
+    site = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    pending = {f"experiments/results/{name}" for name in site["extra"]["results"]["expected"]}
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", (ROOT / "README.md").read_text())
+    broken = [link for link in links if "://" not in link and not (ROOT / link).exists() and link not in pending]
+    assert links and not broken, f"README links to missing files: {broken}"
