@@ -1,8 +1,8 @@
 """The gated training objective: task loss + lam * penalty(cost), plus the optional terms that make
-gates input-dependent (per-layer bounded budget, batch shaping) and each gate family's own term.
+gates input-dependent (per-layer bounded budget, batch shaping, logit penalty) and each gate family's own term.
 
-The objective knows the Gate interface only (``training_loss(ctx)``, ``probs``, ``mask``), never a
-concrete family.
+The objective knows the Gate interface only (``training_loss(ctx)``, ``probs``, ``scores``, ``mask``), never a
+concrete family; a family that needs the batch rolled out with hard gates asks ``GateContext.rollout``.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from dynprune.checks import check_number
 from dynprune.flops import FlopsProfile
-from dynprune.gates import Gate, GateContext
+from dynprune.gatemodes import hard_rollout
+from dynprune.gates import Gate, GateContext, Rollout
+from dynprune.inject import collect_masks, gates_of
 from dynprune.losses import (
     batch_shaping_loss,
     budget_bounds,
@@ -66,8 +68,8 @@ class Objective:
         return self.lam * target_penalty(mean_cost, self.target, self.target_loss)
 
     def price(self, mean_cost: Tensor) -> Tensor:
-        """d penalty / d c at the batch-mean cost (detached): what one unit of cost is worth right now,
-        so a REINFORCE reward penalises exactly what the loss penalises."""
+        """The price of cost: d penalty / d c at a batch-mean cost c (detached), what one unit of cost is worth
+        right now, so a REINFORCE reward penalises exactly what the loss penalises."""
         c = mean_cost.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(self.penalty(c), c)
@@ -111,14 +113,31 @@ class Objective:
                 terms[name] = weight * (1 - progress / warmup) * torch.stack([loss(v) for v in values]).mean()
         return terms
 
-    def family_terms(self, gates: dict[str, Gate], task_loss: Tensor, site_costs: dict[str, Tensor], price: Tensor,
-                     greedy: Callable[[], tuple[Tensor, dict[str, Tensor], Tensor]],
-                     progress: float) -> Tensor | None:
+    def gated_terms(self, model: nn.Module, profile: FlopsProfile, x: Tensor, y: Tensor, task_loss: Tensor,
+                    progress: float) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """One training step's weighted terms ({name: scalar}: penalty, the switched-on extra terms, the families'
+        term) and metrics (FLOPs ratio, kept fraction), from the decisions of the training forward pass of inputs
+        x (N, ...) with labels y (N,) and per-input task loss (N,)."""
+        masks, gates = collect_masks(model), gates_of(model)
+        per_layer = profile.per_layer(masks)  # once per step: the cost and the budget both need it
+        cost, ratio, site_costs = self.costs(masks, profile, per_layer)
+        terms = {"penalty": self.penalty(cost.mean()), **self.extra_terms(gates, masks, profile, progress, per_layer)}
+        rollout = hard_rollout(model, x, y, lambda m: self.costs(m, profile))
+        family = self.family_terms(gates, task_loss, site_costs, cost.mean(), rollout, progress)
+        if family is not None:
+            terms["family"] = family
+        keep = torch.cat([m.detach().flatten() for m in masks.values()]).mean()
+        return terms, {"flops_ratio": ratio.mean().detach(), "keep": keep}
+
+    def family_terms(self, gates: dict[str, Gate], task_loss: Tensor, site_costs: dict[str, Tensor],
+                     mean_cost: Tensor, rollout: Callable[[], Rollout], progress: float) -> Tensor | None:
         """Sum of every gate family's own training term (None when no family has one)."""
+        def price(cost: Tensor | None = None) -> Tensor:
+            return self.price(mean_cost if cost is None else cost)
+
         total = None
         for name, gate in gates.items():
-            ctx = GateContext(task_loss.detach(), site_costs[name].detach(), price, greedy, progress, name,
-                              self.price)
+            ctx = GateContext(task_loss.detach(), site_costs[name].detach(), rollout, progress, name, price)
             term = gate.training_loss(ctx)
             if term is not None:
                 total = term if total is None else total + term

@@ -1,5 +1,6 @@
-"""Warm start and teacher: a checkpoint's weights loaded into the student (``init_from``), and the frozen
-model the student distils from (``teacher``), which is not the student's submodule and never trains."""
+"""Warm start and teacher: a checkpoint's weights loaded into the student (``init_from``), and the frozen model
+the student distils from (``teacher``: a checkpoint path, a module, or the student itself at the end of its dense
+epochs), which is not the student's submodule and never trains."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import lightning as L
 import torch
 from torch import nn
 
+from dynprune.checks import check_number
 from dynprune.inject import GatingInfo
 from dynprune.io import read_checkpoint
+from dynprune.losses import distillation_loss
 from dynprune.trace import GATE_ATTR
 
 # Arguments of a checkpoint's task that are reset when it is rebuilt as a teacher: they say how it was trained,
@@ -81,3 +84,108 @@ def check_teacher(teacher: nn.Module, input_shape: tuple[int, ...], num_classes:
                          f"{err}") from err
     if out.shape != (1, num_classes):
         raise ValueError(f"the teacher outputs shape {tuple(out.shape[1:])}, the student {num_classes} classes")
+
+
+class Distiller:
+    """``weight`` * KL(teacher || student) at ``temperature``, from a frozen teacher that is a plain attribute (not a
+    submodule: not in the student's state_dict, never trained); its weights travel in the checkpoint."""
+
+    KEY = "dynprune_teacher"
+
+    def __init__(self, weight: float, temperature: float, teacher: nn.Module | None = None) -> None:
+        self.weight, self.temperature, self.teacher = weight, temperature, teacher
+
+    @staticmethod
+    def check(weight: float, temperature: float, has_teacher: bool) -> None:
+        """Distillation's numbers, and a teacher (given, or made later by the run) whenever ``weight`` > 0."""
+        check_number("distill", weight, 0)
+        check_number("distill_temperature", temperature, 0, low_open=True)
+        if weight > 0 and not has_teacher:
+            raise ValueError("distill > 0 needs a teacher: set teacher to a checkpoint path or an nn.Module, or "
+                             "dense_epochs to distil from the model as it is after its dense epochs")
+
+    @classmethod
+    def build(cls, weight: float, temperature: float, teacher: str | nn.Module | None, task: Callable[..., Any],
+              input_shape: tuple[int, ...], num_classes: int) -> Distiller | None:
+        """None when ``weight`` is 0; else a Distiller of the teacher (a checkpoint of ``task``, or a module) that
+        must map the student's inputs (N, *input_shape) to its ``num_classes``, or of none yet (made at the end of
+        the dense epochs)."""
+        if weight == 0:
+            return None
+        if teacher is not None:
+            teacher = teacher_from_checkpoint(teacher, task) if isinstance(teacher, str) else freeze(teacher)
+            check_teacher(teacher, input_shape, num_classes)
+        return cls(weight, temperature, teacher)
+
+    def loss(self, student_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The weighted distillation term of logits (N, K) of the student on inputs x (N, ...)."""
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        return self.weight * distillation_loss(student_logits, teacher_logits, self.temperature)
+
+    def save(self, checkpoint: dict[str, Any]) -> None:
+        """Put the teacher's weights in ``checkpoint`` (a resumed run distils from them, whatever a path holds)."""
+        if self.teacher is not None:
+            checkpoint[self.KEY] = self.teacher.state_dict()
+
+    def load(self, checkpoint: dict[str, Any], student: nn.Module) -> None:
+        """Restore the teacher's weights from ``checkpoint``; a teacher the run made from the ``student`` (at the end
+        of its dense epochs) is made again first."""
+        if self.KEY in checkpoint:
+            if self.teacher is None:
+                self.teacher = freeze(student)
+            self.teacher.load_state_dict(checkpoint[self.KEY])
+
+
+class DenseWarmup:
+    """The warm start inside one run (``dense_epochs``), mixed into a gated task before its base: the first
+    ``dense_epochs`` epochs train with the gates switched off, then the gates start with a fresh cosine schedule and,
+    when the task distils without a given teacher, the model as it is then as the frozen teacher."""
+
+    model: nn.Module
+    distiller: Distiller | None
+    hparams: Any
+    gated: bool
+
+    def in_dense_phase(self) -> bool:
+        """Whether this epoch of ``fit`` is one of the first ``dense_epochs`` (gates off)."""
+        trainer = self._trainer  # type: ignore[attr-defined]
+        return (self.hparams.dense_epochs > 0 and trainer is not None and trainer.state.fn == "fit"
+                and self.current_epoch < self.hparams.dense_epochs)  # type: ignore[attr-defined]
+
+    def progress(self) -> float:
+        """Fraction of the gated training done, in [0, 1] (the ``dense_epochs`` do not count)."""
+        trainer = self._trainer  # type: ignore[attr-defined]
+        if trainer is None:
+            return 0.0
+        total = trainer.estimated_stepping_batches
+        if not total or total == float("inf"):
+            return 0.0
+        done = self.global_step / total  # type: ignore[attr-defined]
+        dense = self.hparams.dense_epochs / trainer.max_epochs if self.hparams.dense_epochs else 0.0
+        return min(1.0, max(0.0, (done - dense) / (1 - dense)))
+
+    def on_fit_start(self) -> None:
+        """The dense epochs must leave a gated epoch."""
+        super().on_fit_start()  # type: ignore[misc]
+        max_epochs = self._trainer.max_epochs  # type: ignore[attr-defined]
+        if self.hparams.dense_epochs >= (max_epochs or 0) > 0:
+            raise ValueError(f"dense_epochs={self.hparams.dense_epochs} leaves no gated epoch in "
+                             f"max_epochs={max_epochs}")
+
+    def on_train_epoch_start(self) -> None:
+        """Switch the gates off for the dense epochs; when the gated phase starts, freeze the teacher if none."""
+        if not self.gated or not self.hparams.dense_epochs:
+            return
+        self.model.dynprune.switch.enabled = not self.in_dense_phase()
+        if self.distiller is not None and self.distiller.teacher is None and not self.in_dense_phase():
+            self.distiller.teacher = freeze(self.model)
+
+    def on_fit_end(self) -> None:
+        """Leave the gates on, whatever phase ``fit`` stopped in."""
+        if self.gated:
+            self.model.dynprune.switch.enabled = True
+
+    def schedule_restart(self) -> int:
+        """The cosine schedule restarts when the gates start."""
+        return self.hparams.dense_epochs

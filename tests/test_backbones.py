@@ -7,13 +7,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynprune as dp
-from dynprune.gates import GateContext
+from dynprune.gates import GateContext, Rollout
 
 
 def random_context(n: int, name: str) -> GateContext:
     """A GateContext with random per-input losses and costs, for families with their own term."""
-    greedy = torch.rand(n), {name: torch.rand(n)}, torch.rand(n)
-    return GateContext(torch.rand(n), torch.rand(n), torch.tensor(1.0), lambda: greedy, 0.5, name)
+    greedy = Rollout(torch.rand(n), {name: torch.rand(n)}, torch.rand(n))
+    return GateContext(torch.rand(n), torch.rand(n), lambda: greedy, 0.5, name, lambda c=None: torch.tensor(1.0))
 
 SMALL = {"vgg11": 0.25, "vgg16": 0.25, "mobilenetv2": 0.5}
 

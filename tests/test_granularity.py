@@ -8,7 +8,7 @@ import torch
 from conftest import digits_masks_after_fit
 
 import dynprune as dp
-from dynprune.gates import GateContext
+from dynprune.gates import GateContext, Rollout
 
 RESIDUAL = [name for name in dp.list_backbones() if name.startswith(("resnet", "mobilenet"))]
 
@@ -27,8 +27,9 @@ def test_block_gates_on_residual_backbones(name: str, gate: str) -> None:
     assert info.sites and all(s.units == 1 and s.kind == "whole" for s in info.sites.values())
     x = torch.randn(4, 1, 28, 28)
     out = model.train()(x)
-    extra = [g.training_loss(GateContext(torch.rand(4), torch.rand(4), torch.tensor(1.0),
-                                         lambda n=n: (torch.rand(4), {n: torch.rand(4)}, torch.rand(4)), 0.5, n))
+    extra = [g.training_loss(GateContext(torch.rand(4), torch.rand(4),
+                                         lambda n=n: Rollout(torch.rand(4), {n: torch.rand(4)}, torch.rand(4)), 0.5, n,
+                                         lambda c=None: torch.tensor(1.0)))
              for n, g in dp.gates_of(model).items()]
     loss = out.square().mean() + sum(m.sum() for m in dp.collect_masks(model).values())
     (loss + sum(t for t in extra if t is not None)).backward()

@@ -9,15 +9,17 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import quiet_trainer_kwargs
+from conftest import assert_close_rounding, quiet_trainer_kwargs, weight_depth
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dynprune as dp
+from dynprune import phases
 from dynprune.cli import cli_main
-from dynprune.gates import GATES, GateContext, PolicyGate, register_gate
+from dynprune.gates import GATES, GateContext, PolicyGate, Rollout, SigmoidGate, register_gate
 from dynprune.losses import distillation_loss
 from dynprune.objective import Objective
+from dynprune.phases import recalibrate_norms
 
 CONF = Path(__file__).parent / "conf"
 
@@ -65,9 +67,11 @@ class FlippedPolicy(PolicyGate):
     well-known erratum, rewarding loss and cost instead of penalising them."""
 
     def training_loss(self, ctx: GateContext) -> torch.Tensor | None:
-        flipped = GateContext(-ctx.task_loss, -ctx.site_cost, ctx.cost_weight,
-                              lambda: tuple(-t if isinstance(t, torch.Tensor) else {k: -v for k, v in t.items()}
-                                            for t in ctx.greedy()), ctx.progress, ctx.name, ctx.price_of)
+        def rollout() -> Rollout:
+            greedy = ctx.rollout()
+            return Rollout(-greedy.task_loss, {k: -v for k, v in greedy.site_costs.items()}, -greedy.cost)
+
+        flipped = GateContext(-ctx.task_loss, -ctx.site_cost, rollout, ctx.progress, ctx.name, ctx.price)
         return super().training_loss(flipped)
 
 
@@ -105,16 +109,16 @@ def test_objective_penalty_and_price() -> None:
     plain = Objective(lam=0.5)
     assert plain.penalty(torch.tensor(0.4)).item() == pytest.approx(0.2) and plain.price(torch.tensor(0.4)) == 0.5
     target = Objective(lam=2.0, target=0.5)
-    torch.testing.assert_close(target.penalty(torch.tensor(0.2)), torch.tensor(0.6))
+    assert target.penalty(torch.tensor(0.2)).item() == pytest.approx(0.6)
     assert target.price(torch.tensor(0.7)).item() == 2.0 and target.price(torch.tensor(0.3)).item() == -2.0
     squared = Objective(lam=2.0, target=0.5, target_loss="squared")
-    torch.testing.assert_close(squared.penalty(torch.tensor(0.2)), torch.tensor(0.18))
+    assert squared.penalty(torch.tensor(0.2)).item() == pytest.approx(0.18)
     assert squared.price(torch.tensor(0.7)).item() == pytest.approx(0.8)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"gate": "sigmod"}, "unknown gate 'sigmod'; choose one of: gumbel, l1, policy, sigmoid"),
+    [({"gate": "sigmod"}, f"unknown gate 'sigmod'; choose one of: {', '.join(dp.list_gates())} \\(or null\\)"),
      ({"lam": -1.0}, "lam must be >= 0, got -1.0"),
      ({"target": 1.5}, r"target .* must be in \(0, 1\], got 1.5"),
      ({"cost": "macs"}, "unknown cost 'macs'"),
@@ -147,6 +151,7 @@ def test_bad_numbers_are_errors_naming_the_argument_and_its_value(name: str, val
         dp.GatedClassifier("lenet5", **{**kwargs, name: value})
 
 
+@pytest.mark.numerics
 def test_dense_baseline_and_warm_start(tmp_path) -> None:
     dense = dp.GatedClassifier("resnet20", gate=None, input_size=8)
     assert not dense.gated and dense.profile.dense_total > 0
@@ -156,11 +161,12 @@ def test_dense_baseline_and_warm_start(tmp_path) -> None:
                                gate_kwargs={"init_bias": 20.0})
     x = torch.randn(2, 1, 8, 8)
     dense.eval(), gated.eval()
-    assert torch.allclose(dense(x), gated(x), atol=1e-5)
+    assert_close_rounding(gated(x), dense(x), depth=weight_depth(dense))
     with pytest.raises(ValueError, match="does not match the backbone"):
         dp.GatedClassifier("vgg11", gate="sigmoid", input_size=8, init_from=str(path))
 
 
+@pytest.mark.numerics
 def test_bn_recalibration_uses_thresholded_masks() -> None:
     L.seed_everything(0)
     dm = dp.DigitsDataModule(batch_size=64)
@@ -179,29 +185,49 @@ def test_bn_recalibration_uses_thresholded_masks() -> None:
                 model(x)
         return torch.stack(seen).mean(dim=0)
 
-    module.recalibrate_norms(batches, 3)
+    recalibrate_norms(module.model, batches, 3)
     stats = module.model.layer1[0].bn2.running_mean
-    torch.testing.assert_close(stats, bn2_input_means(soft=False))
-    assert not torch.allclose(stats, bn2_input_means(soft=True), atol=1e-3)
+    hard = bn2_input_means(soft=False)
+    assert_close_rounding(stats, hard, depth=4)  # conv1, layer1.0.conv1, conv2 and the average over batches
+    assert (stats - bn2_input_means(soft=True)).abs().max() > 0.01 * hard.abs().max()
     assert module.model.layer1[0].bn2.momentum == 0.1 and module.model.training
 
 
+class SoftSigmoid(SigmoidGate):
+    """An out-of-tree family that trains with soft masks and asks for the phases such a family needs."""
+
+    phases = ("bn_recalibration", "hard_finetune")
+
+    def train_decisions(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.sigmoid()
+
+
+@pytest.fixture
+def soft_family():
+    register_gate("soft_sigmoid")(SoftSigmoid)
+    yield "soft_sigmoid"
+    GATES.unregister("soft_sigmoid")
+
+
+@pytest.mark.parametrize("family", ["l1", "soft_family", "sigmoid"])
 @pytest.mark.parametrize("validate", [False, True])
 def test_soft_gates_are_recalibrated_once_per_epoch_even_without_validation(
-        validate: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        validate: bool, family: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     """Without a validation loop (as in experiments/iso_flops.py) a soft family used to be tested with the BN
-    statistics of soft masks, and collapsed to chance; with one, validation's recalibration is not repeated."""
+    statistics of soft masks, and collapsed to chance; with one, validation's recalibration is not repeated.
+    The phase comes from the family's declaration, for an out-of-tree family as for a built-in one (none for a
+    family that trains with hard decisions)."""
+    family = request.getfixturevalue(family) if family.endswith("_family") else family
     L.seed_everything(0)
-    module = dp.GatedClassifier("resnet20", gate="l1", input_size=8, width_mult=0.5, target=0.5)
+    module = dp.GatedClassifier("resnet20", gate=family, input_size=8, width_mult=0.5, target=0.5)
     calls: list[int] = []
-    original = module.recalibrate_norms
-    monkeypatch.setattr(module, "recalibrate_norms", lambda loader, n: (calls.append(module.global_step),
-                                                                       original(loader, n)))
+    original = phases.recalibrate_norms
+    monkeypatch.setattr(phases, "recalibrate_norms", lambda *args: (calls.append(module.global_step), original(*args)))
     trainer = L.Trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=2 if validate else 0,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(module, dp.DigitsDataModule(batch_size=32))
-    assert calls == [3, 6]  # once after each epoch's last step
+    assert calls == ([] if family == "sigmoid" else [3, 6])  # once after each epoch's last step, if declared
 
 
 def test_a_backbone_handed_over_in_eval_mode_trains_its_batchnorm() -> None:
@@ -227,6 +253,7 @@ def _static_pruned() -> nn.Module:
     return pruned
 
 
+@pytest.mark.numerics
 def test_distillation_is_zero_for_the_teacher_itself_and_positive_otherwise(tmp_path) -> None:
     dense = dp.GatedClassifier("resnet20", gate=None, input_size=8, width_mult=0.5)
     path = tmp_path / "dense.ckpt"
@@ -236,13 +263,14 @@ def test_distillation_is_zero_for_the_teacher_itself_and_positive_otherwise(tmp_
     x = torch.randn(4, 1, 8, 8)
     module.eval()
     with torch.no_grad():
-        student, teacher = module(x), module._teacher(x)
-    assert distillation_loss(student, teacher).item() == pytest.approx(0.0, abs=1e-6)
+        student, teacher = module(x), module.distiller.teacher(x)
+    assert_close_rounding(student, teacher, depth=weight_depth(module.distiller.teacher))
     for gate in dp.gates_of(module.model).values():
         gate.force(torch.zeros(gate.fc2.out_features))
     with torch.no_grad():
-        assert distillation_loss(module(x), teacher).item() > 1e-3
-    assert not any("_teacher" in k for k in module.state_dict())
+        off = distillation_loss(module(x), teacher).item()
+    assert off > 1e-3 and distillation_loss(student, teacher).item() < 1e-6 * off
+    assert not any("teacher" in k for k in module.state_dict())
 
 
 def test_eval_report_counts_width_units_only_when_the_narrower_units_are_on() -> None:
@@ -262,11 +290,14 @@ def test_eval_report_counts_width_units_only_when_the_narrower_units_are_on() ->
         torch.testing.assert_close(out["keep"][name], effective.mean(dim=1))
 
 
-def test_soft_families_train_with_their_inference_masks_in_the_hard_finetune_phase() -> None:
-    """l1 gates train soft, then for the last ``hard_finetune`` of the steps the network trains with the
-    thresholded masks it will run with at inference."""
+@pytest.mark.parametrize("family", ["l1", "soft_family", "sigmoid"])
+def test_soft_families_train_with_their_inference_masks_in_the_hard_finetune_phase(
+        family: str, request: pytest.FixtureRequest) -> None:
+    """Soft families (l1, an out-of-tree one) train soft, then for the last ``hard_finetune`` of the steps the network
+    trains with the thresholded masks it will run with at inference; a hard family is hard throughout."""
+    family = request.getfixturevalue(family) if family.endswith("_family") else family
     L.seed_everything(0)
-    module = dp.GatedClassifier("resnet20", gate="l1", input_size=8, width_mult=0.5, target=0.5,
+    module = dp.GatedClassifier("resnet20", gate=family, input_size=8, width_mult=0.5, target=0.5,
                                 hard_finetune=0.5, gate_kwargs={"init_bias": 0.0})
     binary: list[bool] = []
 
@@ -279,7 +310,7 @@ def test_soft_families_train_with_their_inference_masks_in_the_hard_finetune_pha
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[Spy()])
     trainer.fit(module, dp.DigitsDataModule(batch_size=32))
-    assert binary == [False, False, True, True]
+    assert binary == ([True] * 4 if family == "sigmoid" else [False, False, True, True])
     gate = next(iter(dp.gates_of(module.model).values())).set_mode("finetune")
     x = torch.randn(5, gate.fc1.in_features, 4, 4)
     decisions = gate(x)
@@ -318,7 +349,7 @@ def test_dense_epochs_train_dense_then_gate_with_the_snapshot_as_teacher_and_a_f
     for epoch, _, _, lr in seen:
         lrs.setdefault(epoch, lr)  # at an epoch's first step (the last one may see the next epoch's lr)
     assert lrs[0] == pytest.approx(0.1) and lrs[1] == pytest.approx(0.1) and lrs[2] == pytest.approx(0.05)
-    teacher = module._teacher.state_dict()
+    teacher = module.distiller.teacher.state_dict()
     assert all(torch.equal(teacher[k], v) for k, v in snapshot.items())
     assert not all(torch.equal(teacher[k], v) for k, v in module.model.state_dict().items())
     assert module.model.dynprune.switch.enabled  # gates on after fit
@@ -343,10 +374,10 @@ def test_dense_epochs_arguments_and_best_checkpoint(tmp_path: Path) -> None:
     assert torch.load(best.best_model_path, weights_only=False)["epoch"] == 1
     resumed = dp.GatedClassifier("resnet20", gate="sigmoid", input_size=8, width_mult=0.5, target=0.25,
                                  distill=1.0, dense_epochs=1)
-    assert resumed._teacher is None
+    assert resumed.distiller.teacher is None
     resumed.on_load_checkpoint(torch.load(tmp_path / "last.ckpt", weights_only=False))
-    for k, v in module._teacher.state_dict().items():
-        assert torch.equal(resumed._teacher.state_dict()[k], v)
+    for k, v in module.distiller.teacher.state_dict().items():
+        assert torch.equal(resumed.distiller.teacher.state_dict()[k], v)
 
 
 def _per_input_flops(module: dp.GatedClassifier, dm: L.LightningDataModule) -> torch.Tensor:
@@ -374,4 +405,4 @@ def test_logit_penalty_makes_per_input_flops_vary_at_the_same_mean() -> None:
         p10, p90 = flops.quantile(torch.tensor([0.1, 0.9]))
         spread[weight], mean[weight] = (p90 / p10).item(), flops.mean().item()
     assert spread[0.1] > spread[0.0] + 0.15, spread
-    assert all(abs(m - 0.5) < 0.05 for m in mean.values()), mean
+    assert all(m == pytest.approx(0.5, rel=0.1) for m in mean.values()), mean

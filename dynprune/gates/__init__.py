@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dynprune.gates import gumbel, l1, policy, sigmoid  # noqa: F401  (registers)
-from dynprune.gates.base import Gate, GateContext
+from dynprune.gates.base import Gate, GateContext, Rollout
 from dynprune.gates.gumbel import GumbelGate
 from dynprune.gates.l1 import L1Gate
 from dynprune.gates.policy import PolicyGate
@@ -21,5 +21,5 @@ def list_gates() -> list[str]:
     return GATES.names()
 
 
-__all__ = ["Gate", "GateContext", "GumbelGate", "L1Gate", "PolicyGate", "SigmoidGate", "create_gate", "list_gates",
-           "register_gate"]
+__all__ = ["Gate", "GateContext", "GumbelGate", "L1Gate", "PolicyGate", "Rollout", "SigmoidGate", "create_gate",
+           "list_gates", "register_gate"]

@@ -2,8 +2,9 @@
 
 M(x) = sigma(G(x)) with G = global-avg-pool -> fc -> ReLU -> fc. A gate family (one subclass per
 file) owns how probabilities become the applied decisions while training (hard straight-through,
-soft, sampled, relaxed), any extra training term it contributes (e.g. the REINFORCE surrogate) and
-the state that term needs. At inference every family makes hard decisions ``1[G(x) >= 0]``.
+soft, sampled, relaxed), any extra training term it contributes (e.g. the REINFORCE surrogate, which
+may ask the task for a hard rollout of the batch) with the state that term needs, and the training
+phases it needs (``phases``). At inference every family makes hard decisions ``1[G(x) >= 0]``.
 """
 
 from __future__ import annotations
@@ -11,12 +12,23 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 MODES = ("train", "hard", "finetune")
+
+
+class Rollout(NamedTuple):
+    """The same batch run again with every gate deciding hard (as at inference), in a pass that leaves no trace."""
+
+    task_loss: Tensor
+    """(N,) per-input task loss."""
+    site_costs: dict[str, Tensor]
+    """{site: its own cost (N,)}."""
+    cost: Tensor
+    """(N,) total cost per input."""
 
 
 @dataclass
@@ -26,22 +38,21 @@ class GateContext:
     Attributes:
         task_loss: (N,) per-input task loss (detached).
         site_cost: (N,) this gate's own share of the cost (its layers' effective FLOPs / dense FLOPs).
-        cost_weight: d(penalty)/d(cost) of the module's cost term at this batch's mean cost (scalar,
-            detached; e.g. lam, or lam * sign(mean cost - target) in target mode): the price of one unit of cost.
-        greedy: returns (task loss (N,), {site: site cost (N,)}, cost (N,)) of the same inputs with every
-            gate deterministic (hard), computed once per step on first use (a self-critical baseline).
-        price_of: d(penalty)/d(cost) at another batch-mean cost (e.g. the greedy policy's, which is what
-            inference runs).
+        rollout: the task's hard-rollout service: the same inputs with every gate deciding hard, computed once
+            per step on first use (e.g. a self-critical baseline); families that do not call it cost nothing.
         progress: fraction of training done, in [0, 1].
+        name: this gate's site.
+        price: ``price(mean_cost=None)``: what one unit of cost is worth to the objective (the derivative of its
+            penalty, detached, a scalar) at this batch's mean cost, or at another batch-mean cost (e.g. the
+            rollout's, which is what inference runs).
     """
 
     task_loss: Tensor
     site_cost: Tensor
-    cost_weight: Tensor
-    greedy: Callable[[], tuple[Tensor, dict[str, Tensor], Tensor]]
+    rollout: Callable[[], Rollout]
     progress: float
-    name: str = ""
-    price_of: Callable[[Tensor], Tensor] | None = None
+    name: str
+    price: Callable[..., Tensor]
 
 
 class Gate(nn.Module, ABC):
@@ -59,9 +70,10 @@ class Gate(nn.Module, ABC):
             of pooling them.
     """
 
-    needs_bn_recalibration: ClassVar[bool] = False
-    """True for families whose training decisions differ in kind from eval's (soft vs hard), so the
-    BatchNorm statistics must be re-estimated with hard decisions before evaluation."""
+    phases: ClassVar[tuple[str, ...]] = ()
+    """Training phases the family needs besides training with its own decisions, by name (see
+    :mod:`dynprune.phases`): a family whose training decisions differ in kind from inference's (soft masks)
+    declares ``("bn_recalibration", "hard_finetune")``. The task runs them without knowing the family."""
 
     def __init__(
         self, in_channels: int, units: int, reduction: int = 4, init_bias: float = 3.0,
@@ -92,7 +104,12 @@ class Gate(nn.Module, ABC):
         return self
 
     def force(self, decisions: Tensor | None) -> Gate:
-        """Override the decisions with a fixed (N, units) or (units,) mask (None: back to G(x))."""
+        """Override the decisions with a fixed (N, units) or (units,) mask (None: back to G(x)); a mask of
+        another number of units is a ValueError here, not a broadcast error in a later forward."""
+        units = self.fc2.out_features
+        if decisions is not None and (decisions.dim() == 0 or decisions.shape[-1] != units):
+            raise ValueError(f"force: mask of shape {tuple(decisions.shape)} for a gate of {units} units; "
+                             f"expected ({units},) or (N, {units})")
         self.forced = decisions
         return self
 
@@ -140,11 +157,6 @@ class Gate(nn.Module, ABC):
     def training_loss(self, ctx: GateContext) -> Tensor | None:
         """The family's own extra training term (e.g. a REINFORCE surrogate); None if it has none."""
         return None
-
-    @staticmethod
-    def cost(mask: Tensor) -> Tensor:
-        """Fraction of units kept per sample: (N, U) -> (N,), differentiable where mask is."""
-        return mask.mean(dim=1)
 
 
 class StraightThrough(torch.autograd.Function):

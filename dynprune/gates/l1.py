@@ -14,11 +14,11 @@ from dynprune.gates.registry import register_gate
 class L1Gate(Gate):
     """Training multiplies by the soft mask; eval keeps units with sigma >= ``threshold``.
 
-    Reported accuracy is therefore the accuracy *after* thresholding, and BatchNorm statistics are
-    re-estimated with the thresholded masks before evaluation (``needs_bn_recalibration``).
+    Reported accuracy is therefore the accuracy *after* thresholding. Its phases: BatchNorm statistics are
+    re-estimated with the thresholded masks before evaluation, and the last part of training runs with them.
     """
 
-    needs_bn_recalibration = True
+    phases = ("bn_recalibration", "hard_finetune")
 
     def __init__(self, in_channels: int, units: int, threshold: float = 0.5, **kwargs: float) -> None:
         super().__init__(in_channels, units, **kwargs)

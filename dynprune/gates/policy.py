@@ -18,8 +18,9 @@ class PolicyGate(Gate):
     The gate learns only from its REINFORCE surrogate ``-(R - b) * log pi(m | x) - beta * H``:
     reward R = -(task loss) - price * (this gate's own cost) per input (per-layer credit: higher
     loss and more open gates are worse), baseline b = the same reward of the greedy (thresholded)
-    policy on the same input (self-critical), H the policy's entropy. The advantage R - b is scaled to
-    unit root-mean-square over the batch, so the gate learning rate bounds a step whatever the loss scale.
+    policy on the same input (self-critical; the task's hard rollout, ``ctx.rollout``), H the policy's
+    entropy. The advantage R - b is scaled to unit root-mean-square over the batch, so the gate learning
+    rate bounds a step whatever the loss scale.
 
     Args:
         entropy: weight beta of the entropy bonus.
@@ -50,10 +51,10 @@ class PolicyGate(Gate):
         if self._dist is None or self.mask is None or self.hard or self.forced is not None:
             return None
         log_prob = self._dist.log_prob(self.mask).sum(dim=1)
-        greedy_task, greedy_costs, greedy_cost = ctx.greedy()
-        price = ctx.cost_weight if ctx.price_of is None else ctx.price_of(greedy_cost.mean())
+        greedy = ctx.rollout()  # the greedy (thresholded) policy on the same inputs
+        price = ctx.price(greedy.cost.mean())  # the cost's price where inference runs
         reward = -(ctx.task_loss + price * ctx.site_cost)
-        baseline = -(greedy_task + price * greedy_costs[ctx.name])
+        baseline = -(greedy.task_loss + price * greedy.site_costs[ctx.name])
         advantage = (reward - baseline).detach()
         advantage = advantage / (advantage.square().mean().sqrt() + 1e-8)  # unit scale: steps the gate lr can bound
         surrogate = -(advantage * log_prob).mean()

@@ -13,6 +13,7 @@ from dynprune.granularity.base import (
     Layout,
     ModuleGranularity,
     Site,
+    TermBatch,
     create_granularity,
     layout_of,
     list_granularities,
@@ -22,5 +23,5 @@ from dynprune.granularity.base import (
 )
 
 __all__ = ["GRANULARITIES", "LAYOUTS", "FlopsTerms", "Granularity", "Layout", "ModuleGranularity", "Site",
-           "create_granularity", "layout_of", "list_granularities", "register_granularity", "report_sections",
-           "resolve"]
+           "TermBatch", "create_granularity", "layout_of", "list_granularities", "register_granularity",
+           "report_sections", "resolve"]

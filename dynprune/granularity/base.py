@@ -4,7 +4,8 @@ orthogonal to the gate family (*how* it decides).
 A granularity is one file holding everything about it: it finds its candidate sites in the trace and
 says why a site is not eligible, attaches a gate and the hooks that apply its decisions, says how
 decisions change FLOPs (:class:`FlopsTerms`), whether closing every unit skips work or cuts the network,
-what it adds to the FLOPs report, its options (constructor arguments, e.g. ``widths``) and the runtime
+what it adds to the FLOPs report, its extra training terms (``training_terms``, weighted by the task
+arguments it names in ``term_weights``), its options (constructor arguments, e.g. ``widths``) and the runtime
 executor that runs it for real (:class:`dynprune.runtime.executor.Executor`, None: not compilable).
 Adding a granularity = one subclass + ``@register_granularity``; no code elsewhere names it.
 """
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -120,8 +122,30 @@ class Site:
         return self.owner.effective(self, decisions)
 
 
+@dataclass
+class TermBatch:
+    """What a granularity's training terms may read (see :meth:`Granularity.training_terms`).
+
+    Attributes:
+        model: the gated model, after the training forward pass of ``x``.
+        x: the batch's inputs (N, ...); y: its labels (N,).
+        sites: {site: Site} of this granularity, in call order; gates: {site: its Gate}.
+        settings: the task's arguments (a term's weight is the argument named in ``Granularity.term_weights``).
+        side_pass: a context for extra forward passes that change neither BatchNorm statistics nor the gates'
+            last decisions.
+    """
+
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    sites: dict[str, Site]
+    gates: dict[str, Gate]
+    settings: Mapping[str, Any]
+    side_pass: Callable[[], AbstractContextManager[None]]
+
+
 class Granularity(ABC):
-    """One way of gating: candidates, eligibility, hooks, FLOPs terms, report section, executor.
+    """One way of gating: candidates, eligibility, hooks, FLOPs terms, report section, extra training terms, executor.
 
     Options are constructor keyword arguments (e.g. ``WidthGranularity(widths=[0.5, 1.0])``).
     """
@@ -131,6 +155,8 @@ class Granularity(ABC):
     """How ``compile_for_inference`` runs this granularity's sites (None: it refuses, naming the granularity)."""
     report_title: ClassVar[str] = ""
     """Title of this granularity's section of the FLOPs report ("": no section, see :meth:`report`)."""
+    term_weights: ClassVar[tuple[str, ...]] = ()
+    """Task arguments that weight this granularity's training terms (finite, >= 0; 0 = off)."""
 
     @abstractmethod
     def candidates(self, trace: Trace) -> list[str]:
@@ -171,6 +197,11 @@ class Granularity(ABC):
     def options(cls) -> list[str]:
         """Names of the options this granularity takes."""
         return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+
+    def training_terms(self, batch: TermBatch) -> dict[str, Tensor]:
+        """This granularity's weighted extra training terms ({name: scalar}); the task calls it after each gated
+        training forward pass for every granularity the model has, and adds them to the loss. None by default."""
+        return {}
 
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)

@@ -6,7 +6,7 @@ so every binary gate family (sigmoid, gumbel, l1, policy, ...) decides widths un
 kept are always the first ceil(w * C) of each layer: a contiguous slice a runtime can execute without a
 gather. The FLOPs of a choice follow from the channel formula with those prefix masks. The FLOPs report
 gets a histogram of the chosen widths; compiled, the block decides once (:class:`WidthBlock`) and its
-layers run weight prefixes.
+layers run weight prefixes. Its training term ``width_targets`` is DS-Net's gate-target loss.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynprune.gates import Gate
@@ -22,6 +24,7 @@ from dynprune.granularity.base import (
     FlopsTerms,
     ModuleGranularity,
     Site,
+    TermBatch,
     add_gate,
     layers_inside,
     register_granularity,
@@ -73,6 +76,7 @@ class WidthGranularity(ModuleGranularity):
     name = "width"
     executor = WidthExecutor()
     report_title = "width chosen"
+    term_weights = ("width_targets",)
 
     def __init__(self, widths: Sequence[float] = DEFAULT_WIDTHS, layout: str | None = None) -> None:
         super().__init__(layout)
@@ -126,3 +130,22 @@ class WidthGranularity(ModuleGranularity):
         """{width: share of inputs that ran at it}."""
         chosen = chosen_widths(decisions.float(), site.widths)
         return {str(w): float((chosen == w).float().mean()) for w in site.widths}
+
+    def training_terms(self, batch: TermBatch) -> dict[str, Tensor]:
+        """``width_targets`` (weight) x DS-Net's gate-target loss (see :func:`width_target_loss`)."""
+        weight = batch.settings["width_targets"]
+        return {"width_targets": weight * width_target_loss(batch)[0]} if weight > 0 else {}
+
+
+def width_target_loss(batch: TermBatch) -> tuple[Tensor, Tensor]:
+    """DS-Net's gate targets: (BCE of the width units' probabilities against the targets, targets (N,)), the target
+    0 (smallest width) where the network at its smallest widths classifies the input right, else 1 (largest). Reads
+    the gates' probabilities of the training forward pass; the all-smallest pass is a side pass."""
+    probs = {n: g.probs for n, g in batch.gates.items()}
+    with torch.no_grad(), batch.side_pass():
+        for name, gate in batch.gates.items():
+            gate.force(torch.zeros(batch.sites[name].units, device=batch.x.device))
+        small_right = batch.model(batch.x).argmax(dim=1) == batch.y
+    target = (~small_right).to(batch.x.dtype)
+    bce = [F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), target[:, None].expand_as(p)) for p in probs.values()]
+    return torch.stack(bce).mean(), target

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,9 +20,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from dynprune import backbones
 from dynprune.checks import check_number
 from dynprune.flops import FlopsProfile, count_flops
-from dynprune.optim import check_optimizer_args, optimizer_and_schedule
+from dynprune.optim import check_optimizer_args
 from dynprune.slimmable.convert import ThinBackbone, make_slimmable, set_width, spec_of
-from dynprune.steps import ClassifierSteps
+from dynprune.task import ClassificationTask
 from dynprune.trace import trace_layers
 
 RULES = ("sandwich", "all")
@@ -37,7 +36,7 @@ def distill_loss(logits: Tensor, teacher: Tensor, temperature: float) -> Tensor:
                     reduction="batchmean", log_target=True) * t * t
 
 
-class SlimmableClassifier(ClassifierSteps, L.LightningModule):
+class SlimmableClassifier(ClassificationTask):
     """A slimmable supernet trained with the sandwich rule and in-place distillation.
 
     Args:
@@ -95,15 +94,6 @@ class SlimmableClassifier(ClassifierSteps, L.LightningModule):
         self.val_acc = nn.ModuleList(MulticlassAccuracy(num_classes) for _ in self.widths)
         self.test_acc = nn.ModuleList(MulticlassAccuracy(num_classes) for _ in self.widths)
 
-    def on_fit_start(self) -> None:
-        """Train mode for the supernet: Lightning keeps submodule modes, and a model passed in eval
-        mode would otherwise train with frozen BatchNorm statistics."""
-        self.model.train()
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(N, C, H, W) -> logits (N, num_classes) at the current width."""
-        return self.model(x)
-
     def step_widths(self) -> list[float]:
         """Widths of one training step, largest first (it is the teacher)."""
         if self.hparams.rule == "all" or len(self.widths) <= 2:
@@ -152,10 +142,3 @@ class SlimmableClassifier(ClassifierSteps, L.LightningModule):
         self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
         return {"flops": torch.full((len(x),), float(self.flops[self.widths[-1]]), device=x.device),
                 "labels": y.detach(), "keep": {}, "layer_flops": {}}
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        """SGD (nesterov) or Adam with cosine decay over ``max_epochs``, as GatedClassifier."""
-        hp = self.hparams
-        groups = [{"params": list(self.model.parameters()), "weight_decay": hp.weight_decay}]
-        return optimizer_and_schedule(groups, hp.optimizer, hp.lr, hp.momentum,
-                                      self.trainer.max_epochs if self._trainer else None)
