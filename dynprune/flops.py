@@ -102,7 +102,7 @@ class FlopsProfile:
     layers: list[LayerFlops]
     gate_flops: int = 0
     sites: dict[str, FlopsSite] = field(default_factory=dict)
-    dependents: dict[str, set[str]] = field(default_factory=dict)
+    dependents: dict[str, list[str]] = field(default_factory=dict)
     modules: dict[str, int] = field(default_factory=dict)
     other: int = field(init=False)
 
@@ -143,7 +143,8 @@ class FlopsProfile:
             layer.gated = layer.name in affected
         for name, t in terms.items():
             consumers = {lay.name for lay in profile.layers if lay.producer in t.masks}
-            profile.dependents[name] = set(t.masks) | consumers | set(t.scale) | set(sites[name].layers)
+            changed = set(t.masks) | consumers | set(t.scale) | set(sites[name].layers)
+            profile.dependents[name] = [lay.name for lay in profile.layers if lay.name in changed]  # a fixed order
         return profile
 
     def _terms(self, masks: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -185,8 +186,11 @@ class FlopsProfile:
 
     def site_costs(self, per_layer: dict[str, Tensor]) -> dict[str, Tensor]:
         """Each site's own share of the cost per input, {site: (N,)}: the effective FLOPs of the layers
-        its decisions change, over the dense total (the per-layer credit of a REINFORCE gate)."""
-        return {name: sum(per_layer[lay] for lay in self.dependents[name]) / self.dense_total for name in self.sites}
+        its decisions change, over the dense total (the per-layer credit of a REINFORCE gate); zeros for a site
+        whose decisions change no counted FLOPs."""
+        zeros = torch.zeros_like(next(iter(per_layer.values())))
+        return {name: sum((per_layer[lay] for lay in self.dependents[name]), zeros) / self.dense_total
+                for name in self.sites}
 
     def total(self, per_layer: dict[str, Tensor]) -> Tensor:
         """Backbone FLOPs per input (N,) from :meth:`per_layer`'s result (plus the ungated rest)."""

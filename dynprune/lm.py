@@ -14,10 +14,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from dynprune import backbones
 from dynprune.flops import FlopsProfile
+from dynprune.trace import trace_layers
 
 
 class CharLM(L.LightningModule):
@@ -48,18 +48,12 @@ class CharLM(L.LightningModule):
             raise ValueError("model_kwargs configure a language model built by name; the given module is built")
         self.model = backbone
         self.profile = self._dense_profile(block_size)
+        self.example_input_array = torch.zeros(1, block_size, dtype=torch.long)  # model summary: sizes and FLOPs
 
-    @torch.no_grad()
     def _dense_profile(self, block_size: int) -> FlopsProfile:
-        """Dense FLOPs of one full window (1, block_size), counted by FlopCounterMode (FLOPs = 2 x MACs)."""
-        example = torch.zeros(1, block_size, dtype=torch.long, device=next(self.model.parameters()).device)
-        was_training = self.model.training
-        try:
-            with FlopCounterMode(display=False) as counter:
-                self.model.eval()(example)
-        finally:
-            self.model.train(was_training)
-        return FlopsProfile((block_size,), int(counter.get_total_flops()), [])
+        """Dense FLOPs of one full window of ids (1, block_size), per traced layer (FLOPs = 2 x MACs)."""
+        ids = torch.zeros(1, block_size, dtype=torch.long, device=next(self.model.parameters()).device)
+        return FlopsProfile.build(self.model, ids, trace_layers(self.model, ids))
 
     def setup(self, stage: str) -> None:
         """The data's vocabulary and window must be the model's."""

@@ -3,10 +3,10 @@ layer's raw output, which outputs reach a residual addition, and which modules a
 branches or whole residual blocks.
 
 One forward pass runs under a TorchFunctionMode that follows each layer's output through
-channel-preserving ops (ReLU, pooling, flatten, ...) and counts every use of every tensor. No source
-code is parsed, so it works on models the library has never seen, including ones with Python
-control flow. Gates added by :func:`dynprune.gate_model` (children named ``dynprune_gate*``) are not
-traced.
+channel-preserving ops (ReLU, pooling, flatten, reductions over other dims, ...) and counts every use of
+every tensor. No source code is parsed, so it works on models the library has never seen, including
+ones with Python control flow. Gates added by :func:`dynprune.gate_model` (children named
+``dynprune_gate*``) are not traced.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ _PRESERVING = {
     "hardswish", "elu", "dropout", "dropout2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
     "adaptive_max_pool2d", "flatten", "view", "reshape", "contiguous", "clone", "mul", "__mul__",
 }
+# Reductions that keep the channels when the reduced dims leave them out (global pooling as ``x.mean((2, 3))``).
+_REDUCING = {"mean", "sum", "amax", "amin"}
 # Ops that merge two feature maps channel by channel: their inputs are residual-coupled.
 _MERGING = {"add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__", "__isub__"}
 
@@ -133,9 +135,19 @@ class _FlowMode(TorchFunctionMode):
         if name in _MERGING:
             for source in sources:
                 self.infos[source].residual = True
-        elif name in _PRESERVING and len(sources) == 1 and isinstance(out, Tensor):
+        elif len(sources) == 1 and isinstance(out, Tensor) and (
+                name in _PRESERVING or name in _REDUCING and self.keeps_channels(sources, args, kwargs or {})):
             self.tag(out, sources.pop(), raw=False)
         return out
+
+    def keeps_channels(self, sources: set[str], args: tuple, kwargs: dict) -> bool:
+        """Whether a reduction over ``dim`` of the tagged input leaves its source layer's channels (and the batch)."""
+        x, dims = args[0], kwargs.get("dim", args[1] if len(args) > 1 else None)
+        if not isinstance(x, Tensor) or dims is None or isinstance(dims, str):
+            return False
+        dims = {d % x.dim() for d in ((dims,) if isinstance(dims, int) else dims)}
+        channel = self.infos[next(iter(sources))].channel_dim % x.dim()
+        return bool(dims) and 0 not in dims and channel not in dims
 
 
 def _traced_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

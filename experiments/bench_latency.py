@@ -20,15 +20,19 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import itertools
+import math
 import os
 import platform
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils import benchmark
@@ -41,11 +45,86 @@ from dynprune.runtime.blocks import SubBatchBlock
 from dynprune.runtime.channels import ThinLayer
 
 RESULTS = Path(__file__).parent / "results"
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet-18/34 block: two 3x3 convs, a 1x1 strided projection when the shape changes."""
+
+    expansion = 1
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                           if stride != 1 or cin != cout else None)
+
+    def branch(self, x: Tensor) -> Tensor:
+        """The residual branch (N, C_in, H, W) -> (N, C_out, H', W')."""
+        return self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C_in, H, W) -> (N, C_out, H', W')."""
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return torch.relu(self.branch(x) + shortcut)
+
+
+class Bottleneck(BasicBlock):
+    """torchvision's ResNet-50 block: 1x1 reduce, 3x3 (strided), 1x1 expand (x4)."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__(cin, width, stride)
+        cout = width * self.expansion
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+
+    def branch(self, x: Tensor) -> Tensor:
+        """The residual branch (N, C_in, H, W) -> (N, 4 width, H', W')."""
+        y = torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        return self.bn3(self.conv3(y))
+
+
+class ImageNetResNet(nn.Module):
+    """torchvision-style ResNet-18 / ResNet-50 at 224x224 (torchvision itself does not import beside torch
+    2.13 here), every width scaled by ``width_mult`` (the uniform ceiling)."""
+
+    def __init__(self, depth: int, width_mult: float = 1.0, num_classes: int = 1000, in_chans: int = 3,
+                 input_size: int = 224) -> None:
+        super().__init__()
+        block, counts = {18: (BasicBlock, (2, 2, 2, 2)), 50: (Bottleneck, (3, 4, 6, 3))}[depth]
+        widths = [max(1, round(w * width_mult)) for w in (64, 128, 256, 512)]
+        self.input_shape = (in_chans, input_size, input_size)
+        self.conv1, self.bn1 = nn.Conv2d(in_chans, widths[0], 7, 2, 3, bias=False), nn.BatchNorm2d(widths[0])
+        layers, cin = [], widths[0]
+        for i, (width, count) in enumerate(zip(widths, counts, strict=True)):
+            blocks = []
+            for j in range(count):
+                blocks.append(block(cin, width, 2 if j == 0 and i > 0 else 1))
+                cin = width * block.expansion
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, 3, 224, 224) -> (N, classes)."""
+        x = torch.nn.functional.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+LOCAL_BACKBONES = {"resnet18": lambda **kw: ImageNetResNet(18, **kw), "resnet50": lambda **kw: ImageNetResNet(50, **kw)}
 MODELS: dict[str, dict[str, Any]] = {
     "resnet20_28": dict(backbone="resnet20", in_chans=1, input_size=28),
     "resnet20_32": dict(backbone="resnet20", in_chans=3, input_size=32),
     "vgg11_32": dict(backbone="vgg11", in_chans=3, input_size=32),
+    "resnet18_224": dict(backbone="resnet18", in_chans=3, input_size=224),
+    "resnet50_224": dict(backbone="resnet50", in_chans=3, input_size=224),
 }
+LARGE = {"resnet18_224", "resnet50_224"}  # batch <= 8 and no masked / static forms (CPU minutes per pass)
 SMOKE_MODELS: dict[str, dict[str, Any]] = {
     "resnet20_8": dict(backbone="resnet20", in_chans=1, input_size=8, width_mult=0.5),
 }
@@ -66,9 +145,11 @@ class Settings:
     calib_size: int = 32
     bisect_steps: int = 8
     seed: int = 0
+    images: int = 64
 
 
-SMOKE = Settings(batch_sizes=(1, 4), repeats=2, min_run_time=0.0, flops_tol=0.1, calib_size=16, bisect_steps=6)
+SMOKE = Settings(batch_sizes=(1, 4), repeats=2, min_run_time=0.0, flops_tol=0.1, calib_size=16, bisect_steps=6,
+                 images=8)
 
 
 @dataclass
@@ -165,7 +246,8 @@ def build(spec: dict[str, Any], width_mult: float | None = None) -> nn.Module:
     kwargs = {k: v for k, v in spec.items() if k != "backbone"}
     if width_mult is not None:
         kwargs["width_mult"] = width_mult
-    net = dp.backbones.create(spec["backbone"], **kwargs).eval()
+    make = LOCAL_BACKBONES.get(spec["backbone"], functools.partial(dp.backbones.create, spec["backbone"]))
+    net = make(**kwargs).eval()
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.1)
@@ -180,31 +262,77 @@ def forms_of(spec: dict[str, Any], cfg: Settings) -> tuple[list[Form], float]:
     net = build(spec)
     dense_flops = count_flops(net, shape)[0]
     forms = [Form("dense", compile_for_inference(net), dense_flops, net)]
-    for granularity in GRANULARITIES:
+    large = spec["backbone"] in LOCAL_BACKBONES
+    calib, steps = (8, 6) if large else (cfg.calib_size, cfg.bisect_steps)  # 224x224: CPU minutes per pass
+    for granularity in ("channel", "block") if large else GRANULARITIES:
         try:
-            gated, reached = gated_at_ratio(net, granularity, ratio, torch.randn(cfg.calib_size, *shape), cfg.dynamic,
-                                             cfg.seed, cfg.bisect_steps)
+            gated, reached = gated_at_ratio(net, granularity, ratio, torch.randn(calib, *shape), cfg.dynamic,
+                                             cfg.seed, steps)
         except ValueError as err:  # e.g. no residual blocks to gate in VGG
             print(f"  skip {granularity}: {err}")
             continue
         flops = reached * dense_flops
-        forms.append(Form(f"masked {granularity}", gated, flops, gated))
+        if not large:
+            forms.append(Form(f"masked {granularity}", gated, flops, gated))
         compiled = compile_for_inference(gated)
         forms.append(Form(f"compiled {granularity}", compiled, flops, compiled))
-    static = static_at_ratio(net, ratio, shape, cfg.flops_tol)
-    forms.append(Form("static_l1", compile_for_inference(static, shape), count_flops(static, shape)[0], static))
+    if not large:
+        static = static_at_ratio(net, ratio, shape, cfg.flops_tol)
+        forms.append(Form("static_l1", compile_for_inference(static, shape), count_flops(static, shape)[0], static))
     uniform = uniform_at_ratio(spec, ratio)
     forms.append(Form("uniform", compile_for_inference(uniform), count_flops(uniform, shape)[0], uniform))
     return forms, dense_flops
 
 
-def measure(form: Form, batches: Sequence[Tensor], threads: int, min_run_time: float) -> float:
-    """Median seconds per batch over a cycle of ``batches`` (per-input decisions differ between them)."""
+def trained_forms(path: Path, images: int) -> tuple[list[Form], float, Tensor]:
+    """dense / masked / compiled forms of a trained gated checkpoint and the uniform net at its mean FLOPs on the
+    first ``images`` Fashion-MNIST test images; returns (forms, dense FLOPs, those images (N, 1, 28, 28))."""
+    from dynprune.data import FashionMNISTDataModule
+    from dynprune.module import GatedClassifier
+
+    task = GatedClassifier.load_from_checkpoint(path, map_location="cpu").eval()
+    gated = task.model
+    info = dp.gating_info(gated)
+    shape = info.flops.input_shape
+    data = FashionMNISTDataModule(test_subset=images)
+    data.setup("test")
+    x = torch.cat([b[0] for b in data.test_dataloader()])[:images]
+    with torch.no_grad():
+        gated(x)
+    flops = float(info.flops.effective(dp.collect_masks(gated)).mean())
+    hp = task.hparams
+    spec = dict(backbone=hp["backbone"], in_chans=shape[0], input_size=shape[1], num_classes=10)
+    dense = build(spec)
+    dense.load_state_dict(gated.state_dict(), strict=False)  # gated modules keep their keys; gates are extra
+    dense_flops = float(info.flops.dense_total)
+    granularity = "+".join(info.granularities)
+    uniform = uniform_at_ratio(spec, dense_flops / flops)
+    compiled = compile_for_inference(gated)
+    forms = [Form("dense", compile_for_inference(dense.eval()), dense_flops, dense),
+             Form(f"masked {granularity}", gated, flops, gated),
+             Form(f"compiled {granularity}", compiled, flops, compiled),
+             Form("uniform", compile_for_inference(uniform), count_flops(uniform, shape)[0], uniform)]
+    return forms, dense_flops, x
+
+
+def clock(threads: int) -> Callable[[], float]:
+    """Process CPU time at 1 thread (on a shared machine it leaves out the waits for a core), else wall time."""
+    return time.process_time if threads == 1 else time.perf_counter
+
+
+def timer_of(form: Form, batches: Sequence[Tensor], threads: int) -> benchmark.Timer:
+    """A ``torch.utils.benchmark`` timer of one call of ``form`` on the next of ``batches`` (cycled), warmed up."""
     cycle = itertools.cycle(batches)
     timer = benchmark.Timer("with torch.inference_mode(): run(next(cycle))",
-                            globals={"run": form.run, "cycle": cycle, "torch": torch}, num_threads=threads)
-    timer.timeit(len(batches))  # warm-up: one pass over the batches
-    return float(timer.blocked_autorange(min_run_time=min_run_time).median)
+                            globals={"run": form.run, "cycle": cycle, "torch": torch}, num_threads=threads,
+                            timer=clock(threads))
+    timer.timeit(min(len(batches), 8))  # warm-up
+    return timer
+
+
+def samples(timer: benchmark.Timer, calls: int) -> list[float]:
+    """Seconds of ``calls`` single calls."""
+    return [timer.timeit(1).median for _ in range(calls)]
 
 
 def gate_share(form: Form, batch: Tensor, threads: int, min_run_time: float) -> float:
@@ -226,7 +354,7 @@ def gate_share(form: Form, batch: Tensor, threads: int, min_run_time: float) -> 
         for h in handles:
             h.remove()
     timer = benchmark.Timer("with torch.inference_mode():\n    for f, a in calls: f(*a)",
-                            globals={"calls": calls, "torch": torch}, num_threads=threads)
+                            globals={"calls": calls, "torch": torch}, num_threads=threads, timer=clock(threads))
     timer.timeit(2)
     return float(timer.blocked_autorange(min_run_time=min_run_time).median)
 
@@ -249,25 +377,42 @@ def bench(
     for model_name, spec in models.items():
         torch.manual_seed(cfg.seed)
         shape = (spec["in_chans"], spec["input_size"], spec["input_size"])
-        print(f"{model_name}: building forms at {cfg.ratio}x fewer FLOPs")
-        forms, dense_flops = forms_of(spec, cfg)
+        images = None
+        if "checkpoint" in spec:
+            print(f"{model_name}: trained checkpoint {spec['checkpoint']}")
+            forms, dense_flops, images = trained_forms(Path(spec["checkpoint"]), cfg.images)
+        else:
+            print(f"{model_name}: building forms at {cfg.ratio}x fewer FLOPs")
+            forms, dense_flops = forms_of(spec, cfg)
+        large = spec["backbone"] in LOCAL_BACKBONES
         for batch_size, n_threads in itertools.product(cfg.batch_sizes, cfg.threads):
-            batches = [torch.randn(batch_size, *shape) for _ in range(max(1, 8 // batch_size))]
-            best = {f.name: float("inf") for f in forms}
-            for _ in range(cfg.repeats):
+            if large and batch_size > 8:
+                continue
+            n_batches = max(1, cfg.images // batch_size)
+            batches = ([images[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)] if images is not None
+                       else [torch.randn(batch_size, *shape) for _ in range(n_batches)])
+            timers = {f.name: timer_of(f, batches, n_threads) for f in forms}
+            once = max(timers[f.name].timeit(1).median for f in forms)
+            calls = max(2, math.ceil(cfg.min_run_time / once))
+            times: dict[str, list[float]] = {f.name: [] for f in forms}
+            for _ in range(cfg.repeats):  # interleaved: a load spike hits every form alike
                 for f in forms:
-                    best[f.name] = min(best[f.name], measure(f, batches, n_threads, cfg.min_run_time))
-            ceiling = best["dense"] / best["uniform"] / (dense_flops / forms[-1].flops)
+                    times[f.name] += samples(timers[f.name], calls)
+            p50 = {name: float(np.percentile(t, 50)) for name, t in times.items()}
+            p99 = {name: float(np.percentile(t, 99)) for name, t in times.items()}
+            uniform = next(f for f in forms if f.name == "uniform")
+            ceiling = p50["dense"] / p50["uniform"] / (dense_flops / uniform.flops)
             for f in forms:
                 theoretical = dense_flops / f.flops
-                achieved = best["dense"] / best[f.name]
+                achieved = p50["dense"] / p50[f.name]
                 row = {"model": model_name, "form": f.name, "batch": batch_size, "threads": n_threads,
-                       "latency_ms": 1e3 * best[f.name], "images_per_s": batch_size / best[f.name],
-                       "theoretical": theoretical, "achieved": achieved, "ratio": achieved / theoretical,
-                       "ceiling_ratio": ceiling, "of_ceiling": achieved / theoretical / ceiling,
-                       "gate_share": ""}
+                       "clock": "cpu" if n_threads == 1 else "wall", "samples": len(times[f.name]),
+                       "latency_ms": 1e3 * p50[f.name], "p99_ms": 1e3 * p99[f.name],
+                       "images_per_s": batch_size / p50[f.name], "theoretical": theoretical, "achieved": achieved,
+                       "ratio": achieved / theoretical, "ceiling_ratio": ceiling,
+                       "of_ceiling": achieved / theoretical / ceiling, "gate_share": ""}
                 if f.name.startswith("compiled"):
-                    row["gate_share"] = gate_share(f, batches[0], n_threads, cfg.min_run_time) / best[f.name]
+                    row["gate_share"] = gate_share(f, batches[0], n_threads, cfg.min_run_time) / p50[f.name]
                     if worst is None or row["ratio"] < worst[0]:
                         worst = (row["ratio"], f, batches[0], n_threads,
                                  f"{model_name} {f.name} batch {batch_size} threads {n_threads}")
@@ -339,12 +484,15 @@ def report(rows: Sequence[dict[str, Any]], cfg: Settings, command: str, start: s
     return (f"# Measured latency vs theoretical speedup at {cfg.ratio:g}x fewer FLOPs\n\n"
             f"Command: `{command}`\n\nMachine: {start} at the start; {machine()} at the end. Threads: "
             f"{', '.join(map(str, cfg.threads))} (`torch.utils.benchmark.Timer(num_threads=...)`).\n\n"
-            f"Timing: median of `blocked_autorange(min_run_time={cfg.min_run_time})` after a warm-up, fastest of "
-            f"{cfg.repeats} interleaved repeats; inputs cycle through {{8 // batch}} random batches. Gates: sigmoid, "
-            f"untrained, last bias calibrated on {cfg.calib_size} random inputs so that per layer a share "
-            f"{cfg.dynamic:g} of channels is input-dependent (on for half the inputs), the rest always on/off "
-            f"(blocks: every block input-dependent); mean keep rate bisected to the target FLOPs. Dense, static and "
-            f"uniform nets are BN-folded; `gate_share` = time of the gate calls alone / time of the compiled model."
+            f"Timing: `torch.utils.benchmark.Timer` of single calls, {cfg.repeats} rounds interleaved across the "
+            f"forms (each form >= {cfg.min_run_time} s per round); latency_ms = p50, p99_ms = p99 of those calls. "
+            f"Clock: process CPU time at 1 thread (the machine is shared: CPU time leaves out the waits for a core), "
+            f"wall time at 2 threads. Inputs cycle through {cfg.images} distinct images (random, or Fashion-MNIST "
+            f"test images for trained checkpoints). Synthetic gates: sigmoid, untrained, last bias calibrated so "
+            f"that per layer a share {cfg.dynamic:g} of channels is input-dependent (on for half the inputs), the "
+            f"rest always on/off (blocks: every block input-dependent); mean keep rate bisected to the target "
+            f"FLOPs. Dense, static and uniform nets are BN-folded; uniform = the backbone at the width of equal "
+            f"FLOPs (the static ceiling); `gate_share` = time of the gate calls alone / time of the compiled model."
             f"\n\n## achieved / theoretical speedup (uniform = the static ceiling)\n\n{to_markdown(summary(rows))}"
             f"\n## All rows\n\n{to_markdown(rows)}")
 
@@ -356,17 +504,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--dynamic", type=float, default=0.3, help="share of input-dependent channels per layer")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}))
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved measurements, fastest median kept")
-    parser.add_argument("--min-run-time", type=float, default=0.05, help="seconds per blocked_autorange")
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument("--repeats", type=int, default=10, help="interleaved rounds over the forms")
+    parser.add_argument("--min-run-time", type=float, default=0.05, help="seconds per form and round")
+    parser.add_argument("--models", nargs="*", choices=sorted(MODELS), default=[m for m in MODELS if m not in LARGE])
+    parser.add_argument("--checkpoint", type=Path, nargs="*", default=[],
+                        help="trained gated Fashion-MNIST checkpoints, timed on real test images")
+    parser.add_argument("--images", type=int, default=64, help="distinct inputs cycled per configuration")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_latency")
     args = parser.parse_args(argv)
     if args.smoke:
         models, cfg = SMOKE_MODELS, replace(SMOKE, ratio=args.ratio, dynamic=args.dynamic)
     else:
         models = {name: MODELS[name] for name in args.models}
+        for path in args.checkpoint:
+            models[f"trained:{path.parent.parent.name}/{path.name}"] = dict(
+                backbone="trained", in_chans=1, input_size=28, checkpoint=str(path))
         cfg = Settings(args.ratio, args.dynamic, tuple(args.batch_sizes), tuple(args.threads), args.repeats,
-                       args.min_run_time)
+                       args.min_run_time, images=args.images)
     start = machine()
     command = "python experiments/bench_latency.py " + " ".join(sys.argv[1:] if argv is None else argv)
 

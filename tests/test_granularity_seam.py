@@ -314,6 +314,20 @@ def test_a_language_model_is_gated_from_integer_token_ids() -> None:
         assert model(torch.randint(0, 11, (3, 12))).shape == (3, 12, 11)
 
 
+def test_a_site_that_changes_no_counted_flops_has_a_zero_cost_share() -> None:
+    """A branch that is only a BatchNorm (``layer1.0.bn2`` feeds the residual addition alone) is a block site
+    without layers: its cost share is zeros (N,), so the policy family's per-site credit works."""
+    model = dp.gate_model(dp.backbones.create("resnet20", input_size=8, width_mult=0.5), "policy",
+                          granularity="block", where=["layer1.0", "layer1.0.bn2"])
+    with torch.no_grad():
+        model(torch.randn(3, 1, 8, 8))
+    profile = dp.gating_info(model).flops
+    shares = profile.site_costs(profile.per_layer(dp.collect_masks(model)))
+    assert profile.dependents["layer1.0.bn2"] == [] and torch.equal(shares["layer1.0.bn2"], torch.zeros(3))
+    assert profile.dependents["layer1.0"] == ["layer1.0.conv1", "layer1.0.conv2"]
+    assert bool((shares["layer1.0"] > 0).all())
+
+
 def test_granularity_options_are_checked_and_not_gate_arguments() -> None:
     with pytest.raises(ValueError, match=r"granularity 'width' has no option\(s\) \['widht'\]; its options: widths"):
         dp.GatedClassifier("resnet20", granularity={"width": {"widht": [0.5, 1.0]}}, input_size=8, width_mult=0.5)

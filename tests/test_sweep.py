@@ -225,6 +225,10 @@ command: ["${env}", "${interpreter}", "${program}", "--root=${envvar:DATA_ROOT}/
      "unknown macro \\${prog}"),
     ("method: grid\nparameters: {a: {values: [1]}}\ncommand: [python, x.py]\n", "must pass the parameters"),
     ("method: grid\nparameters: {a: {values: [1]}}\nmetric: {name: acc, goal: max}\n", "metric.goal"),
+    ("method: grid\nmethod: hyperband\nparameters: {a: {values: [1]}}\n",
+     r"line 3, column 1: duplicate key 'method' \(first given on line 2\)"),
+    ("method: grid\nparameters: {a: {values: [1]}, a: {values: [2]}}\n",
+     r"duplicate key 'a' \(first given on line 3\)"),
 ])
 def test_bad_sweep_yaml_exits_nonzero_naming_the_key(tmp_path: Path, text: str, message: str,
                                                      capsys: pytest.CaptureFixture[str]) -> None:

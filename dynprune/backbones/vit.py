@@ -220,20 +220,15 @@ class VisionTransformer(nn.Module):
         return self.head(self.norm(tokens)[:, 0])
 
 
-def _vit(patch_size: int):
-    def build(num_classes: int, in_chans: int, input_size: int, width_mult: float = 1.0, depth_mult: float = 1.0,
-              attention: str = "explicit", heads: int = 3, mlp_ratio: float = 4.0) -> nn.Module:
-        if heads < 1 or mlp_ratio <= 0:
-            raise ValueError(f"heads must be >= 1 and mlp_ratio > 0, got heads={heads}, mlp_ratio={mlp_ratio}")
-        dim = scale_width(96, width_mult, divisor=heads)
-        return VisionTransformer(num_classes, in_chans, input_size, patch_size, dim, scale_depth(6, depth_mult),
-                                 heads, mlp_ratio, attention)
-
-    build.__doc__ = (f"ViT with {patch_size}x{patch_size} patches ({(28 // patch_size) ** 2} tokens + CLS at 28x28): "
-                     "DeiT-Tiny's shape (3 heads, MLP ratio 4) at dim 96 x depth 6, scaled by width/depth_mult; "
-                     "attention 'explicit' (q/k/v/proj layers) or 'torch' (nn.MultiheadAttention).")
-    return build
-
-
-vit_p4 = register_backbone("vit_p4")(_vit(4))
-vit_p2 = register_backbone("vit_p2")(_vit(2))
+@register_backbone("vit")
+def vit(num_classes: int, in_chans: int, input_size: int, width_mult: float = 1.0, depth_mult: float = 1.0,
+        patch_size: int = 4, attention: str = "explicit", heads: int = 3, mlp_ratio: float = 4.0) -> nn.Module:
+    """ViT with DeiT-Tiny's shape (3 heads, MLP ratio 4) at dim 96 x depth 6, scaled by ``width_mult`` (dim, a
+    multiple of ``heads``) and ``depth_mult``; ``patch_size`` 4 gives 49 tokens + CLS at 28x28, 2 gives 196;
+    ``attention`` ``explicit`` (q/k/v/proj layers) or ``torch`` (nn.MultiheadAttention)."""
+    if heads < 1 or mlp_ratio <= 0 or patch_size < 1:
+        raise ValueError(f"heads and patch_size must be >= 1 and mlp_ratio > 0, got heads={heads}, "
+                         f"patch_size={patch_size}, mlp_ratio={mlp_ratio}")
+    dim = scale_width(96, width_mult, divisor=heads)
+    return VisionTransformer(num_classes, in_chans, input_size, patch_size, dim, scale_depth(6, depth_mult), heads,
+                             mlp_ratio, attention)

@@ -14,6 +14,7 @@ stopped. One runner per ``--root`` (the sweep runner's lock).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import os
 import shlex
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from dynprune.bench.config import BenchConfig, BenchConfigError, Point, load_config
+from dynprune.bench.config import BenchConfig, BenchConfigError, FairnessError, Point, load_config
 from dynprune.bench.run import finished, run_point
 from dynprune.bench.table import write_outputs
 from dynprune.sweep import _execute as run_logged
@@ -47,9 +48,10 @@ def select(points: list[Point], only: Sequence[str] | None) -> list[Point]:
     return [p for p in points if any(fnmatch.fnmatchcase(p.id, pat) for pat in only)]
 
 
-def point_command(config: str, point: Point, root: Path) -> list[str]:
+def point_command(cfg: BenchConfig, point: Point, root: Path) -> list[str]:
     """The command that runs one point in a fresh process (``root`` is ``--root``/<config name>)."""
-    return [sys.executable, "-m", "dynprune", "bench", config, "--point", point.id, "--root", str(root.parent)]
+    return [sys.executable, "-m", "dynprune", "bench", cfg.path, "--point", point.id, "--root", str(root.parent),
+            "--accelerator", cfg.accelerator]
 
 
 def export_sweep(cfg: BenchConfig, path: str | os.PathLike[str], root: str = DEFAULT_ROOT) -> Path:
@@ -69,7 +71,7 @@ def export_sweep(cfg: BenchConfig, path: str | os.PathLike[str], root: str = DEF
 def run_bench(cfg: BenchConfig, points: list[Point], root: Path, out: Path, jobs: int = 1,
               echo: Callable[[str], None] = print) -> list[str]:
     """Run the unfinished ``points``, ``jobs`` subprocesses at a time, rewriting the table after each;
-    returns the ids of the points that failed (their run.log says why)."""
+    returns what failed: point ids (their run.log says why) and a table the finished runs could not make."""
     todo = [p for p in points if finished(cfg, p, root) is None]
     echo(f"{len(points) - len(todo)} of {len(points)} point(s) finished earlier; {len(todo)} to run, {jobs} at a time")
     failed: list[str] = []
@@ -79,7 +81,7 @@ def run_bench(cfg: BenchConfig, points: list[Point], root: Path, out: Path, jobs
         futures = {}
         for p in todo:
             (root / p.id).mkdir(parents=True, exist_ok=True)
-            futures[pool.submit(run_logged, point_command(cfg.path, p, root), root / p.id, env)] = p
+            futures[pool.submit(run_logged, point_command(cfg, p, root), root / p.id, env)] = p
         for future in as_completed(futures):
             p, rc = futures[future], future.result()
             if rc == 0 and finished(cfg, p, root) is not None:
@@ -88,7 +90,11 @@ def run_bench(cfg: BenchConfig, points: list[Point], root: Path, out: Path, jobs
                 failed.append(p.id)
                 tail = (root / p.id / "run.log").read_text().splitlines()[-3:]
                 echo(f"[{time.time() - start:6.0f} s] {p.id}: FAILED (exit {rc}): " + " | ".join(tail))
-            write_outputs(cfg, root, out)
+            try:
+                write_outputs(cfg, root, out)
+            except (FairnessError, ValueError) as err:  # keep running the points; the exit code says it
+                failed.append(f"table ({err})")
+                echo(f"table not written: {err}")
     return failed
 
 
@@ -104,11 +110,15 @@ def bench_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--table", action="store_true", help="only rebuild the table from the finished points")
     parser.add_argument("--export-sweep", default=None, metavar="FILE", help="write the points as a wandb sweep YAML")
     parser.add_argument("--point", default=None, help="run this one point in this process (what each job runs)")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu", "auto"), default=None,
+                        help="override the config's accelerator (not part of a point's spec: results are reused)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     try:
         cfg = load_config(args.config)
+        if args.accelerator:
+            cfg = dataclasses.replace(cfg, accelerator=args.accelerator)
         root = Path(args.root) / cfg.name
         if args.point:
             run_point(cfg, cfg.point(args.point), root)
@@ -126,7 +136,7 @@ def bench_main(argv: Sequence[str] | None = None) -> None:
     if args.dry_run:
         for p in points:
             state = "finished" if finished(cfg, p, root) is not None else "to run"
-            print(f"{p.id:<36} {state:<9} {shlex.join(point_command(cfg.path, p, root))}")
+            print(f"{p.id:<36} {state:<9} {shlex.join(point_command(cfg, p, root))}")
         return
     failed = run_bench(cfg, points, root, Path(args.out), args.jobs)
     if failed:

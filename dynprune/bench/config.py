@@ -153,15 +153,18 @@ class BenchConfig:
         return self.extra_epochs if arm.start == "warm" else self.total_epochs
 
     def points(self) -> list[Point]:
-        """Every run, in the order a runner should start them: the dense models first, then per R the arms
-        without a teacher before those with one, seed by seed."""
+        """Every run, in the order a runner should start them: the dense models first; then per R the arms
+        without a teacher before those with one, seed by seed; the arms that cover every R in one run
+        (slimmable) after the first R's arms without a teacher."""
         out = [Point("dense", "dense", s) for s in self.seeds]
-        out += [Point(a.name, a.kind, s, None, kd) for a in self.arms if not a.per_ratio
-                for kd in a.kd for s in self.seeds]
-        for r in self.ratios:
+        shared = [Point(a.name, a.kind, s, None, kd) for a in self.arms if not a.per_ratio
+                  for kd in a.kd for s in self.seeds]
+        for i, r in enumerate(self.ratios):
             for kd in (False, True):
                 out += [Point(a.name, a.kind, s, r, kd) for s in self.seeds for a in self.arms
                         if a.per_ratio and kd in a.kd]
+                if i == 0 and not kd:
+                    out += shared
         return out
 
     def point(self, point_id: str) -> Point:
@@ -250,12 +253,11 @@ def _arm(i: int, raw: Any) -> Arm:
                                "the warm start, lr and the width are part of the protocol)")
     criterion = raw.get("criterion", "l1_structured")
     if kind == "static":
-        from dynprune.static import list_pruners
+        from dynprune.static import list_criteria
 
-        structured = [p for p in list_pruners() if "unstructured" not in p]
-        if criterion not in structured:
+        if criterion not in list_criteria():
             raise BenchConfigError(f"unknown static criterion {criterion!r} in {where}; choose one of: "
-                                   f"{', '.join(structured)}")
+                                   f"{', '.join(list_criteria())}")
     return Arm(name, kind, tuple(kd), start, epochs, criterion, dict(model))
 
 

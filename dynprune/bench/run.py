@@ -11,12 +11,13 @@ FLOPs miss 1/R leaves ``rejected.json`` instead and raises :class:`FairnessError
 from __future__ import annotations
 
 import contextlib
-import copy
 import fcntl
+import functools
 import hashlib
 import json
 import os
 import platform
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +53,19 @@ def device_name(accelerator: str) -> str:
     return f"{model}, {torch.get_num_threads()} thread(s) (torch {torch.__version__})"
 
 
+def code_version() -> str:
+    """The git commit of the code that ran (``+dirty`` with uncommitted changes), or ``unknown``."""
+    here = Path(__file__).parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head}+dirty" if dirty else head
+
+
 def datamodule(cfg: BenchConfig, seed: int) -> L.LightningDataModule:
     """The protocol's data for ``seed`` (the validation split and the shuffling depend on it)."""
     d = cfg.data
@@ -73,8 +87,13 @@ def input_shape(cfg: BenchConfig) -> tuple[int, int, int]:
 
 def dense_flops(cfg: BenchConfig, width_mult: float = 1.0) -> int:
     """FlopCounterMode FLOPs of the backbone at ``width_mult`` on one input."""
-    model = backbones.create(cfg.backbone, width_mult=width_mult, **shape_kwargs(cfg))
-    return count_flops(model, input_shape(cfg))[0]
+    return _flops_at(cfg.backbone, cfg.data.input_size, width_mult)
+
+
+@functools.cache
+def _flops_at(backbone: str, input_size: int, width_mult: float) -> int:
+    model = backbones.create(backbone, num_classes=10, in_chans=1, input_size=input_size, width_mult=width_mult)
+    return count_flops(model, (1, input_size, input_size))[0]
 
 
 def search_width(cfg: BenchConfig, ratio: float) -> tuple[float, float]:
@@ -100,20 +119,21 @@ def check_flops(point: Point, achieved: float, tolerance: float, where: str) -> 
                             "relative)")
 
 
-def _trainer(cfg: BenchConfig, epochs: int, callbacks: list[L.Callback] | None = None) -> L.Trainer:
+def _trainer(cfg: BenchConfig, epochs: int) -> L.Trainer:
     """The one loop every run uses; validation and test are separate calls (see :func:`fit_and_evaluate`)."""
     return L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                     accelerator=cfg.accelerator, devices=1, callbacks=callbacks or [])
+                     accelerator=cfg.accelerator, devices=1)
 
 
 def _flops_row(report: dict[str, Any], full: int) -> dict[str, Any]:
     """FLOPs ratios of one FlopsCallback report, against the full dense model's ``full`` FLOPs (a thinned
-    model's own dense count is smaller), gates' own FLOPs included in ``flops_ratio``."""
+    model's own dense count is smaller), the gates' own FLOPs included (not in ``flops_ratio_no_gates``)."""
     s, dep = report["summary"], report.get("dependence") or {}
     gates = report.get("gate_flops", 0) or 0
     return {"flops_ratio": (s["flops_mean"] + gates) / full, "flops_ratio_no_gates": s["flops_mean"] / full,
-            "gate_flops_ratio": gates / full, "flops_p10": s["flops_p10"] / full, "flops_p90": s["flops_p90"] / full,
+            "gate_flops_ratio": gates / full, "flops_p10": (s["flops_p10"] + gates) / full,
+            "flops_p90": (s["flops_p90"] + gates) / full,
             "dynamic_frac": dep.get("dynamic_frac", 0.0), "class_spread": dep.get("class_spread") or 1.0,
             "class_flops": {str(c["class"]): c["flops_ratio"] for c in dep.get("classes", [])}}
 
@@ -195,24 +215,33 @@ def _teacher_kwargs(cfg: BenchConfig, point: Point, dense: Path) -> dict[str, An
     return {"teacher": str(dense), "distill": cfg.kd_weight, "distill_temperature": cfg.kd_temperature}
 
 
-def _static_model(cfg: BenchConfig, point: Point, dense: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The dense model of the seed, pruned by the arm's criterion to 1/R of its FLOPs and physically thinned."""
-    from dynprune.static import fraction_for_flops, prune_model, remove_channels
+def _static_model(cfg: BenchConfig, point: Point, dense: Path,
+                  dm: L.LightningDataModule) -> tuple[nn.Module, dict[str, Any]]:
+    """The dense model of the seed pruned by the arm's criterion to 1/R of its FLOPs (Torch-Pruning's channel
+    groups, physically removed; ``prune_to_flops``); a data-driven criterion scores one training batch."""
+    from dynprune.static import prune_to_flops
 
     criterion = cfg.arm(point.arm).criterion
     module = GatedClassifier(cfg.backbone, gate=None, init_from=str(dense), **shape_kwargs(cfg))
-    model, shape = copy.deepcopy(module.model).cpu(), input_shape(cfg)
-    fraction = fraction_for_flops(model, point.ratio, shape, method=criterion)
-    small = remove_channels(prune_model(model, criterion, fraction, shape), shape)
-    return small, {"prune_fraction": fraction, "criterion": criterion}
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    try:
+        small = prune_to_flops(module.model.cpu(), point.ratio, criterion, input_shape(cfg), batch=batch,
+                               tol=cfg.flops_tolerance)
+    except ValueError as err:  # 1/R out of reach within the tolerance
+        raise FairnessError(f"{point.id}: {err}") from err
+    report = small.pruning_report
+    return small, {"criterion": criterion, "flops_ratio": report["flops_ratio"],
+                   "fractions": {k: round(v, 4) for k, v in report["fractions"].items()}}
 
 
-def build(cfg: BenchConfig, point: Point, dense: Path) -> tuple[L.LightningModule, dict[str, Any]]:
+def build(cfg: BenchConfig, point: Point, dense: Path,
+          dm: L.LightningDataModule) -> tuple[L.LightningModule, dict[str, Any]]:
     """The arm's LightningModule for ``point`` and what the harness chose for it (width, fraction)."""
     arm = cfg.arm(point.arm)
     shape, teacher = shape_kwargs(cfg), _teacher_kwargs(cfg, point, dense)
     if arm.kind == "static":
-        small, info = _static_model(cfg, point, dense)
+        small, info = _static_model(cfg, point, dense, dm)
         return GatedClassifier(small, gate=None, lr=cfg.finetune_lr, **shape, **teacher), info
     if arm.kind == "thin":
         width, _ = search_width(cfg, point.ratio)
@@ -227,8 +256,7 @@ def build(cfg: BenchConfig, point: Point, dense: Path) -> tuple[L.LightningModul
     return SlimmableClassifier(cfg.backbone, widths=widths, lr=cfg.lr, **arm.model, **shape), {"widths": widths}
 
 
-def _slimmable_rows(cfg: BenchConfig, module: L.LightningModule, dm: L.LightningDataModule,
-                    out: Path) -> dict[str, Any]:
+def _slimmable_rows(cfg: BenchConfig, module: L.LightningModule, dm: L.LightningDataModule) -> dict[str, Any]:
     """Validate and test a slimmable supernet once; per R, the accuracy of its width matched to 1/R."""
     start = time.time()
     _trainer(cfg, cfg.total_epochs).fit(module, dm)
@@ -252,7 +280,7 @@ def _record(cfg: BenchConfig, point: Point, root: Path, result: dict[str, Any]) 
     """Write ``result.json`` of ``point`` (atomically, last: its presence means finished)."""
     record = {"point": point.id, "method": point.method, "arm": point.arm, "kind": point.kind, "seed": point.seed,
               "ratio": point.ratio, "kd": point.kd, "digest": cfg.digest(point), "spec": cfg.spec(point),
-              "device": device_name(cfg.accelerator), "threads": torch.get_num_threads(),
+              "device": device_name(cfg.accelerator), "threads": torch.get_num_threads(), "code": code_version(),
               "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), **result}
     write_json(root / point.id / RESULT, record)
     return record
@@ -273,27 +301,22 @@ def run_point(cfg: BenchConfig, point: Point, root: str | os.PathLike[str]) -> d
     out.mkdir(parents=True, exist_ok=True)
     (out / REJECTED).unlink(missing_ok=True)
     L.seed_everything(point.seed, verbose=False)
-    dm = datamodule(cfg, point.seed)
-    arm = cfg.arm(point.arm)
-    module, chosen = build(cfg, point, dense)
+    dm, arm, full = datamodule(cfg, point.seed), cfg.arm(point.arm), dense_flops(cfg)
     teacher = {"teacher": f"dense_s{point.seed}", "teacher_digest": file_digest(dense)} if point.kd else {}
-    common = {"epochs": cfg.own_epochs(arm), "warm_start": arm.start == "warm",
-              "total_epochs": cfg.own_epochs(arm) + (cfg.dense_epochs if arm.start == "warm" else 0),
-              "chosen": chosen, **teacher}
-    if point.kind == "slimmable":
-        return _record(cfg, point, root, {**_slimmable_rows(cfg, module, dm, out), **common})
-    full = dense_flops(cfg)
-    if point.kind in ("static", "thin"):  # the architecture fixes the FLOPs: check before spending the budget
-        own = count_flops(module.model, input_shape(cfg))[0]
-        try:
-            check_flops(point, own / full, cfg.flops_tolerance, "architecture")
-        except FairnessError as err:
-            write_json(out / REJECTED, {"point": point.id, "reason": str(err), "chosen": chosen})
-            raise
-    result = fit_and_evaluate(cfg, module, dm, cfg.own_epochs(arm), out, full)
+    chosen: dict[str, Any] = {}
     try:
+        module, chosen = build(cfg, point, dense, dm)
+        common = {"epochs": cfg.own_epochs(arm), "warm_start": arm.start == "warm",
+                  "total_epochs": cfg.own_epochs(arm) + (cfg.dense_epochs if arm.start == "warm" else 0),
+                  "chosen": chosen, **teacher}
+        if point.kind == "slimmable":
+            return _record(cfg, point, root, {**_slimmable_rows(cfg, module, dm), **common})
+        if point.kind in ("static", "thin"):  # the architecture fixes the FLOPs: check before spending the budget
+            check_flops(point, count_flops(module.model, input_shape(cfg))[0] / full, cfg.flops_tolerance,
+                        "architecture")
+        result = fit_and_evaluate(cfg, module, dm, cfg.own_epochs(arm), out, full)
         check_flops(point, result["val"]["flops_ratio"], cfg.flops_tolerance, "validation mean")
     except FairnessError as err:
-        write_json(out / REJECTED, {"point": point.id, "reason": str(err), **result})
+        write_json(out / REJECTED, {"point": point.id, "reason": str(err), "chosen": chosen})
         raise
     return _record(cfg, point, root, {**result, **common})

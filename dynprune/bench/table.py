@@ -43,7 +43,7 @@ def collect_runs(cfg: BenchConfig, root: Path) -> list[dict[str, Any]]:
         for r, split in per_ratio.items():
             line = {k: record.get(k) for k in ("point", "method", "arm", "kind", "kd", "seed", "epochs", "total_epochs",
                                                "device", "threads", "teacher", "teacher_digest", "checkpoint_digest",
-                                               "chosen", "fit_seconds")}
+                                               "chosen", "fit_seconds", "code")}
             line["R"] = float(r)
             line.update(split["test"])
             line.update({f"val_{k}": v for k, v in split["val"].items()})
@@ -130,7 +130,7 @@ def aggregate(cfg: BenchConfig, runs: list[dict[str, Any]]) -> list[dict[str, An
     for r in rows:
         del r["_accs"]
         if r["p_vs_best_baseline"] is not None:
-            r["p_vs_best_baseline"] = round(r["p_vs_best_baseline"], 4)
+            r["p_vs_best_baseline"] = float(f"{r['p_vs_best_baseline']:.4g}")
     return rows
 
 
@@ -210,6 +210,30 @@ def header(cfg: BenchConfig, runs: list[dict[str, Any]]) -> str:
         f"- **Device:** {'; '.join(devices)}.", ""])
 
 
+def _cell(value: Any, spec: str = ".2f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The md view of the table: accuracy as mean +- std, the method bold only for a headline-valid win
+    (the csv keeps every column)."""
+    out = []
+    for r in rows:
+        name = f"**{r['method']}**" if r["win"] and r["headline_valid"] else r["method"]
+        if r["best_dynamic_by_val"]:
+            name += " (best dyn., val)"
+        out.append({
+            "R": f"{r['R']:g}", "method": name, "n": str(r["n_seeds"]),
+            "test acc": f"{r['acc_mean']:.2f} ± {_cell(r['acc_std'])}", "val acc": f"{r['val_acc_mean']:.2f}",
+            "FLOPs ratio": f"{r['flops_ratio']:.4f}", "achieved R": f"{r['achieved_R']:.2f}",
+            "p90/p10": _cell(r["p90_p10"], ".3f"), "class spread": _cell(r["class_spread"], ".3f"),
+            "dyn. units": _cell(r["dynamic_frac"], ".3f"), "vs best baseline": r["best_baseline"] or "–",
+            "Δ pt": _cell(r["delta_vs_best"], "+.2f"), "p (Welch)": _cell(r["p_vs_best_baseline"], ".3g"),
+            "win": "yes" if r["win"] else "", "headline": "yes" if r["headline_valid"] else "no",
+            "epochs (own/total)": f"{r['epochs']}/{r['total_epochs']}"})
+    return out
+
+
 def write_outputs(cfg: BenchConfig, root: str | Path, out: str | Path) -> tuple[Path, list[dict[str, Any]]]:
     """Check the finished runs, then write ``<stem>.{csv,md,png}`` and ``<stem>_runs.jsonl`` under ``out``."""
     root, out = Path(root), Path(out)
@@ -219,9 +243,7 @@ def write_outputs(cfg: BenchConfig, root: str | Path, out: str | Path) -> tuple[
     stem = out / cfg.stem()
     atomic_write(f"{stem}_runs.jsonl", lambda f: f.writelines(json.dumps(r) + "\n" for r in runs))
     write_csv(f"{stem}.csv", rows)
-    shown = [{**r, "method": f"**{r['method']}**" if r["win"] and r["headline_valid"] else r["method"]}
-             for r in rows]
-    parts = [header(cfg, runs), to_markdown(shown)]
+    parts = [header(cfg, runs), to_markdown(markdown_rows(rows))]
     aim_rows = aims(rows)
     if aim_rows:
         parts += ["\n## Aims (DESIGN.md)\n", to_markdown(aim_rows)]
@@ -229,7 +251,8 @@ def write_outputs(cfg: BenchConfig, root: str | Path, out: str | Path) -> tuple[
     if rejected:
         parts += ["\n## Rejected runs (fairness violations, not in the table)\n",
                   "\n".join(f"- `{r['point']}`: {r['reason']}" for r in rejected) + "\n"]
-    parts.append(f"\nRuns: `{stem.name}_runs.jsonl`. Reproduce: `dynprune bench {cfg.path}`.\n")
+    parts.append(f"\nRuns: `{stem.name}_runs.jsonl`. Reproduce or resume: "
+                 f"`dynprune bench {cfg.path} --root {root.parent}`.\n")
     atomic_write(f"{stem}.md", lambda f: f.write("\n".join(parts)))
     if rows:
         pareto_plot(rows, Path(f"{stem}.png"), f"{cfg.backbone}, {cfg.protocol}: accuracy vs FLOPs (mean +- std)")

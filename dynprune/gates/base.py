@@ -104,7 +104,12 @@ class Gate(nn.Module, ABC):
         return self
 
     def force(self, decisions: Tensor | None) -> Gate:
-        """Override the decisions with a fixed (N, units) or (units,) mask (None: back to G(x))."""
+        """Override the decisions with a fixed (N, units) or (units,) mask (None: back to G(x)); a mask of
+        another number of units is a ValueError here, not a broadcast error in a later forward."""
+        units = self.fc2.out_features
+        if decisions is not None and (decisions.dim() == 0 or decisions.shape[-1] != units):
+            raise ValueError(f"force: mask of shape {tuple(decisions.shape)} for a gate of {units} units; "
+                             f"expected ({units},) or (N, {units})")
         self.forced = decisions
         return self
 

@@ -24,6 +24,7 @@ from dynprune.static.dependency import (
     prune_group,
 )
 from dynprune.static.prune import Batch, channel_scores, mask_channels
+from dynprune.static.shortcuts import ChannelPad, explicit_shortcuts, sync_shortcut_widths
 
 
 def zero_channels(model: nn.Module, group: ChannelGroup) -> Tensor:
@@ -31,6 +32,9 @@ def zero_channels(model: nn.Module, group: ChannelGroup) -> Tensor:
     zero = torch.ones(group.channels, dtype=torch.bool)
     for member in group.members:
         module = model.get_submodule(member.name)
+        if isinstance(module, ChannelPad):
+            zero[member.root_rows[module.src[member.rows].cpu() >= 0]] = False
+            continue
         for pname in ("weight", "bias"):
             p = getattr(module, pname, None)
             if p is not None:
@@ -45,8 +49,8 @@ def remove_channels(model: nn.Module, input_shape: Sequence[int] | None = None) 
     ``input_shape`` (C, H, W) defaults to ``model.input_shape`` (set by ``dynprune.backbones.create``).
     """
     shape = input_shape_of(model, input_shape)
-    groups = channel_groups(model, shape)
     small = fold_masks(model)
+    groups = channel_groups(small, shape)
     zeros = {g.root: zero_channels(small, g) for g in groups}
     graph = dependency_graph(small, shape)
     for g in groups:
@@ -75,6 +79,7 @@ def _check_same_outputs(model: nn.Module, small: nn.Module, shape: tuple[int, ..
 def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
     """Load the state dict of a physically pruned copy of ``model``'s architecture into ``model``,
     shrinking each conv / linear / norm to the saved shapes first; returns ``model``."""
+    explicit_shortcuts(model)
     for name, module in model.named_modules():
         shapes = {p: state_dict[f"{name}.{p}" if name else p].shape for p, _ in
                   [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
@@ -87,7 +92,7 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -
                         else fresh)
         _resize_attributes(module)
     model.load_state_dict(state_dict)
-    return model
+    return sync_shortcut_widths(model)
 
 
 def _resize_attributes(module: nn.Module) -> None:
@@ -157,6 +162,7 @@ def _search(
     if not 0 < tol < 1:
         raise ValueError(f"tol is a relative FLOPs tolerance in (0, 1), got {tol}")
     shape = input_shape_of(model, input_shape)
+    model = explicit_shortcuts(copy.deepcopy(model))  # the caller's model keeps its modules
     dense = count_flops(model, shape)[0]
     budget = dense / ratio
     scores = channel_scores(model, criterion, shape, batch)

@@ -13,7 +13,8 @@ A grouped (not depthwise) conv among the members or consumers splits the root ch
 (channels ``c`` and ``c + k * C / conv_groups`` go together); depthwise convs follow their input.
 
 Torch-Pruning follows any traced model, but not every op maps channel indices as it assumes (e.g.
-``F.pad`` over channels in a ResNet option-A shortcut). So each group is *checked*: one offset is masked
+``F.pad`` over channels; ResNet option-A shortcuts become ``ChannelPad`` modules first, see
+``shortcuts.py``). So each group is *checked*: one offset is masked
 in one copy and removed in another, and a group whose two copies disagree (or whose removal fails) is
 left out with a warning. A model without any checked group raises ``ValueError``.
 """
@@ -31,8 +32,11 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-# Module types whose per-channel parameters a mask can zero so that the channel's output is exactly 0.
-MASKABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+from dynprune.static.shortcuts import CUSTOMIZED_PRUNERS, ChannelPad, explicit_shortcuts, zero_out_channels
+
+# Module types whose per-channel parameters a mask can zero so that the channel's output is exactly 0
+# (a ChannelPad has no parameters: its masked output channels become zero channels).
+MASKABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm, ChannelPad)
 _CACHE: dict[tuple, tuple[list[ChannelGroup], list[str]]] = {}
 
 
@@ -103,7 +107,8 @@ def dependency_graph(model: nn.Module, input_shape: Sequence[int]) -> tp.Depende
     try:
         with torch.enable_grad():
             return tp.DependencyGraph().build_dependency(
-                model.eval(), example_inputs=torch.zeros(1, *input_shape, device=device), verbose=False)
+                model.eval(), example_inputs=torch.zeros(1, *input_shape, device=device), verbose=False,
+                customized_pruners=CUSTOMIZED_PRUNERS)
     except Exception as err:  # the tracer raises anything from a failed forward to an assertion
         raise ValueError(f"cannot trace the channel dependencies of {type(model).__name__}: {err}") from err
     finally:
@@ -122,7 +127,9 @@ def prune_group(graph: tp.DependencyGraph, model: nn.Module, root: str, channels
 
 
 def channel_groups(model: nn.Module, input_shape: Sequence[int] | None = None) -> list[ChannelGroup]:
-    """The checked channel groups of ``model`` (roots in module order); cached per architecture."""
+    """The checked channel groups of ``model`` (roots in module order); cached per architecture. Option-A
+    ResNet shortcuts of ``model`` become ``ChannelPad`` modules first (in place, same function)."""
+    explicit_shortcuts(model)
     shape = input_shape_of(model, input_shape)
     key = (type(model), shape, tuple((n, type(m), m.extra_repr()) for n, m in model.named_modules()))
     if key not in _CACHE:
@@ -192,11 +199,14 @@ def _candidate_groups(model: nn.Module, shape: tuple[int, ...]) -> tuple[list[Ch
 
 
 def zero_rows(model: nn.Module, rows: dict[str, Tensor]) -> None:
-    """Set rows (dim 0) of each named module's weight and bias to zero, in place."""
+    """Set rows (dim 0) of each named module's weight and bias (a ChannelPad: its outputs) to zero, in place."""
     with torch.no_grad():
         for name, idx in rows.items():
+            module = model.get_submodule(name)
+            if zero_out_channels(module, idx):
+                continue
             for pname in ("weight", "bias"):
-                p = getattr(model.get_submodule(name), pname, None)
+                p = getattr(module, pname, None)
                 if p is not None:
                     p[idx] = 0
 

@@ -37,6 +37,7 @@ from dynprune.static.dependency import (
     input_shape_of,
     tp_group,
 )
+from dynprune.static.shortcuts import zero_out_channels
 
 Amount = float | Mapping[str, float]
 Batch = tuple[Tensor, Tensor]
@@ -151,8 +152,8 @@ def channel_scores(
     if criterion in _NEEDS_BATCH and batch is None:
         raise ValueError(f"criterion '{criterion}' scores channels with loss gradients: pass batch=(inputs, labels)")
     shape = input_shape_of(model, input_shape)
-    groups = channel_groups(model, shape)
     folded = fold_masks(model).eval()
+    groups = channel_groups(folded, shape)
     if criterion in _NEEDS_BATCH:
         device = next(folded.parameters()).device
         with torch.enable_grad():
@@ -178,6 +179,8 @@ def mask_channels(
         pruned[score.argsort()[:extra]] = True
         for member, rows in group.member_rows(group.expand(pruned)).items():
             module = model.get_submodule(member)
+            if zero_out_channels(module, rows):  # a parameter-free shortcut: its channels are zero for good
+                continue
             for pname in ("weight", "bias"):
                 if getattr(module, pname, None) is not None:
                     mask = torch.ones_like(getattr(module, pname))
