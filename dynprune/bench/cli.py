@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from dynprune.bench.config import BenchConfig, BenchConfigError, Point, load_config
+from dynprune.bench.config import BenchConfig, BenchConfigError, FairnessError, Point, load_config
 from dynprune.bench.run import finished, run_point
 from dynprune.bench.table import write_outputs
 from dynprune.sweep import _execute as run_logged
@@ -57,7 +57,7 @@ def point_command(cfg: BenchConfig, point: Point, root: Path) -> list[str]:
 def export_sweep(cfg: BenchConfig, path: str | os.PathLike[str], root: str = DEFAULT_ROOT) -> Path:
     """A wandb sweep YAML (grid over the point ids) whose runs are exactly the harness's points."""
     sweep = {
-        "name": f"bench_{cfg.name}", "method": "grid", "program": "-m dynprune",
+        "name": f"bench_{cfg.name}", "method": "grid",
         "description": f"dynprune bench {cfg.path}: one run per point (wandb agent on many machines)",
         "command": ["${env}", "${interpreter}", "-m", "dynprune", "bench", cfg.path, "--root", root, "${args}"],
         "parameters": {"point": {"values": [p.id for p in cfg.points()]}},
@@ -71,7 +71,7 @@ def export_sweep(cfg: BenchConfig, path: str | os.PathLike[str], root: str = DEF
 def run_bench(cfg: BenchConfig, points: list[Point], root: Path, out: Path, jobs: int = 1,
               echo: Callable[[str], None] = print) -> list[str]:
     """Run the unfinished ``points``, ``jobs`` subprocesses at a time, rewriting the table after each;
-    returns the ids of the points that failed (their run.log says why)."""
+    returns what failed: point ids (their run.log says why) and a table the finished runs could not make."""
     todo = [p for p in points if finished(cfg, p, root) is None]
     echo(f"{len(points) - len(todo)} of {len(points)} point(s) finished earlier; {len(todo)} to run, {jobs} at a time")
     failed: list[str] = []
@@ -90,7 +90,11 @@ def run_bench(cfg: BenchConfig, points: list[Point], root: Path, out: Path, jobs
                 failed.append(p.id)
                 tail = (root / p.id / "run.log").read_text().splitlines()[-3:]
                 echo(f"[{time.time() - start:6.0f} s] {p.id}: FAILED (exit {rc}): " + " | ".join(tail))
-            write_outputs(cfg, root, out)
+            try:
+                write_outputs(cfg, root, out)
+            except (FairnessError, ValueError) as err:  # keep running the points; the exit code says it
+                failed.append(f"table ({err})")
+                echo(f"table not written: {err}")
     return failed
 
 

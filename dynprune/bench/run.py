@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import platform
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +51,19 @@ def device_name(accelerator: str) -> str:
                 model = line.split(":", 1)[1].strip()
                 break
     return f"{model}, {torch.get_num_threads()} thread(s) (torch {torch.__version__})"
+
+
+def code_version() -> str:
+    """The git commit of the code that ran (``+dirty`` with uncommitted changes), or ``unknown``."""
+    here = Path(__file__).parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head}+dirty" if dirty else head
 
 
 def datamodule(cfg: BenchConfig, seed: int) -> L.LightningDataModule:
@@ -105,20 +119,21 @@ def check_flops(point: Point, achieved: float, tolerance: float, where: str) -> 
                             "relative)")
 
 
-def _trainer(cfg: BenchConfig, epochs: int, callbacks: list[L.Callback] | None = None) -> L.Trainer:
+def _trainer(cfg: BenchConfig, epochs: int) -> L.Trainer:
     """The one loop every run uses; validation and test are separate calls (see :func:`fit_and_evaluate`)."""
     return L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                     accelerator=cfg.accelerator, devices=1, callbacks=callbacks or [])
+                     accelerator=cfg.accelerator, devices=1)
 
 
 def _flops_row(report: dict[str, Any], full: int) -> dict[str, Any]:
     """FLOPs ratios of one FlopsCallback report, against the full dense model's ``full`` FLOPs (a thinned
-    model's own dense count is smaller), gates' own FLOPs included in ``flops_ratio``."""
+    model's own dense count is smaller), the gates' own FLOPs included (not in ``flops_ratio_no_gates``)."""
     s, dep = report["summary"], report.get("dependence") or {}
     gates = report.get("gate_flops", 0) or 0
     return {"flops_ratio": (s["flops_mean"] + gates) / full, "flops_ratio_no_gates": s["flops_mean"] / full,
-            "gate_flops_ratio": gates / full, "flops_p10": s["flops_p10"] / full, "flops_p90": s["flops_p90"] / full,
+            "gate_flops_ratio": gates / full, "flops_p10": (s["flops_p10"] + gates) / full,
+            "flops_p90": (s["flops_p90"] + gates) / full,
             "dynamic_frac": dep.get("dynamic_frac", 0.0), "class_spread": dep.get("class_spread") or 1.0,
             "class_flops": {str(c["class"]): c["flops_ratio"] for c in dep.get("classes", [])}}
 
@@ -265,7 +280,7 @@ def _record(cfg: BenchConfig, point: Point, root: Path, result: dict[str, Any]) 
     """Write ``result.json`` of ``point`` (atomically, last: its presence means finished)."""
     record = {"point": point.id, "method": point.method, "arm": point.arm, "kind": point.kind, "seed": point.seed,
               "ratio": point.ratio, "kd": point.kd, "digest": cfg.digest(point), "spec": cfg.spec(point),
-              "device": device_name(cfg.accelerator), "threads": torch.get_num_threads(),
+              "device": device_name(cfg.accelerator), "threads": torch.get_num_threads(), "code": code_version(),
               "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), **result}
     write_json(root / point.id / RESULT, record)
     return record

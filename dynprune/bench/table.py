@@ -43,7 +43,7 @@ def collect_runs(cfg: BenchConfig, root: Path) -> list[dict[str, Any]]:
         for r, split in per_ratio.items():
             line = {k: record.get(k) for k in ("point", "method", "arm", "kind", "kd", "seed", "epochs", "total_epochs",
                                                "device", "threads", "teacher", "teacher_digest", "checkpoint_digest",
-                                               "chosen", "fit_seconds")}
+                                               "chosen", "fit_seconds", "code")}
             line["R"] = float(r)
             line.update(split["test"])
             line.update({f"val_{k}": v for k, v in split["val"].items()})
@@ -251,7 +251,8 @@ def write_outputs(cfg: BenchConfig, root: str | Path, out: str | Path) -> tuple[
     if rejected:
         parts += ["\n## Rejected runs (fairness violations, not in the table)\n",
                   "\n".join(f"- `{r['point']}`: {r['reason']}" for r in rejected) + "\n"]
-    parts.append(f"\nRuns: `{stem.name}_runs.jsonl`. Reproduce: `dynprune bench {cfg.path}`.\n")
+    parts.append(f"\nRuns: `{stem.name}_runs.jsonl`. Reproduce or resume: "
+                 f"`dynprune bench {cfg.path} --root {root.parent}`.\n")
     atomic_write(f"{stem}.md", lambda f: f.write("\n".join(parts)))
     if rows:
         pareto_plot(rows, Path(f"{stem}.png"), f"{cfg.backbone}, {cfg.protocol}: accuracy vs FLOPs (mean +- std)")
