@@ -311,7 +311,7 @@ def test_thin_layer_gathers_each_mask_once_within_its_budget() -> None:
     for mask in masks + masks:
         gate.force(mask)
         keep = mask[0].nonzero().flatten()
-        torch.testing.assert_close(layer(x), F.conv2d(x, conv.weight[keep], conv.bias[keep], padding=1))
+        assert_close_rounding(layer(x), F.conv2d(x, conv.weight[keep], conv.bias[keep], padding=1))
     assert len(layer.packs) == 2
     first = next(iter(layer.packs.values())).weight
     gate.force(masks[1])
@@ -323,3 +323,17 @@ def test_thin_layer_gathers_each_mask_once_within_its_budget() -> None:
     assert len(layer.packs) == 1 and layer.cached <= 0.6 * conv.weight.numel()
     layer.double()
     assert not layer.packs and layer(x.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("gate", dp.list_gates())
+def test_compiles_right_after_a_training_step(gate: str) -> None:
+    """A gate holds its last forward pass (the policy family its sampling distribution) inside the autograd
+    graph; copying the model for compilation or as a teacher must not trip over it."""
+    torch.manual_seed(0)
+    model = dp.gate_model(dp.backbones.create("lenet5", 10, 1, 28), gate=gate, input_shape=(1, 28, 28))
+    module = dp.GatedClassifier(model, gate=gate)
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    module.train()
+    F.cross_entropy(module(x), y).backward()
+    compiled = compile_for_inference(model.eval())
+    _close(compiled(x), model(x))

@@ -57,7 +57,7 @@ def point_command(cfg: BenchConfig, point: Point, root: Path) -> list[str]:
 def export_sweep(cfg: BenchConfig, path: str | os.PathLike[str], root: str = DEFAULT_ROOT) -> Path:
     """A wandb sweep YAML (grid over the point ids) whose runs are exactly the harness's points."""
     sweep = {
-        "name": f"bench_{cfg.name}", "method": "grid", "program": "-m dynprune",
+        "name": f"bench_{cfg.name}", "method": "grid",
         "description": f"dynprune bench {cfg.path}: one run per point (wandb agent on many machines)",
         "command": ["${env}", "${interpreter}", "-m", "dynprune", "bench", cfg.path, "--root", root, "${args}"],
         "parameters": {"point": {"values": [p.id for p in cfg.points()]}},
