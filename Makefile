@@ -26,6 +26,7 @@ demo: setup
 test: setup
 	$(BIN)/ruff check dynprune tests experiments
 	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m numerics --torch-threads 2  # float results whose summation order depends on threads
 
 # The documentation site (docs/, mkdocs.yml) into site/; not needed by demo or test.
 $(BIN)/mkdocs: $(BIN)/dynprune

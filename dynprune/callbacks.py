@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,8 @@ from dynprune.granularity import report_sections
 from dynprune.io import run_dir, save_figure, write_csv, write_json
 
 TARGET_TOLERANCE = 0.05
+HIST_BINS = 50  # bins of 0.02 of dense over the fixed range [0, 1]
+NEAR_STATIC_DYNAMIC_FRAC = 0.05  # below this fraction of dynamic units, masks are nearly one per model
 
 
 def flops_stats(flops: Tensor, dense: int) -> dict[str, float]:
@@ -56,6 +57,7 @@ def format_report(report: dict[str, Any]) -> str:
                          f"{row['effective_flops'] / 1e6:>13.3f}")
     if report.get("dependence"):
         lines.append(format_dependence(report["dependence"]))
+        lines += static_verdict(report["dependence"])
     for title, rows in (report.get("sections") or {}).items():
         for site, shares in rows.items():
             cells = "  ".join(f"{label}: {share:.1%}" for label, share in shares.items())
@@ -63,12 +65,31 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def static_verdict(dependence: dict[str, Any]) -> list[str]:
+    """Report lines, in words, for masks that are (nearly) the same for every input: when most gated sites apply
+    one mask to every input or fewer than ``NEAR_STATIC_DYNAMIC_FRAC`` of the units are dynamic, the model is
+    (nearly) static pruning; say so and name the options that give input dependence. [] otherwise."""
+    sites = dependence["sites"]
+    static = sum(s["unique_masks"] == 1 for s in sites)
+    dynamic = dependence["dynamic_frac"]
+    if not sites or (2 * static <= len(sites) and dynamic >= NEAR_STATIC_DYNAMIC_FRAC):
+        return []
+    kind = "static" if static == len(sites) else "nearly static"
+    return [f"  This model is {kind} pruning, not input-dependent computation: {static} of {len(sites)} gated sites "
+            f"apply one mask to every input and {dynamic:.1%} of the units are dynamic.",
+            "  For masks that depend on the input, train with batch shaping (--model.batch_shaping 3.0 "
+            "--model.batch_shaping_warmup 0.8) or a logit penalty (--model.logit_penalty 0.1); "
+            "docs/concepts/flops.md compares both."]
+
+
 class FlopsCallback(L.Callback):
     """Gathers per-input effective FLOPs, per-site decisions and labels over a validation/test epoch
     (across DDP ranks); logs summary and input-dependence statistics (p10/p90 FLOPs, dynamic units,
     unique masks, per-class FLOPs), warns when a FLOPs target is missed by more than 0.05, and writes
     ``flops.json``, ``flops_layers.csv``, ``flops_hist_<stage>.png`` and ``flops_class_<stage>.png`` to
-    ``dirpath`` (default: the run's folder, next to ``checkpoints/``).
+    ``dirpath`` (default: the run's folder, next to ``checkpoints/``). ``flops.json`` holds the reports of the
+    stages this callback measured ({stage: report}), written fresh each time: a file already there, from another
+    run or another program, is replaced (a symlink itself, never its target), not read.
 
     Args:
         dirpath: where to write; None uses the run's folder (:func:`dynprune.io.run_dir`).
@@ -175,11 +196,8 @@ class FlopsCallback(L.Callback):
 
     def _write(self, trainer: L.Trainer, stage: str, report: dict[str, Any], flops: Tensor) -> None:
         out = self.output_dir(trainer)
-        path = out / "flops.json"
-        merged = json.loads(path.read_text()) if path.is_file() else {}
-        merged[stage] = report
-        write_json(path, merged)
-        rows = [{"stage": s, **row} for s, rep in merged.items() for row in rep["layers"]]
+        write_json(out / "flops.json", self.reports)  # fresh: a file already there (even a symlink) is replaced
+        rows = [{"stage": s, **row} for s, rep in self.reports.items() for row in rep["layers"]]
         write_csv(out / "flops_layers.csv", rows)
         if self.plot:
             self._histogram(out / f"flops_hist_{stage}.png", flops / report["dense_flops"], stage)
@@ -188,18 +206,26 @@ class FlopsCallback(L.Callback):
 
     @staticmethod
     def _histogram(path: Path, ratios: Tensor, stage: str) -> None:
+        """Histogram of per-input FLOPs ratios (N,) on the fixed range [0, 1] of dense, so that a spread of a
+        few thousandths shows as the one bar it is, with p10/p90 marked and p90/p10 in the title."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        values = ratios.double().cpu()
+        p10, p90 = (float(q) for q in torch.quantile(values, torch.tensor([0.1, 0.9], dtype=values.dtype)))
+        spread = f"{p90 / p10:.2f}" if p10 > 0 else "inf"
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.hist(ratios.cpu().numpy(), bins=40, color="tab:blue")
-        ax.axvline(float(ratios.mean()), color="tab:red", ls="--", label=f"mean {float(ratios.mean()):.3f}")
+        ax.hist(values.numpy(), bins=HIST_BINS, range=(0.0, 1.0), color="tab:blue")
+        ax.axvline(float(values.mean()), color="tab:red", ls="--", label=f"mean {float(values.mean()):.3f}")
+        for q, value, style in (("p10", p10, ":"), ("p90", p90, "-.")):
+            ax.axvline(value, color="black", ls=style, lw=1, label=f"{q} {value:.3f}")
+        ax.set_xlim(0.0, 1.0)
         ax.set_xlabel("effective FLOPs / dense FLOPs (per input)")
         ax.set_ylabel("inputs")
-        ax.set_title(f"Per-input FLOPs ({stage})")
-        ax.legend()
+        ax.set_title(f"Per-input FLOPs ({stage}): p90/p10 = {spread}")
+        ax.legend(fontsize="small")
         save_figure(fig, path)
         plt.close(fig)
 
@@ -228,10 +254,26 @@ class EpochTimer(L.Callback):
 class GatedCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose monitored best (``best.ckpt``) counts only epochs with the gates on: an epoch of
     a module's dense warm-up (``in_dense_phase()``, see ``GatedClassifier(dense_epochs=...)``) is not a result
-    of the gated model, however good its accuracy. ``last.ckpt`` is written as usual."""
+    of the gated model, however good its accuracy.
+
+    With ``save_last``, ``last.ckpt`` is written at every save point (the end of every epoch by default), dense
+    epochs and epochs that do not improve the best included, so ``--ckpt_path last`` resumes from the newest
+    state; Lightning's ModelCheckpoint writes it only when a top-k checkpoint was written at the same step."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._last_written_step: int | None = None
 
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Tensor]) -> None:
         in_dense = getattr(trainer.lightning_module, "in_dense_phase", None)
-        if in_dense is not None and in_dense():
+        if in_dense is None or not in_dense():
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
+        self._save_last_checkpoint(trainer, monitor_candidates)
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Tensor]) -> None:
+        """Write ``last.ckpt`` once per global step (ModelCheckpoint asks again after a top-k save)."""
+        if self._last_written_step == trainer.global_step:
             return
-        super()._save_topk_checkpoint(trainer, monitor_candidates)
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            self._last_written_step = trainer.global_step

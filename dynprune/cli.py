@@ -14,6 +14,11 @@ Precedence of a checkpoint's hyperparameters (``--ckpt_path``) over the config:
   gate, sizes, ``where``, ``gate_kwargs``, ...) is an error unless overridden, a differing training-only value
   (``lam``, ``lr``, ...) is replaced by the checkpoint's, with a warning.
 - A checkpoint of another backbone is always an error naming both.
+
+Exit status: 0 when the command finished; 2 for a config or checkpoint error (the message names the key, value or
+file); 143 (128 + SIGTERM, as a shell reports a process that SIGTERM ended) when SIGTERM (e.g. a preempted job)
+stopped ``fit`` after its current step: the run is resumable, its ``last.ckpt`` holds the last completed epoch
+(written at the end of every epoch) and ``--ckpt_path last`` continues it to the same weights.
 """
 
 from __future__ import annotations
@@ -29,21 +34,35 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from jsonargparse import Namespace
+import yaml
+from jsonargparse import Namespace, get_loader, set_loader
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dynprune.callbacks import EpochTimer, FlopsCallback, GatedCheckpoint
 from dynprune.data import check_num_classes
 from dynprune.guard import CollapseGuard
-from dynprune.io import CheckpointError, atomic_write, read_checkpoint, run_dir
+from dynprune.io import CheckpointError, atomic_write, check_yaml, read_checkpoint, run_dir
 from dynprune.module import GatedClassifier
 
 LAST = "last.ckpt"
+PREEMPTED = 143  # exit status after SIGTERM: stopped, resumable with --ckpt_path last (module docstring)
 EVAL_COMMANDS = ("validate", "test", "predict")
 TRAINING_ONLY = GatedClassifier.training_args()  # arguments a checkpoint may be evaluated with other values of
+
+
+_JSONARGPARSE_YAML = get_loader("yaml")
+
+
+def _strict_yaml_load(stream: str, path: str | os.PathLike[str] = "") -> Any:
+    """jsonargparse's YAML loader after :func:`dynprune.io.check_yaml`: a key given twice is an error, and a
+    syntax error names the config file. jsonargparse reads a config file from inside its folder and passes its
+    base name as ``path`` (a command-line value has none)."""
+    check_yaml(stream, os.path.abspath(path) if path else "<command-line value>")
+    return _JSONARGPARSE_YAML(stream)
 
 
 class ConfigError(ValueError):
@@ -269,6 +288,7 @@ def cli_main(args: Sequence[str] | None = None) -> DynpruneCLI:
     """Run the LightningCLI on ``args`` (default: ``sys.argv[1:]``)."""
     if "WANDB_SWEEP_ID" not in os.environ:  # a `wandb agent` run reports to its server
         os.environ.setdefault("WANDB_MODE", "offline")
+    set_loader("yaml", _strict_yaml_load, exceptions=(yaml.YAMLError,))
     outer = _wandb_run()
     try:
         return DynpruneCLI(
@@ -291,12 +311,17 @@ def _wandb_run() -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """The LightningCLI commands (``fit|validate|test|predict``); a config or checkpoint error exits with status 2."""
+    """The LightningCLI commands (``fit|validate|test|predict``); a config or checkpoint error exits with status 2,
+    SIGTERM with :data:`PREEMPTED` (Lightning's SIGTERMException would exit 0, as if the run had finished)."""
     try:
         cli_main(argv)
     except (ConfigError, CheckpointError) as err:
         print(f"dynprune: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except SIGTERMException:
+        print(f"dynprune: stopped by SIGTERM before the run finished (exit status {PREEMPTED}); its last.ckpt holds "
+              "the last completed epoch: rerun the same command with --ckpt_path last to resume", file=sys.stderr)
+        raise SystemExit(PREEMPTED) from None
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+DEFAULT_VAL_SIZE = 5000  # Fashion-MNIST's validation hold-out when val_size is None (at most a fifth)
 FASHION_MNIST_HINT = "install it with `apt-get install dataset-fashion-mnist` or set data_dir"
 
 
@@ -160,7 +161,10 @@ class _TensorDataModule(L.LightningDataModule):
 class FashionMNISTDataModule(_TensorDataModule):
     """Fashion-MNIST (1x28x28, 10 classes) from IDX gz files; no downloads are attempted.
 
-    ``train_subset``/``test_subset`` (0 = all) shorten runs for demos and smoke tests.
+    ``train_subset``/``test_subset`` (0 = all) shorten runs for demos and smoke tests: the first that many images
+    of a split (more than the split holds is an error). ``val_size`` of the training images are held out for
+    validation, at most a fifth of them; None (the default) holds out 5000, or a fifth of a smaller
+    ``train_subset``. A ``val_size`` of all the training images or more is an error.
     """
 
     MEAN, STD = 0.2860, 0.3530
@@ -170,10 +174,14 @@ class FashionMNISTDataModule(_TensorDataModule):
     }
 
     def __init__(
-        self, data_dir: str = FASHION_MNIST_DIR, batch_size: int = 128, val_size: int = 5000,
+        self, data_dir: str = FASHION_MNIST_DIR, batch_size: int = 128, val_size: int | None = None,
         train_subset: int = 0, test_subset: int = 0, num_workers: int = 0, seed: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
+        for name, value in (("val_size", val_size), ("train_subset", train_subset), ("test_subset", test_subset)):
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = {'none' if name == 'val_size' else 'all images'}), "
+                                 f"got {value}")
         self.data_dir, self.val_size = Path(data_dir), val_size
         self.train_subset, self.test_subset = train_subset, test_subset
 
@@ -192,6 +200,9 @@ class FashionMNISTDataModule(_TensorDataModule):
         x = (torch.from_numpy(images.copy()).float().div_(255).sub_(self.MEAN).div_(self.STD))
         x, y = x.unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
         check_labels(y, self.num_classes, str(paths[1]))
+        if limit > len(x):
+            raise ValueError(f"{split}_subset={limit} but {paths[0]} holds {len(x)} images; use at most {len(x)} "
+                             "(0 = all)")
         if limit:
             x, y = x[:limit], y[:limit]
         return x, y
@@ -200,7 +211,11 @@ class FashionMNISTDataModule(_TensorDataModule):
         """Load tensors once; val is a seeded hold-out from the training images."""
         if self.train_set is None and stage in (None, "fit", "validate"):
             x, y = self._load("train", self.train_subset)
-            self.train_set, self.val_set = _split(x, y, min(self.val_size, len(x) // 5), self.seed)
+            if self.val_size is not None and self.val_size >= len(x):
+                raise ValueError(f"val_size={self.val_size} would hold out all {len(x)} training images "
+                                 f"(train_subset={self.train_subset}); use at most {len(x) // 5} (a fifth of them)")
+            val_size = DEFAULT_VAL_SIZE if self.val_size is None else self.val_size
+            self.train_set, self.val_set = _split(x, y, min(val_size, len(x) // 5), self.seed)
         if self.test_set is None and stage in (None, "test", "predict"):
             self.test_set = TensorDataset(*self._load("test", self.test_subset))
 

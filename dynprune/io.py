@@ -5,6 +5,7 @@ writes)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import secrets
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import torch
+import yaml
 
 if TYPE_CHECKING:
     import lightning as L
@@ -25,6 +27,10 @@ class CheckpointError(ValueError):
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a Lightning checkpoint with ``weights_only=True``; a missing, truncated or foreign file is a
     CheckpointError naming it (never advising an unsafe load)."""
+    if os.path.isdir(path):
+        found = sorted(str(p) for p in Path(path).rglob("*.ckpt"))
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file; pass a .ckpt file "
+                              + (f"in it: {', '.join(found[:5])}" if found else "(it holds none)"))
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} not found")
     try:
@@ -39,6 +45,39 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict'); for a plain state_dict of a "
                               "dense backbone use --model.init_from")
     return ckpt
+
+
+def check_yaml(text: str, name: str) -> None:
+    """Parse ``text`` as one YAML document and refuse a key given twice in one mapping (PyYAML would keep the
+    last one silently). Errors are ``yaml.YAMLError`` whose marks name ``name`` (the file path), line and column."""
+    stream = io.StringIO(text)
+    stream.name = name  # PyYAML names a string stream "<unicode string>" in its errors
+    pending, seen = [yaml.compose(stream, Loader=yaml.SafeLoader)], set()
+    while pending:
+        node = pending.pop()
+        if node is None or id(node) in seen:  # an empty document, or an alias of a node already checked
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, yaml.Mark] = {}
+            for key, _ in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                    if key.value in first:
+                        raise yaml.constructor.ConstructorError(
+                            "while reading a mapping", node.start_mark,
+                            f"duplicate key '{key.value}' (first given on line {first[key.value].line + 1})",
+                            key.start_mark)
+                    first[key.value] = key.start_mark
+            pending += [part for pair in node.value for part in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            pending += node.value
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    """Load a YAML file safely after :func:`check_yaml`: a duplicate key or a syntax error names the file."""
+    text = Path(path).read_text()
+    check_yaml(text, str(path))
+    return yaml.safe_load(text)
 
 
 def run_dir(trainer: L.Trainer) -> Path:

@@ -48,6 +48,7 @@ class CharLM(L.LightningModule):
             raise ValueError("model_kwargs configure a language model built by name; the given module is built")
         self.model = backbone
         self.profile = self._dense_profile(block_size)
+        self.example_input_array = torch.zeros(1, block_size, dtype=torch.long)  # model summary: sizes and FLOPs
 
     def _dense_profile(self, block_size: int) -> FlopsProfile:
         """Dense FLOPs of one full window of ids (1, block_size), per traced layer (FLOPs = 2 x MACs)."""

@@ -18,7 +18,7 @@ from dynprune import backbones
 from dynprune.checks import check_number
 from dynprune.flops import FlopsProfile
 from dynprune.gatemodes import side_pass
-from dynprune.gates import list_gates
+from dynprune.gates import DEFAULT_GATE, list_gates
 from dynprune.granularity import Granularity, resolve
 from dynprune.granularity.terms import TrainingTerms
 from dynprune.inject import collect_masks, gate_model, gating_info
@@ -86,7 +86,7 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
     def __init__(
         self,
         backbone: str | nn.Module = "resnet20",
-        gate: str | None = "sigmoid",
+        gate: str | None = DEFAULT_GATE,
         granularity: str | list[str] | dict[str, dict[str, Any] | None] = "channel",
         lam: float = 2.0,
         cost: str = "flops",

@@ -49,7 +49,7 @@ import lightning as L
 import numpy as np
 import yaml
 
-from dynprune.io import write_csv, write_json
+from dynprune.io import read_yaml, write_csv, write_json
 
 TOP_KEYS = ("program", "method", "metric", "parameters", "command", "name", "description", "project", "entity",
             "early_terminate", "run_cap")
@@ -230,7 +230,7 @@ def load_sweep(path: str | os.PathLike[str]) -> Sweep:
     if not path.is_file():
         raise SweepConfigError(f"sweep file {path} not found")
     try:
-        cfg = yaml.safe_load(path.read_text())
+        cfg = read_yaml(path)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)

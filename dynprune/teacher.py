@@ -1,6 +1,7 @@
-"""Warm start and teacher: a checkpoint's weights loaded into the student (``init_from``), and the frozen model
-the student distils from (``teacher``: a checkpoint path, a module, or the student itself at the end of its dense
-epochs), which is not the student's submodule and never trains."""
+"""Warm start and teacher: a checkpoint's weights loaded into the student (``init_from``), the warm start inside
+one run (``dense_epochs``, :class:`DenseWarmup`), and the frozen model the student distils from (``teacher``: a
+checkpoint path, a module, or the student itself at the end of its dense epochs), which is not the student's
+submodule and never trains (:class:`Distiller`)."""
 
 from __future__ import annotations
 

@@ -263,10 +263,11 @@ def forms_of(spec: dict[str, Any], cfg: Settings) -> tuple[list[Form], float]:
     dense_flops = count_flops(net, shape)[0]
     forms = [Form("dense", compile_for_inference(net), dense_flops, net)]
     large = spec["backbone"] in LOCAL_BACKBONES
+    calib, steps = (8, 6) if large else (cfg.calib_size, cfg.bisect_steps)  # 224x224: CPU minutes per pass
     for granularity in ("channel", "block") if large else GRANULARITIES:
         try:
-            gated, reached = gated_at_ratio(net, granularity, ratio, torch.randn(cfg.calib_size, *shape), cfg.dynamic,
-                                             cfg.seed, cfg.bisect_steps)
+            gated, reached = gated_at_ratio(net, granularity, ratio, torch.randn(calib, *shape), cfg.dynamic,
+                                             cfg.seed, steps)
         except ValueError as err:  # e.g. no residual blocks to gate in VGG
             print(f"  skip {granularity}: {err}")
             continue

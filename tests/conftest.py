@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from torch import Tensor, nn
 
 os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -15,12 +16,45 @@ logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
-torch.set_num_threads(1)  # small models; also robust when the machine is shared
+ULPS_PER_LAYER = 16  # rounding slack per accumulating layer, in units of eps times the largest value
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--torch-threads", type=int, default=1,
+                     help="torch intra-op threads for the whole run (default 1: small models, shared machines); "
+                          "`make test` reruns the tests marked `numerics` with 2")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    threads = config.getoption("--torch-threads")
+    if threads < 1:
+        raise pytest.UsageError(f"--torch-threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def weight_depth(model: nn.Module) -> int:
+    """Number of conv and linear layers of ``model``: a bound on the accumulating layers an output passes."""
+    return sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) for m in model.modules())
+
+
+def assert_close_rounding(actual: Tensor, expected: Tensor, depth: int = 1, scale: float | None = None) -> None:
+    """``actual`` equals ``expected`` up to float rounding: elementwise within ``ULPS_PER_LAYER * depth * eps``
+    times ``scale`` (default: the largest ``|expected|``).
+
+    Two computations of the same values that differ only in summation order (thread count, CPU kernels,
+    folded or removed terms) round apart by a few eps of the largest value per accumulating layer, so this bound
+    holds on any machine and thread count while any real difference (a wrong channel, a missing term) exceeds
+    it by orders of magnitude. Pass ``scale`` where a result is a sum that may cancel (the sum of the
+    absolute terms), ``depth`` for a network (:func:`weight_depth`).
+    """
+    eps = torch.finfo(expected.dtype).eps
+    scale = float(expected.detach().abs().max()) if scale is None else scale
+    torch.testing.assert_close(actual, expected, rtol=0, atol=ULPS_PER_LAYER * depth * eps * scale)
 
 
 def quiet_trainer_kwargs(**overrides: object) -> dict:

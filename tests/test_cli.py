@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
 
 import dynprune as dp
-from dynprune.cli import DynpruneCLI, cli_main, main
+from dynprune import cli
+from dynprune.cli import PREEMPTED, DynpruneCLI, cli_main, main
 from dynprune.slimmable import SlimmableClassifier
 
 CONF = Path(__file__).parent / "conf"
@@ -198,3 +202,57 @@ def test_flat_gated_config_still_works(tmp_path: Path) -> None:
     cli = cli_main(["fit", "--config", str(CONF / "digits_sigmoid.yaml"), "--model.lam", "0.123",
                     "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}"])
     assert type(cli.model).__name__ == "GatedClassifier" and cli.model.hparams.lam == 0.123
+
+
+# -- exit status and clear errors for bad input -----------------------------------------------------
+
+class SigtermAtStep(L.Callback):
+    """Sends this process SIGTERM after global step ``step``, as a preempting scheduler would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)  # Lightning's handler is set
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_mid_fit_exits_with_the_documented_resumable_status(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONF / "digits_sigmoid.yaml"), "--trainer.max_epochs=4",
+              "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+              f"--trainer.default_root_dir={tmp_path}", "--flops.plot=false",
+              '--trainer.callbacks+={"class_path": "test_cli.SigtermAtStep", "init_args": {"step": 3}}'])
+    assert exit_info.value.code == PREEMPTED == 143
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    assert "143 (128 + SIGTERM" in cli.__doc__ and "--ckpt_path last" in cli.__doc__
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (0, 2)  # the last completed epoch
+
+
+@pytest.mark.parametrize(("line", "edited", "error"), [
+    ("  lam: 0.5", "  lam: 0.5\n  lam: 0.9",
+     "duplicate key 'lam' (first given on line {n})\n  in \"{path}\", line {m}"),
+    ("  max_epochs: 1", "  max_epochs: 1\n  max_epochs: 2", "duplicate key 'max_epochs' (first given on line {n})"),
+    ("  backbone: resnet20", "  backbone: [resnet20", "\n  in \"{path}\", line {m}, column"),
+], ids=["duplicate_key", "duplicate_trainer_key", "syntax_error"])
+def test_config_yaml_errors_name_the_file_and_the_key(line: str, edited: str, error: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A key given twice (PyYAML keeps the last silently) and a syntax error: exit 2, naming the key and the file."""
+    text = (CONF / "digits_sigmoid.yaml").read_text()
+    n = text.splitlines().index(line) + 1
+    path = tmp_path / "config.yaml"
+    path.write_text(text.replace(line + "\n", edited + "\n"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path), "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}"])
+    assert exit_info.value.code == 2
+    assert error.format(path=path, n=n, m=n + 1) in capsys.readouterr().err
+
+
+def test_ckpt_path_of_a_directory_says_so(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = checkpoint.parent
+    err = _exit_message(["test", "--config", str(CONF / "digits_sigmoid.yaml"), f"--ckpt_path={folder}"], capsys)
+    assert f"checkpoint {folder} is a directory, not a checkpoint file; pass a .ckpt file in it: " in err
+    assert str(checkpoint) in err and "not found" not in err

@@ -8,6 +8,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close_rounding
 from torch.nn.utils import parametrize
 
 import dynprune.backbones as B
@@ -76,7 +77,7 @@ def test_kmeans_codebook_linear_init_and_size() -> None:
     centroids, labels = kmeans_codebook(values, bits=3)
     assert len(centroids) == 8 and labels.min() == 0 and labels.max() == 7
     assert np.all(np.diff(centroids) > 0)  # linear init keeps the centroids ordered
-    assert np.abs(centroids[labels] - values).mean() < 0.2
+    assert np.abs(centroids[labels] - values).mean() < 0.2 * values.std()  # 8 levels: about 1/10 of a std
     c2, l2 = kmeans_codebook(np.array([0.5, 0.5, -1.0], np.float32), bits=4)  # fewer distinct values than 2**bits
     assert sorted(c2.tolist()) == [-1.0, 0.5] and len(l2) == 3
     with pytest.raises(ValueError, match="bits must be in \\[1, 16\\], got 0"):
@@ -104,6 +105,7 @@ def test_quantize_keeps_at_most_2_pow_bits_values_and_the_zeros() -> None:
         layer_bits(model, overrides={"fc": 4})
 
 
+@pytest.mark.numerics
 def test_centroid_gradient_is_the_sum_over_its_cluster() -> None:
     model, _ = _quantized_lenet5()
     layer = model.classifier[1]
@@ -112,8 +114,9 @@ def test_centroid_gradient_is_the_sum_over_its_cluster() -> None:
         weight.retain_grad()
         model(torch.randn(4, 1, 16, 16)).square().sum().backward()
     sw = shared_weights(model)["classifier.1"]
-    expected = torch.zeros_like(sw.centroids).index_add_(0, sw.labels[sw.mask], weight.grad[sw.mask])
-    torch.testing.assert_close(sw.centroids.grad, expected)
+    sums = [torch.zeros_like(sw.centroids).index_add_(0, sw.labels[sw.mask], g[sw.mask])
+            for g in (weight.grad, weight.grad.abs())]  # the cluster sums may cancel: scale by |terms|
+    assert_close_rounding(sw.centroids.grad, sums[0], scale=sums[1].max().item())
     assert layer.parametrizations.weight.original.grad is None
 
 

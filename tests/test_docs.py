@@ -5,7 +5,8 @@
   once. A block with ``title="name.py"`` is written to that file instead (a module the later blocks import), as
   is a ``yaml`` block with a title (a config the page's shell lines use).
 - ``bash`` blocks: each command runs in a safe form (:func:`safe_form`): the ``dynprune`` CLI with
-  ``--print_config`` (the whole config is parsed and validated) or ``--help``, scripts with ``--help``, ``make``
+  ``--print_config`` (the whole config is parsed and validated), ``bench`` with ``--dry-run`` (its YAML is
+  validated) and other subcommands with ``--help``, scripts with ``--help``, ``make``
   as a dry run (``make -n``), shell scripts with ``bash -n``, ``pip install -e .[extra]`` as a check that the
   extras exist. A command with no safe form fails the test, so that a new kind of command needs a rule here.
 - ``mkdocs build --strict`` builds the site into a temporary folder (broken links and references fail).
@@ -126,9 +127,12 @@ def safe_form(command: str) -> tuple[str, list[str]]:
     if head == "dynprune":
         if args and args[0] in CLI_COMMANDS:
             return "dynprune", [*args, "--print_config"]
+        if args[:1] == ["bench"] and len(args) > 1:  # validates the benchmark YAML (fairness included), runs nothing
+            return "dynprune", ["bench", args[1], "--dry-run", "--root", "bench_dry_run"]
         return "dynprune", [*args, "--help"]
     if head in ("python", "python3") and args and args[0].endswith(".py"):
-        return "script", [*args, "--help"]
+        check = "--print_config" if args[1:2] and args[1] in CLI_COMMANDS else "--help"  # a script wrapping the CLI
+        return "script", [*args, check]
     if head == "make":
         return "make", args
     if head == "bash" and len(args) == 1 and args[0].endswith(".sh"):
@@ -141,8 +145,12 @@ def safe_form(command: str) -> tuple[str, list[str]]:
 
 
 def check_paths(command: str, cwd: Path) -> None:
-    """Every file a command names (a config, a script) exists."""
-    for word in shlex.split(command):
+    """Every file a command reads (a config, a script: a positional argument or a ``--config`` value) exists;
+    the values of other options may be outputs."""
+    words = shlex.split(command)
+    for before, word in zip(["", *words[:-1]], words, strict=True):
+        if before.startswith("--") and before != "--config":
+            continue
         if re.fullmatch(r"[\w./-]+\.(ya?ml|py)", word) and not (cwd / word).exists():
             raise AssertionError(f"`{command}` names {word}, which does not exist")
 
@@ -227,6 +235,10 @@ def test_safe_forms() -> None:
         "dynprune", ["fit", "--config", "c.yaml", "--print_config"])
     assert safe_form("python -m dynprune sweep s.yaml --count 2") == ("dynprune", ["sweep", "s.yaml", "--count", "2",
                                                                                     "--help"])
+    assert safe_form("dynprune bench b.yaml --jobs 2") == ("dynprune", ["bench", "b.yaml", "--dry-run", "--root",
+                                                                        "bench_dry_run"])
+    assert safe_form("python my_cli.py fit --config c.yaml") == ("script", ["my_cli.py", "fit", "--config", "c.yaml",
+                                                                        "--print_config"])
     assert safe_form("python experiments/pareto.py a.csv") == ("script", ["experiments/pareto.py", "a.csv", "--help"])
     assert safe_form("pip install -e '.[dev,docs]'") == ("extras", ["dev", "docs"])
     with pytest.raises(ValueError, match="no safe form"):
@@ -258,3 +270,23 @@ def test_readme_stays_a_two_minute_read() -> None:
     lines = (ROOT / "README.md").read_text().splitlines()
     assert len(lines) <= 120, f"README.md has {len(lines)} lines; move detail to docs/"
     assert any(line.startswith("## Results") for line in lines)
+
+
+def test_commands_must_name_files_that_exist(tmp_path: Path) -> None:
+    """A config or script a command reads must exist; an output path need not."""
+    (tmp_path / "c.yaml").write_text("{}")
+    check_paths("dynprune fit --config c.yaml --out new.yaml", tmp_path)
+    with pytest.raises(AssertionError, match="missing.yaml"):
+        check_paths("dynprune fit --config missing.yaml", tmp_path)
+    with pytest.raises(AssertionError, match="gone.py"):
+        check_paths("python gone.py --help", tmp_path)
+
+
+def test_readme_links_resolve() -> None:
+    """Every relative link of the README names a file of the repository (anchors aside), or a results file that
+    mkdocs.yml declares as expected before the benchmark has written it."""
+    site = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    pending = {f"experiments/results/{name}" for name in site["extra"]["results"]["expected"]}
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", (ROOT / "README.md").read_text())
+    broken = [link for link in links if "://" not in link and not (ROOT / link).exists() and link not in pending]
+    assert links and not broken, f"README links to missing files: {broken}"

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close_rounding, weight_depth
 from torch import Tensor, nn
 
 import dynprune as dp
@@ -86,6 +87,7 @@ def test_masked_channels_are_exactly_zero_at_eval() -> None:
     assert off_total > 0
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("granularity", ["channel", "block"])
 def test_gated_model_matches_dense_when_all_gates_open_and_keeps_state_dict_keys(granularity: str) -> None:
     dense = dp.backbones.create("resnet20")
@@ -94,7 +96,7 @@ def test_gated_model_matches_dense_when_all_gates_open_and_keeps_state_dict_keys
     assert not unexpected and missing and all(".dynprune_gate." in k for k in missing)
     x = torch.randn(2, 1, 28, 28)
     dense.eval(), gated.eval()
-    assert torch.allclose(dense(x), gated(x), atol=1e-5)
+    assert_close_rounding(gated(x), dense(x), depth=weight_depth(dense))
     with dp.gates_disabled(gated):
         assert torch.equal(dense(x), gated(x))
 
@@ -150,6 +152,7 @@ class Down(nn.Module):
         return self.conv(x) + self.proj(x)
 
 
+@pytest.mark.numerics
 def test_block_skipping_on_a_user_model() -> None:
     torch.manual_seed(0)
     dense = Blocky().eval()
@@ -160,12 +163,12 @@ def test_block_skipping_on_a_user_model() -> None:
     x = torch.randn(3, 1, 8, 8)
     for gate in dp.gates_of(gated).values():
         gate.force(torch.ones(1))
-    assert torch.allclose(gated(x), dense(x), atol=1e-6)
+    assert_close_rounding(gated(x), dense(x), depth=weight_depth(dense))
     for gate in dp.gates_of(gated).values():
         gate.force(torch.zeros(1))
     h = F.relu(dense.stem(x))  # branch deleted, block replaced by identity
     expected = dense.head(dense.down(h).mean((2, 3)))
-    assert torch.allclose(gated(x), expected, atol=1e-6)
+    assert_close_rounding(gated(x), expected, depth=weight_depth(dense))
     with pytest.raises(ValueError, match="cannot gate 'down'.*stage-changing"):
         dp.gate_model(Blocky(), granularity="block", where=["down"], input_shape=(1, 8, 8))
     with pytest.raises(ValueError, match="cannot gate 'stem'.*cut the network"):
@@ -245,6 +248,7 @@ class Reused(nn.Module):
         return self.head(F.relu(self.mid(x)).mean((2, 3)))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("net", [SamePadConv, ChannelsLastBlock])
 def test_zoo_style_models_gate_correctly(net: type[nn.Module]) -> None:
     torch.manual_seed(0)
@@ -252,7 +256,7 @@ def test_zoo_style_models_gate_correctly(net: type[nn.Module]) -> None:
     gated = dp.gate_model(copy.deepcopy(dense), "sigmoid", input_shape=(1, 9, 9), init_bias=20.0).eval()
     assert dp.gating_info(gated).gated  # something was gated
     x = torch.randn(2, 1, 9, 9)
-    assert torch.allclose(gated(x), dense(x), atol=1e-6)
+    assert_close_rounding(gated(x), dense(x), depth=weight_depth(dense))
     for gate in dp.gates_of(gated).values():
         nn.init.normal_(gate.fc2.bias, 0.0, 2.0)
     gated.train()(x).sum().backward()  # random masks: shapes still agree, gradients reach the gates

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close_rounding
 from scipy import stats
 
 from dynprune.losses import (
@@ -68,18 +69,20 @@ def test_batch_shaping_rejects_a_vector():
         batch_shaping_loss(torch.rand(8))
 
 
+@pytest.mark.numerics
 def test_distillation_zero_at_equality_and_matches_kl():
     gen = torch.Generator().manual_seed(0)
     teacher = torch.randn(6, 10, generator=gen)
-    assert distillation_loss(teacher.clone(), teacher).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(teacher.clone(), teacher).item() == 0.0  # the same bits on both sides
     student = torch.randn(6, 10, generator=gen, requires_grad=True)
     loss = distillation_loss(student, teacher, temperature=2.0)
     p_t = torch.softmax(teacher / 2, 1)
-    expected = (p_t * (p_t.log() - torch.log_softmax(student.detach() / 2, 1))).sum(1).mean() * 4
-    assert loss.item() > 0.01 and loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    terms = p_t * (p_t.log() - torch.log_softmax(student.detach() / 2, 1))  # may cancel: scale by |terms|
+    assert loss.item() > 0.01
+    assert_close_rounding(loss.detach(), terms.sum(1).mean() * 4, depth=2, scale=terms.abs().sum(1).mean().item() * 4)
     loss.backward()  # d/ds of T^2 KL = T (p_s - p_t) / N
-    grad = 2 * (torch.softmax(student.detach() / 2, 1) - p_t) / 6
-    assert torch.allclose(student.grad, grad, atol=1e-6)
+    p_s = torch.softmax(student.detach() / 2, 1)
+    assert_close_rounding(student.grad, 2 * (p_s - p_t) / 6, depth=2, scale=(2 * (p_s + p_t) / 6).max().item())
     with pytest.raises(ValueError, match="temperature must be positive; got 0"):
         distillation_loss(student, teacher, temperature=0)
 

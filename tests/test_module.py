@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import quiet_trainer_kwargs
+from conftest import assert_close_rounding, quiet_trainer_kwargs, weight_depth
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -109,10 +109,10 @@ def test_objective_penalty_and_price() -> None:
     plain = Objective(lam=0.5)
     assert plain.penalty(torch.tensor(0.4)).item() == pytest.approx(0.2) and plain.price(torch.tensor(0.4)) == 0.5
     target = Objective(lam=2.0, target=0.5)
-    torch.testing.assert_close(target.penalty(torch.tensor(0.2)), torch.tensor(0.6))
+    assert target.penalty(torch.tensor(0.2)).item() == pytest.approx(0.6)
     assert target.price(torch.tensor(0.7)).item() == 2.0 and target.price(torch.tensor(0.3)).item() == -2.0
     squared = Objective(lam=2.0, target=0.5, target_loss="squared")
-    torch.testing.assert_close(squared.penalty(torch.tensor(0.2)), torch.tensor(0.18))
+    assert squared.penalty(torch.tensor(0.2)).item() == pytest.approx(0.18)
     assert squared.price(torch.tensor(0.7)).item() == pytest.approx(0.8)
 
 
@@ -151,6 +151,7 @@ def test_bad_numbers_are_errors_naming_the_argument_and_its_value(name: str, val
         dp.GatedClassifier("lenet5", **{**kwargs, name: value})
 
 
+@pytest.mark.numerics
 def test_dense_baseline_and_warm_start(tmp_path) -> None:
     dense = dp.GatedClassifier("resnet20", gate=None, input_size=8)
     assert not dense.gated and dense.profile.dense_total > 0
@@ -160,11 +161,12 @@ def test_dense_baseline_and_warm_start(tmp_path) -> None:
                                gate_kwargs={"init_bias": 20.0})
     x = torch.randn(2, 1, 8, 8)
     dense.eval(), gated.eval()
-    assert torch.allclose(dense(x), gated(x), atol=1e-5)
+    assert_close_rounding(gated(x), dense(x), depth=weight_depth(dense))
     with pytest.raises(ValueError, match="does not match the backbone"):
         dp.GatedClassifier("vgg11", gate="sigmoid", input_size=8, init_from=str(path))
 
 
+@pytest.mark.numerics
 def test_bn_recalibration_uses_thresholded_masks() -> None:
     L.seed_everything(0)
     dm = dp.DigitsDataModule(batch_size=64)
@@ -185,8 +187,9 @@ def test_bn_recalibration_uses_thresholded_masks() -> None:
 
     recalibrate_norms(module.model, batches, 3)
     stats = module.model.layer1[0].bn2.running_mean
-    torch.testing.assert_close(stats, bn2_input_means(soft=False))
-    assert not torch.allclose(stats, bn2_input_means(soft=True), atol=1e-3)
+    hard = bn2_input_means(soft=False)
+    assert_close_rounding(stats, hard, depth=4)  # conv1, layer1.0.conv1, conv2 and the average over batches
+    assert (stats - bn2_input_means(soft=True)).abs().max() > 0.01 * hard.abs().max()
     assert module.model.layer1[0].bn2.momentum == 0.1 and module.model.training
 
 
@@ -250,6 +253,7 @@ def _static_pruned() -> nn.Module:
     return pruned
 
 
+@pytest.mark.numerics
 def test_distillation_is_zero_for_the_teacher_itself_and_positive_otherwise(tmp_path) -> None:
     dense = dp.GatedClassifier("resnet20", gate=None, input_size=8, width_mult=0.5)
     path = tmp_path / "dense.ckpt"
@@ -260,11 +264,12 @@ def test_distillation_is_zero_for_the_teacher_itself_and_positive_otherwise(tmp_
     module.eval()
     with torch.no_grad():
         student, teacher = module(x), module.distiller.teacher(x)
-    assert distillation_loss(student, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    assert_close_rounding(student, teacher, depth=weight_depth(module.distiller.teacher))
     for gate in dp.gates_of(module.model).values():
         gate.force(torch.zeros(gate.fc2.out_features))
     with torch.no_grad():
-        assert distillation_loss(module(x), teacher).item() > 1e-3
+        off = distillation_loss(module(x), teacher).item()
+    assert off > 1e-3 and distillation_loss(student, teacher).item() < 1e-6 * off
     assert not any("teacher" in k for k in module.state_dict())
 
 
@@ -400,4 +405,4 @@ def test_logit_penalty_makes_per_input_flops_vary_at_the_same_mean() -> None:
         p10, p90 = flops.quantile(torch.tensor([0.1, 0.9]))
         spread[weight], mean[weight] = (p90 / p10).item(), flops.mean().item()
     assert spread[0.1] > spread[0.0] + 0.15, spread
-    assert all(abs(m - 0.5) < 0.05 for m in mean.values()), mean
+    assert all(m == pytest.approx(0.5, rel=0.1) for m in mean.values()), mean

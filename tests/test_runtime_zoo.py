@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from conftest import assert_close_rounding, weight_depth
 from torch import Tensor, nn
 
 import dynprune as dp
@@ -79,8 +80,8 @@ def _gated(model: nn.Module, gate: str, granularity: str) -> nn.Module:
     return model.eval()
 
 
-def _close(a: Tensor, b: Tensor) -> None:
-    torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=0)
+def _close(a: Tensor, b: Tensor, model: nn.Module) -> None:
+    assert_close_rounding(a, b, depth=weight_depth(model))
 
 
 @pytest.mark.parametrize(("gate", "granularity"), CASES)
@@ -95,13 +96,13 @@ def test_zoo_compiles_to_the_masked_model(zoo: dict[str, nn.Module], name: str, 
     gen = torch.Generator().manual_seed(1)
     for batch in (1, 3):
         x = torch.randn(batch, *SHAPE, generator=gen)
-        _close(compiled(x), model(x))
+        _close(compiled(x), model(x), model)
         forced = {n: (torch.rand(batch, s.units, generator=gen) < 0.5).float()
                   for n, s in dp.gating_info(model).sites.items()}
         for gates in (dp.gates_of(model), compiled.site_gates):
             for n, d in forced.items():
                 gates[n].force(d)
-        _close(compiled(x), model(x))
+        _close(compiled(x), model(x), model)
         for gates in (dp.gates_of(model), compiled.site_gates):
             for n in forced:
                 gates[n].force(None)

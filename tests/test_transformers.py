@@ -449,3 +449,14 @@ def test_the_char_gpt_takes_neuron_gates_per_token_from_token_ids() -> None:
     for g in dp.gates_of(model).values():
         g.force(torch.ones(128))
     close(model(ids), reference)
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason="the input-dependence report takes (N, units) decisions per "
+                                                         "site; per-token decisions (N, T, units) need a reduction")
+def test_a_neuron_gated_vit_trains_and_reports_through_gated_classifier(tmp_path: Path) -> None:
+    dm = dp.FashionMNISTDataModule(batch_size=16, val_size=16, train_subset=48, test_subset=16)
+    module = dp.GatedClassifier("vit", gate="sigmoid", granularity="neuron", optimizer="adam", lr=1e-3, **TINY)
+    trainer = L.Trainer(max_epochs=1, limit_val_batches=1, **quiet_trainer_kwargs(
+        callbacks=[dp.FlopsCallback(dirpath=str(tmp_path), plot=False, verbose=False)]))
+    trainer.fit(module, dm)
+    assert trainer.callback_metrics["val/flops_ratio"] < 1

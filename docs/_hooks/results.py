@@ -28,10 +28,12 @@ LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")
 
 
 def _settings(config: MkDocsConfig) -> dict[str, Any]:
+    """The ``extra.results`` section of mkdocs.yml."""
     return config.extra.get("results", {})
 
 
 def _note(name: str, notes: dict[str, str]) -> str | None:
+    """The note of the first pattern that matches file ``name`` (None: no note)."""
     return next((text for pattern, text in notes.items() if fnmatch.fnmatch(name, pattern)), None)
 
 
@@ -57,6 +59,7 @@ def _first_line(path: Path) -> str:
 
 
 def _index(page: Page) -> str:
+    """A Markdown table of every results file, linked relative to ``page``."""
     up = "../" * page.file.src_uri.count("/")
     rows = ["| file | first line (what, where, how) |", "|---|---|"]
     for path in sorted(RESULTS.glob("*.md")):

@@ -10,6 +10,9 @@ from dynprune.gates.policy import PolicyGate
 from dynprune.gates.registry import GATES, register_gate
 from dynprune.gates.sigmoid import SigmoidGate
 
+DEFAULT_GATE = "sigmoid"
+"""The family a task gates with unless told otherwise."""
+
 
 def create_gate(name: str, in_channels: int, units: int, **kwargs: float) -> Gate:
     """Instantiate the gate family ``name`` deciding ``units`` things from ``in_channels`` inputs."""
@@ -21,5 +24,5 @@ def list_gates() -> list[str]:
     return GATES.names()
 
 
-__all__ = ["Gate", "GateContext", "GumbelGate", "L1Gate", "PolicyGate", "Rollout", "SigmoidGate", "create_gate",
-           "list_gates", "register_gate"]
+__all__ = ["DEFAULT_GATE", "Gate", "GateContext", "GumbelGate", "L1Gate", "PolicyGate", "Rollout", "SigmoidGate",
+           "create_gate", "list_gates", "register_gate"]

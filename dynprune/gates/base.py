@@ -75,6 +75,16 @@ class Gate(nn.Module, ABC):
     :mod:`dynprune.phases`): a family whose training decisions differ in kind from inference's (soft masks)
     declares ``("bn_recalibration", "hard_finetune")``. The task runs them without knowing the family."""
 
+    transient: ClassVar[tuple[str, ...]] = ("probs", "scores", "mask")
+    """Attributes that hold the last forward pass (possibly inside an autograd graph): dropped when the gate is
+    copied or pickled, so a model can be deep-copied (compiled, frozen as a teacher) right after a training step."""
+
+    def __getstate__(self) -> dict[str, object]:
+        """The gate's state without the last forward pass's tensors (see :attr:`transient`)."""
+        state = dict(self.__dict__)
+        state.update(dict.fromkeys(self.transient))
+        return state
+
     def __init__(
         self, in_channels: int, units: int, reduction: int = 4, init_bias: float = 3.0,
         min_hidden: int = 8, channel_dim: int = 1, per_position: bool = False,
@@ -104,7 +114,12 @@ class Gate(nn.Module, ABC):
         return self
 
     def force(self, decisions: Tensor | None) -> Gate:
-        """Override the decisions with a fixed (N, units) or (units,) mask (None: back to G(x))."""
+        """Override the decisions with a fixed (N, units) or (units,) mask (None: back to G(x)); a mask of
+        another number of units is a ValueError here, not a broadcast error in a later forward."""
+        units = self.fc2.out_features
+        if decisions is not None and (decisions.dim() == 0 or decisions.shape[-1] != units):
+            raise ValueError(f"force: mask of shape {tuple(decisions.shape)} for a gate of {units} units; "
+                             f"expected ({units},) or (N, {units})")
         self.forced = decisions
         return self
 

@@ -29,6 +29,8 @@ class PolicyGate(Gate):
             beyond the clamp), where a score past the clamp keeps only its gradient back towards the boundary.
     """
 
+    transient = (*Gate.transient, "_dist")
+
     def __init__(self, in_channels: int, units: int, init_bias: float = 2.0, entropy: float = 0.01,
                  clamp: float = 0.02, **kwargs: float) -> None:
         super().__init__(in_channels, units, init_bias=init_bias, **kwargs)

@@ -5,8 +5,10 @@ Per batch, a gated layer keeps the union of the channels any input keeps (at bat
 channels) and multiplies by the mask restricted to them only where inputs disagree; when every channel is
 in the union it runs the dense layer, so it never computes more than the masked model. The thin output is
 passed on thin when a single conv/linear reads it (that consumer gathers its input columns), or scattered
-back to full width (zeros elsewhere) otherwise. Zero kept channels give a zero-width output; a layer whose
-input has zero channels outputs its bias.
+back to full width (zeros elsewhere) otherwise; a depthwise conv reading a thin input computes only the kept
+channels whose input is present (the others output their bias). Zero kept channels give a zero-width output;
+a layer whose input has zero channels outputs its bias. The weights for one (kept rows, present columns) pair
+are gathered once into a contiguous pack and cached (LRU, bounded), so a repeated mask costs no gather.
 """
 
 from __future__ import annotations

@@ -20,8 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from dynprune.gates.base import Gate
-from dynprune.granularity import GRANULARITIES, list_granularities
-from dynprune.inject import gates_of, gating_info
+from dynprune.granularity.base import GRANULARITIES, list_granularities
 from dynprune.runtime.channels import ThinLayer
 from dynprune.runtime.fold import fold_batchnorm, set_submodule
 from dynprune.runtime.widths import NestedSlots, WidthSlot, layer_slots
@@ -72,7 +71,7 @@ def compile_for_inference(
     """
     sites = _sites(model)
     shape = tuple(input_shape or getattr(model, "input_shape", None) or
-                  (gating_info(model).flops.input_shape if sites else ()))
+                  (model.dynprune.flops.input_shape if sites else ()))
     if not shape:
         raise ValueError("pass input_shape=(C, H, W): the model has no `input_shape` attribute and is not gated")
     unsupported = sorted({s.granularity for s in sites.values() if s.owner.executor is None})
@@ -118,11 +117,17 @@ def _compile_checked(model: nn.Module, sites: dict[str, Site], example: Tensor, 
 
 
 def _sites(model: nn.Module) -> dict[str, Site]:
-    """The gating sites of ``model`` in call order; empty for an ungated model."""
-    try:
-        return dict(gating_info(model).sites)
-    except ValueError:
-        return {}
+    """The gating sites of ``model`` in call order (its ``dynprune`` GatingInfo); empty for an ungated model.
+
+    Read from the model, not through :mod:`dynprune.inject`: the granularities import their executors from this
+    package, so the compiler depends on the granularity seam only."""
+    info = getattr(model, "dynprune", None)
+    return dict(info.sites) if info is not None else {}
+
+
+def _gates(model: nn.Module, sites: dict[str, Site]) -> dict[str, Gate]:
+    """{site: its gate} of a gated model."""
+    return {name: model.get_submodule(site.gate_path) for name, site in sites.items()}
 
 
 def _build(model: nn.Module, sites: dict[str, Site], example: Tensor, thin: bool) -> CompiledModel:
@@ -145,7 +150,7 @@ def _build(model: nn.Module, sites: dict[str, Site], example: Tensor, thin: bool
     slots = {n: executors[n].narrowed(s) for n, s in sites.items()}
     narrowed = layer_slots(slots)
     if gated or narrowed:
-        _thin_layers(net, gated, narrowed, gating_info(model).layers, thin)
+        _thin_layers(net, gated, narrowed, model.dynprune.layers, thin)
     for name in sorted(sites, key=lambda n: -n.count(".")):  # inner sites first: outer paths stay valid
         inner = [gates[n] for n in sites if n.startswith(name + ".")]
         wrapped = executors[name].wrap(net.get_submodule(name), sites[name], gates[name], inner, slots[name])
@@ -186,7 +191,7 @@ def _check(model: nn.Module, compiled: CompiledModel, sites: dict[str, Site], ex
            own: bool = True) -> None:
     """RuntimeError unless ``compiled`` matches ``model`` with forced mixed decisions and (``own``) with the
     gates' own decisions."""
-    originals = gates_of(model) if sites else {}
+    originals = _gates(model, sites)
     gen = torch.Generator().manual_seed(0)
     trials: list[tuple[Tensor, dict[str, Tensor] | None]] = [(example, None)] if own or not sites else []
     for x in (example[:1], example) if sites else ():
