@@ -217,3 +217,25 @@ def test_ci_config_runs_end_to_end(tmp_path: Path) -> None:
     before = (tmp_path / "runs" / "thin_R4_s0" / "result.json").stat().st_mtime_ns
     run_point(cfg, cfg.point("thin_R4_s0"), tmp_path / "runs")  # finished: never rerun
     assert (tmp_path / "runs" / "thin_R4_s0" / "result.json").stat().st_mtime_ns == before
+
+
+def test_dense_models_of_different_seeds_start_from_different_weights(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each seed's dense model is initialised from that seed, so the table counts the dense model's variance."""
+    import dynprune.bench.run as run
+
+    real, first = run.GatedClassifier, []
+
+    class Stop(Exception):
+        pass
+
+    def capture(*args: object, **kwargs: object) -> None:
+        first.append(next(real(*args, **kwargs).parameters()).detach().clone())
+        raise Stop
+
+    monkeypatch.setattr(run, "GatedClassifier", capture)
+    cfg = load_config(CI)
+    for seed in (0, 1, 0):
+        with pytest.raises(Stop):
+            run._train_dense(cfg, Point("dense", "dense", seed), tmp_path)
+    assert not first[0].equal(first[1]) and first[0].equal(first[2])

@@ -192,8 +192,10 @@ def dense_checkpoint(cfg: BenchConfig, seed: int, root: Path) -> Path:
 
 
 def _train_dense(cfg: BenchConfig, point: Point, root: Path) -> dict[str, Any]:
+    """Train the dense model of ``point.seed`` from an initialisation of that seed (its variance is counted)."""
     out = root / point.id
     out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(point.seed, verbose=False)
     dm = datamodule(cfg, point.seed)
     module = GatedClassifier(cfg.backbone, gate=None, lr=cfg.lr, **shape_kwargs(cfg))
     trainer = _trainer(cfg, cfg.dense_epochs)
