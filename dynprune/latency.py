@@ -1,0 +1,91 @@
+"""Measured latency after training: the compiled gated model against its BN-folded dense twin at batch 1.
+
+FLOPs saved are a claim; time saved is a measurement. :class:`LatencyReport` runs after ``test``: it compiles the
+trained model (``compile_for_inference``: only the kept compute runs), builds the same backbone without gates
+(BN folded, the fair dense baseline), times both with ``torch.utils.benchmark`` on real test images, one at a time,
+in interleaved rounds, and prints the measured speedup beside the theoretical one (dense FLOPs / the effective
+FLOPs of those images plus the gates' own). It writes ``latency.json`` next to the FLOPs report.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.utils import benchmark
+
+from dynprune import backbones
+from dynprune.inject import collect_masks
+from dynprune.io import write_json
+from dynprune.runtime import compile_for_inference
+
+
+def dense_twin(module: L.LightningModule) -> nn.Module:
+    """The module's registered backbone built again without gates, with the trained weights (gate weights left out)."""
+    hp = module.hparams
+    dense = backbones.create(hp.backbone, hp.num_classes, hp.in_chans, hp.input_size, hp.width_mult, hp.depth_mult)
+    missing, _ = dense.load_state_dict(module.model.state_dict(), strict=False)
+    if missing:
+        raise ValueError(f"the gated model lacks backbone weights {missing[:5]}: cannot build its dense twin")
+    return dense.eval()
+
+
+def median_seconds(model: nn.Module, images: Tensor, threads: int, min_run_time: float) -> float:
+    """Median seconds per image of ``model`` on ``images`` (N, ...), called one image at a time."""
+    timer = benchmark.Timer("for x in xs: model(x)", globals={"model": model, "xs": list(images.split(1))},
+                            num_threads=threads)
+    return timer.blocked_autorange(min_run_time=min_run_time).median / len(images)
+
+
+class LatencyReport(L.Callback):
+    """After ``test``: measured batch-1 speedup of the compiled gated model over its BN-folded dense twin.
+
+    Args:
+        images: test images timed (the first of the test set, one call each).
+        rounds: interleaved rounds of (dense, compiled); the median of each is reported.
+        threads: torch threads while timing.
+        min_run_time: seconds per timed block.
+    """
+
+    def __init__(self, images: int = 32, rounds: int = 3, threads: int = 1, min_run_time: float = 0.5) -> None:
+        super().__init__()
+        for name, value in (("images", images), ("rounds", rounds), ("threads", threads)):
+            if value < 1:
+                raise ValueError(f"LatencyReport {name} must be >= 1, got {value}")
+        if min_run_time <= 0:
+            raise ValueError(f"LatencyReport min_run_time must be > 0, got {min_run_time}")
+        self.images, self.rounds, self.threads, self.min_run_time = images, rounds, threads, min_run_time
+        self.report: dict[str, Any] | None = None
+
+    @torch.no_grad()
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Compile, time and print; a model without gates or without a registered backbone name is skipped."""
+        if not getattr(pl_module, "gated", False) or not isinstance(pl_module.hparams.get("backbone"), str):
+            return
+        images = next(iter(trainer.datamodule.test_dataloader()))[0][: self.images].cpu()
+        gated = copy.deepcopy(pl_module.model).cpu().eval()
+        gated(images)  # the decisions these images get: their effective FLOPs, plus the gates' own
+        profile = pl_module.profile
+        ratio = (profile.effective(collect_masks(gated)).mean().item() + profile.gate_flops) / profile.dense_total
+        compiled, dense = compile_for_inference(gated), compile_for_inference(dense_twin(pl_module).cpu())
+        times: dict[str, list[float]] = {"dense": [], "compiled": []}
+        for _ in range(self.rounds):
+            for name, model in (("dense", dense), ("compiled", compiled)):
+                times[name].append(median_seconds(model, images, self.threads, self.min_run_time))
+        dense_s, compiled_s = statistics.median(times["dense"]), statistics.median(times["compiled"])
+        self.report = {"batch": 1, "images": len(images), "threads": self.threads, "rounds": self.rounds,
+                       "dense_ms": 1e3 * dense_s, "compiled_ms": 1e3 * compiled_s,
+                       "measured_speedup": dense_s / compiled_s, "theoretical_speedup": 1 / ratio,
+                       "achieved_of_theoretical": (dense_s / compiled_s) * ratio}
+        r = self.report
+        print(f"latency at batch 1 ({r['threads']} thread(s), {r['images']} test images): BN-folded dense "
+              f"{r['dense_ms']:.3f} ms, compiled gated {r['compiled_ms']:.3f} ms: measured speedup "
+              f"{r['measured_speedup']:.2f}x vs theoretical {r['theoretical_speedup']:.2f}x from FLOPs "
+              f"({r['achieved_of_theoretical']:.2f} of theory)")
+        if trainer.log_dir is not None:
+            write_json(Path(trainer.log_dir) / "latency.json", self.report)
