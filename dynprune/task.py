@@ -15,6 +15,11 @@ from torchmetrics.classification import MulticlassAccuracy
 from dynprune.data import check_num_classes
 from dynprune.optim import optimizer_and_schedule
 
+QUIET = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+         "enable_model_summary": False, "num_sanity_val_steps": 0}
+"""Trainer settings of the library's own inner fits (static fine-tuning, benchmark runs): no logs, checkpoints or
+progress output."""
+
 
 class ClassificationTask(L.LightningModule):
     """Base task: ``self.model`` maps (N, *input_shape) to logits (N, num_classes); hparams hold ``optimizer``,

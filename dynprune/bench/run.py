@@ -34,6 +34,7 @@ from dynprune.data import DigitsDataModule, FashionMNISTDataModule
 from dynprune.flops import count_flops
 from dynprune.io import write_json
 from dynprune.module import GatedClassifier
+from dynprune.task import QUIET
 
 RESULT = "result.json"
 REJECTED = "rejected.json"
@@ -121,9 +122,12 @@ def check_flops(point: Point, achieved: float, tolerance: float, where: str) -> 
 
 def _trainer(cfg: BenchConfig, epochs: int) -> L.Trainer:
     """The one loop every run uses; validation and test are separate calls (see :func:`fit_and_evaluate`)."""
-    return L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                     accelerator=cfg.accelerator, devices=1)
+    return _quiet(cfg, max_epochs=epochs, limit_val_batches=0)
+
+
+def _quiet(cfg: BenchConfig, **kwargs: Any) -> L.Trainer:
+    """A trainer with no logger, checkpoints or progress output on the config's accelerator (one device)."""
+    return L.Trainer(**QUIET, accelerator=cfg.accelerator, devices=1, **kwargs)
 
 
 def _flops_row(report: dict[str, Any], full: int) -> dict[str, Any]:
@@ -147,8 +151,7 @@ def fit_and_evaluate(cfg: BenchConfig, module: L.LightningModule, dm: L.Lightnin
         _trainer(cfg, epochs).fit(module, dm)
     fit_s = time.time() - start
     cb = FlopsCallback(dirpath=str(out), plot=False, verbose=False, log_layers=False)
-    evaluator = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                          enable_model_summary=False, accelerator=cfg.accelerator, devices=1, callbacks=[cb])
+    evaluator = _quiet(cfg, callbacks=[cb])
     val = evaluator.validate(module, dm, verbose=False)[0]
     test = evaluator.test(module, dm, verbose=False)[0]
     return {"val": {"acc": 100 * val["val/acc"], **_flops_row(cb.reports["val"], full)},
@@ -262,8 +265,7 @@ def _slimmable_rows(cfg: BenchConfig, module: L.LightningModule, dm: L.Lightning
     """Validate and test a slimmable supernet once; per R, the accuracy of its width matched to 1/R."""
     start = time.time()
     _trainer(cfg, cfg.total_epochs).fit(module, dm)
-    evaluator = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                          enable_model_summary=False, accelerator=cfg.accelerator, devices=1)
+    evaluator = _quiet(cfg)
     val = evaluator.validate(module, dm, verbose=False)[0]
     test = evaluator.test(module, dm, verbose=False)[0]
     full = dense_flops(cfg)

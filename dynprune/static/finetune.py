@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 from dynprune.module import GatedClassifier
+from dynprune.task import QUIET
 
-QUIET = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
-         "enable_model_summary": False, "num_sanity_val_steps": 0}
 SPLITS = ("val", "test")
 
 
