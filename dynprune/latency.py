@@ -1,7 +1,8 @@
 """Measured latency after training: the compiled gated model against its BN-folded dense twin at batch 1.
 
 FLOPs saved are a claim; time saved is a measurement. :class:`LatencyReport` runs after ``test``: it compiles the
-trained model (``compile_for_inference``: only the kept compute runs), builds the same backbone without gates
+trained model (``compile_for_inference``: only the kept compute runs, or the masked path where that measured
+faster on these images at batch 1: :mod:`dynprune.runtime.dispatch`), builds the same backbone without gates
 (BN folded, the fair dense baseline), times both with ``torch.utils.benchmark`` on real test images, one at a time,
 in interleaved rounds, and prints the measured speedup beside the theoretical one (dense FLOPs / the effective
 FLOPs of those images plus the gates' own). It writes ``latency.json`` next to the FLOPs report.
@@ -72,7 +73,13 @@ class LatencyReport(L.Callback):
         gated(images)  # the decisions these images get: their effective FLOPs, plus the gates' own
         profile = pl_module.profile
         ratio = (profile.effective(collect_masks(gated)).mean().item() + profile.gate_flops) / profile.dense_total
-        compiled, dense = compile_for_inference(gated), compile_for_inference(dense_twin(pl_module).cpu())
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # the path is chosen at the thread count that is timed
+        try:
+            compiled = compile_for_inference(gated, dispatch=(1,), example=images)
+        finally:
+            torch.set_num_threads(threads)
+        dense = compile_for_inference(dense_twin(pl_module).cpu(), dispatch=())
         times: dict[str, list[float]] = {"dense": [], "compiled": []}
         for _ in range(self.rounds):
             for name, model in (("dense", dense), ("compiled", compiled)):
@@ -81,11 +88,14 @@ class LatencyReport(L.Callback):
         self.report = {"batch": 1, "images": len(images), "threads": self.threads, "rounds": self.rounds,
                        "dense_ms": 1e3 * dense_s, "compiled_ms": 1e3 * compiled_s,
                        "measured_speedup": dense_s / compiled_s, "theoretical_speedup": 1 / ratio,
-                       "achieved_of_theoretical": (dense_s / compiled_s) * ratio}
+                       "achieved_of_theoretical": (dense_s / compiled_s) * ratio,
+                       "path": compiled.plan.path(1), "plan": compiled.plan.rows()}
         r = self.report
         print(f"latency at batch 1 ({r['threads']} thread(s), {r['images']} test images): BN-folded dense "
               f"{r['dense_ms']:.3f} ms, compiled gated {r['compiled_ms']:.3f} ms: measured speedup "
               f"{r['measured_speedup']:.2f}x vs theoretical {r['theoretical_speedup']:.2f}x from FLOPs "
-              f"({r['achieved_of_theoretical']:.2f} of theory)")
+              f"({r['achieved_of_theoretical']:.2f} of theory; the {r['path']} path, faster of the two exact ones "
+              f"at compile time)")
         if trainer.log_dir is not None:
             write_json(Path(trainer.log_dir) / "latency.json", self.report)
+

@@ -9,6 +9,7 @@ back to full width (zeros elsewhere) otherwise; a depthwise conv reading a thin 
 channels whose input is present (the others output their bias). Zero kept channels give a zero-width output;
 a layer whose input has zero channels outputs its bias. The weights for one (kept rows, present columns) pair
 are gathered once into a contiguous pack and cached (LRU, bounded), so a repeated mask costs no gather.
+``set_masked(True)`` switches a layer to the masked path (see :mod:`dynprune.runtime.dispatch`).
 """
 
 from __future__ import annotations
@@ -116,7 +117,13 @@ class ThinLayer(Wrapper):
         self.cached = 0
         self.pool_dims = (2, 3)
         self.se_gate = isinstance(gate, Gate) and se_gate(gate)
+        self.__dict__["masked"] = False  # the masked path: every output channel computed, then masked
         self._refresh()
+
+    def set_masked(self, on: bool) -> None:
+        """Take the masked path (``on``: run the dense folded layer and multiply by the mask, as the masked model
+        does) or the thin path (compute only the kept channels); both give the same outputs."""
+        self.__dict__["masked"] = on
 
     def _refresh(self) -> None:
         """Plain references for the per-call path (module attributes go through ``nn.Module.__getattr__``)."""
@@ -176,7 +183,7 @@ class ThinLayer(Wrapper):
         binary = True
         if plain["_gate"] is not None or plain["_narrow"] is not None:
             mask, binary = self.decide(x, cols)
-            if self.thinnable:
+            if self.thinnable and not plain["masked"]:
                 union = mask[0] if len(mask) == 1 else mask.any(0)
                 union = union if binary else union != 0
         key = self.cache_key(union)
