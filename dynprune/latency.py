@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +100,36 @@ class LatencyReport(L.Callback):
         if trainer.log_dir is not None:
             write_json(Path(trainer.log_dir) / "latency.json", self.report)
 
+
+def profile_main(argv: Sequence[str] | None = None) -> None:
+    """``dynprune profile-latency --config <fit config> --out table.json``: the latency lookup table of the config's
+    gated model on this machine (:func:`dynprune.runtime.profile.profile_latency`), for ``cost: latency``."""
+    import argparse
+
+    from dynprune.io import read_yaml
+    from dynprune.module import GatedClassifier
+    from dynprune.runtime.profile import profile_latency
+
+    parser = argparse.ArgumentParser(prog="dynprune profile-latency", description=profile_main.__doc__)
+    parser.add_argument("--config", required=True, help="a fit config; its `model:` section builds the gated model")
+    parser.add_argument("--out", required=True, help="the table's JSON path (a CSV of its rows is written beside it)")
+    parser.add_argument("--batch", type=int, default=1, help="inputs per timed call")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads while timing")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75],
+                        help="kept fractions timed besides 0 and 1")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (the median is kept)")
+    args = parser.parse_args(argv)
+    config = read_yaml(args.config)
+    model_args = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model_args, dict):
+        raise ValueError(f"config '{args.config}' has no `model:` section of GatedClassifier arguments")
+    # The table depends on the architecture and its sites, not on weights: no checkpoint or teacher is loaded.
+    model_args = {k: v for k, v in model_args.items() if k not in ("init_from", "teacher", "latency_table")}
+    module = GatedClassifier(**model_args)
+    if not module.gated:
+        raise ValueError(f"config '{args.config}' builds a model without gates (gate: null): nothing to profile")
+    table = profile_latency(module.model.eval(), batch=args.batch, fractions=args.fractions, rounds=args.rounds,
+                            threads=args.threads)
+    path = table.save(args.out)
+    print(f"latency table of {len(table.sites)} sites ({args.threads} thread(s), batch {args.batch}, every unit kept: "
+          f"{table.full_ms:.3f} ms) written to {path} and {path.with_suffix('.csv')}")
