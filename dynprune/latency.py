@@ -95,8 +95,12 @@ class LatencyReport(L.Callback):
         print(f"latency at batch 1 ({r['threads']} thread(s), {r['images']} test images): BN-folded dense "
               f"{r['dense_ms']:.3f} ms, compiled gated {r['compiled_ms']:.3f} ms: measured speedup "
               f"{r['measured_speedup']:.2f}x vs theoretical {r['theoretical_speedup']:.2f}x from FLOPs "
-              f"({r['achieved_of_theoretical']:.2f} of theory; the {r['path']} path, faster of the two exact ones "
-              f"at compile time)")
+              f"({r['achieved_of_theoretical']:.2f} of theory)")
+        bucket = r["plan"][0] if r["plan"] else None
+        if bucket is not None:
+            print(f"  dispatch: the {r['path']} path (timed when compiling: thin {bucket['thin_ms']:.3f} ms, masked "
+                  f"{bucket['masked_ms']:.3f} ms per call; thin = only the kept compute, masked = dense compute x "
+                  "decisions, both exact)")
         if trainer.log_dir is not None:
             write_json(Path(trainer.log_dir) / "latency.json", self.report)
 
