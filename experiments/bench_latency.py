@@ -4,7 +4,7 @@ For each model (ResNet-20 at 28x28 and 32x32, VGG-11-BN at 32x32) the forms are
 - ``dense``: BN folded (``compile_for_inference`` of the unpruned net): the baseline of every speedup;
 - ``masked <granularity>``: the gated model as training runs it (all compute, then the mask);
 - ``compiled <granularity>``: ``compile_for_inference`` of the gated model, each call dispatched to the faster of
-  its two exact paths as timed at compile time per batch size (``CompiledModel.plan``);
+  its two exact paths as timed at compile time per batch size at the smallest thread count (``CompiledModel.plan``);
 - ``thin <granularity>``: the same compiled model pinned to its thin path: only the kept compute runs;
 - ``static_l1``: L1-filter pruned to the same FLOPs and physically thinned, BN folded;
 - ``uniform``: the net built with ``width_mult`` at the same FLOPs, BN folded: the ceiling.
@@ -277,7 +277,7 @@ def forms_of(spec: dict[str, Any], cfg: Settings) -> tuple[list[Form], float]:
         if not large:
             forms.append(Form(f"masked {granularity}", gated, flops, gated))
         timed = [b for b in cfg.batch_sizes if not large or b <= 8]  # the batch sizes bench() times
-        forms += compiled_forms(gated, granularity, flops, timed, torch.randn(calib, *shape))
+        forms += compiled_forms(gated, granularity, flops, timed, torch.randn(calib, *shape), min(cfg.threads))
     if not large:
         static = static_at_ratio(net, ratio, shape, cfg.flops_tol)
         forms.append(Form("static_l1", compile_for_inference(static, shape), count_flops(static, shape)[0], static))
@@ -287,16 +287,22 @@ def forms_of(spec: dict[str, Any], cfg: Settings) -> tuple[list[Form], float]:
 
 
 def compiled_forms(gated: nn.Module, granularity: str, flops: float, batch_sizes: Sequence[int],
-                   example: Tensor) -> list[Form]:
-    """The compiled gated model, dispatched by a plan timed on ``example`` (N, ...) at ``batch_sizes``, and a copy
-    pinned to its thin path."""
-    compiled = compile_for_inference(gated, dispatch=batch_sizes, example=example)
+                   example: Tensor, threads: int) -> list[Form]:
+    """The compiled gated model, dispatched by a plan timed on ``example`` (N, ...) at ``batch_sizes`` and
+    ``threads``, and a copy pinned to its thin path."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        compiled = compile_for_inference(gated, dispatch=batch_sizes, example=example)
+    finally:
+        torch.set_num_threads(previous)
     print(f"  {granularity}: {compiled.plan}")
     thin = copy.deepcopy(compiled).pin("thin")
     return [Form(f"compiled {granularity}", compiled, flops, compiled), Form(f"thin {granularity}", thin, flops, thin)]
 
 
-def trained_forms(path: Path, images: int, batch_sizes: Sequence[int]) -> tuple[list[Form], float, Tensor]:
+def trained_forms(path: Path, images: int, batch_sizes: Sequence[int],
+                  threads: int) -> tuple[list[Form], float, Tensor]:
     """dense / masked / compiled forms of a trained gated checkpoint and the uniform net at its mean FLOPs on the
     first ``images`` Fashion-MNIST test images; returns (forms, dense FLOPs, those images (N, 1, 28, 28))."""
     from dynprune.data import FashionMNISTDataModule
@@ -321,7 +327,7 @@ def trained_forms(path: Path, images: int, batch_sizes: Sequence[int]) -> tuple[
     uniform = uniform_at_ratio(spec, dense_flops / flops)
     forms = [Form("dense", compile_for_inference(dense.eval()), dense_flops, dense),
              Form(f"masked {granularity}", gated, flops, gated),
-             *compiled_forms(gated, granularity, flops, batch_sizes, x),
+             *compiled_forms(gated, granularity, flops, batch_sizes, x, threads),
              Form("uniform", compile_for_inference(uniform), count_flops(uniform, shape)[0], uniform)]
     return forms, dense_flops, x
 
@@ -391,7 +397,8 @@ def bench(
         images = None
         if "checkpoint" in spec:
             print(f"{model_name}: trained checkpoint {spec['checkpoint']}")
-            forms, dense_flops, images = trained_forms(Path(spec["checkpoint"]), cfg.images, cfg.batch_sizes)
+            forms, dense_flops, images = trained_forms(Path(spec["checkpoint"]), cfg.images, cfg.batch_sizes,
+                                                        min(cfg.threads))
         else:
             print(f"{model_name}: building forms at {cfg.ratio}x fewer FLOPs")
             forms, dense_flops = forms_of(spec, cfg)

@@ -3,6 +3,8 @@ interpolated and differentiable in the decisions, checked against the model it p
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 import json
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from dynprune.objective import Objective
 from dynprune.runtime.profile import LatencyTable, SiteCurve, profile_latency
 
 CONF = Path(__file__).parent / "conf"
+ROOT = Path(__file__).parent.parent
 FAST = {"rounds": 1, "target_s": 1e-4, "fractions": (0.5,)}
 
 
@@ -136,3 +139,17 @@ def test_fit_without_a_table_profiles_at_fit_start(tmp_path: Path) -> None:
     trainer = _fit(module, tmp_path, steps=2)
     saved = LatencyTable.load(Path(trainer.log_dir) / "latency_table.json")
     assert saved.sites.keys() == module.objective.table.sites.keys() == dp.gating_info(module.model).sites.keys()
+
+
+@pytest.mark.slow
+def test_latency_vs_flops_experiment_writes_both_arms(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("latency_vs_flops", ROOT / "experiments" / "latency_vs_flops.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--smoke", "--out", str(tmp_path / "lvf")])
+    with open(tmp_path / "lvf.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["cost"] for r in rows] == ["flops", "latency"]
+    assert float(rows[1]["target"]) == pytest.approx(float(rows[0]["predicted_latency_ratio"]))
+    assert all(float(r["speedup_thin"]) > 0 and r["path"] in ("thin", "masked") for r in rows)
+    assert "Kept fraction per gated layer" in (tmp_path / "lvf.md").read_text()

@@ -45,7 +45,8 @@ class Bucket:
 
 @dataclass
 class Plan:
-    """{batch size: :class:`Bucket`}; with no bucket every call takes the thin path."""
+    """{batch size: :class:`Bucket`} measured at ``threads`` torch threads (which path wins depends on it: calibrate
+    again to run at another count); with no bucket every call takes the thin path."""
 
     buckets: dict[int, Bucket] = field(default_factory=dict)
     threads: int = 1
