@@ -211,16 +211,18 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
             table.save(Path(self.trainer.log_dir) / "latency_table.json")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The RNG state (the base task's) and the teacher's weights."""
+        """The RNG state (the base task's), the teacher's weights and a ``cost: latency`` table."""
         super().on_save_checkpoint(checkpoint)
         if self.distiller is not None:
             self.distiller.save(checkpoint)
+        checkpoint["latency_table"] = self.objective.table_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The RNG state when resuming (the base task's) and the teacher's weights."""
+        """The RNG state when resuming (the base task's), the teacher's weights and a ``cost: latency`` table."""
         super().on_load_checkpoint(checkpoint)
         if self.distiller is not None:
             self.distiller.load(checkpoint, self.model)
+        self.objective.load_table_state(checkpoint.get("latency_table"))
 
     def masks(self) -> dict[str, Tensor]:
         """Decisions of the last forward pass per site ({} for a dense model or while the gates are off)."""

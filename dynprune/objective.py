@@ -74,6 +74,16 @@ class Objective:
             table.check(model)
             self.table = table
 
+    def table_state(self) -> dict | None:
+        """The latency table in use as plain data, for checkpoints (None: none), so a resumed run prices
+        decisions as before instead of profiling again."""
+        return self.table.to_dict() if self.table is not None else None
+
+    def load_table_state(self, state: dict | None) -> None:
+        """Use the table a checkpoint kept (:meth:`table_state`), if any."""
+        if state is not None:
+            self.table = LatencyTable.from_dict(state, "the checkpoint's latency_table")
+
     def profile(self, model: nn.Module) -> LatencyTable | None:
         """With ``cost: latency`` and no table file: profile ``model`` now, on this machine (fit start); returns the
         new table (None when nothing was profiled)."""

@@ -89,6 +89,17 @@ def test_objective_prices_decisions_by_the_table_with_gradients() -> None:
     assert set(site_costs) == set(sites) and ratio.shape == (3,)
 
 
+def test_objective_keeps_its_table_as_plain_data() -> None:
+    objective = Objective(cost="latency")
+    assert objective.table_state() is None
+    objective.table = _table({"blk": SiteCurve("blk", 1, [0, 1], [1.0, 5.0])})
+    again = Objective(cost="latency")
+    again.load_table_state(json.loads(json.dumps(objective.table_state())))
+    assert again.table == objective.table
+    with pytest.raises(ValueError, match="the checkpoint's latency_table is not a dynprune latency table"):
+        again.load_table_state({"format": 0})
+
+
 def test_bad_tables_and_settings_are_clear_errors(tmp_path: Path) -> None:
     model = _gated()
     with pytest.raises(FileNotFoundError, match="latency table '.*nope.json' does not exist"):
@@ -139,6 +150,9 @@ def test_fit_without_a_table_profiles_at_fit_start(tmp_path: Path) -> None:
     trainer = _fit(module, tmp_path, steps=2)
     saved = LatencyTable.load(Path(trainer.log_dir) / "latency_table.json")
     assert saved.sites.keys() == module.objective.table.sites.keys() == dp.gating_info(module.model).sites.keys()
+    trainer.save_checkpoint(tmp_path / "last.ckpt")  # a resumed run prices decisions by the same table
+    resumed = dp.GatedClassifier.load_from_checkpoint(tmp_path / "last.ckpt")
+    assert resumed.objective.table.to_dict() == module.objective.table.to_dict()
 
 
 @pytest.mark.slow

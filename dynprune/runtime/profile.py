@@ -26,13 +26,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils import benchmark
 
-from dynprune.runtime.compile import compile_for_inference
+from dynprune.runtime.compile import CompiledModel, compile_for_inference
+
+if TYPE_CHECKING:
+    from dynprune.inject import GatingInfo
 
 FORMAT = 1
 
@@ -129,13 +132,31 @@ class LatencyTable:
         return [{"site": name, "scope": c.scope, "units": c.units, "kept": k, "kept_fraction": k / c.units, "ms": ms}
                 for name, c in self.sites.items() for k, ms in zip(c.kept, c.ms, strict=True)]
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-able; what :meth:`save` writes and a checkpoint keeps)."""
+        return {k: v for k, v in asdict(self).items() if k != "enclosing"}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "the data") -> LatencyTable:
+        """The table :meth:`to_dict` gave; ValueError naming ``source`` if it is not one."""
+        try:
+            if data.get("format") != FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
+            table = cls(**{**data, "sites": {name: SiteCurve(**c) for name, c in data["sites"].items()}})
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise ValueError(f"{source} is not a dynprune latency table: {err}") from err
+        for name, c in table.sites.items():
+            if len(c.kept) < 2 or c.kept != sorted(set(c.kept)) or len(c.ms) != len(c.kept) or c.kept[-1] != c.units:
+                raise ValueError(f"{source}: site '{name}' needs >= 2 increasing kept counts ending at its "
+                                 f"{c.units} units, one latency each; got kept={c.kept}, ms={c.ms}")
+        return table
+
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the table as JSON (and the rows as CSV beside it)."""
         from dynprune.io import write_csv, write_json
 
-        data = {k: v for k, v in asdict(self).items() if k != "enclosing"}
         write_csv(Path(path).with_suffix(".csv"), self.rows())
-        return write_json(path, data)
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LatencyTable:
@@ -147,17 +168,9 @@ class LatencyTable:
                                     "at fit start")
         try:
             data = json.loads(path.read_text())
-            if data.get("format") != FORMAT:
-                raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
-            data["sites"] = {name: SiteCurve(**c) for name, c in data["sites"].items()}
-            table = cls(**data)
-        except (ValueError, TypeError, KeyError, AttributeError) as err:
+        except ValueError as err:
             raise ValueError(f"'{path}' is not a dynprune latency table: {err}") from err
-        for name, c in table.sites.items():
-            if len(c.kept) < 2 or c.kept != sorted(set(c.kept)) or len(c.ms) != len(c.kept) or c.kept[-1] != c.units:
-                raise ValueError(f"'{path}': site '{name}' needs >= 2 increasing kept counts ending at its "
-                                 f"{c.units} units, one latency each; got kept={c.kept}, ms={c.ms}")
-        return table
+        return cls.from_dict(data if isinstance(data, dict) else {}, f"'{path}'")
 
 
 def _diff(expected: set[str], given: set[str]) -> str:
@@ -229,8 +242,8 @@ def profile_latency(
         torch.set_num_threads(previous)
 
 
-def _measure(compiled: nn.Module, info: Any, x: Tensor, fractions: Sequence[float], rounds: int, target_s: float,
-             threads: int) -> LatencyTable:
+def _measure(compiled: CompiledModel, info: GatingInfo, x: Tensor, fractions: Sequence[float], rounds: int,
+             target_s: float, threads: int) -> LatencyTable:
     """Capture each scope's input with every unit kept, then time the grid in interleaved rounds."""
     gates = compiled.site_gates
     full = {name: torch.ones(site.units, dtype=x.dtype, device=x.device) for name, site in info.sites.items()}
