@@ -43,7 +43,7 @@ def test_profile_times_each_site_over_its_grid_in_its_scope(granularity: str, tm
     assert list(table.sites) == list(sites) and table.input_shape == [1, 8, 8] and table.full_ms > 0
     for name, curve in table.sites.items():
         units = sites[name].units
-        assert curve.kept == ([0, 1] if units == 1 else [0, units // 2, units]) and all(t > 0 for t in curve.ms)
+        assert curve.kept == ([0, 1] if units == 1 else [0, 1, units // 2, units]) and all(t > 0 for t in curve.ms)
     assert table.sites["layer1.0.conv1"].scope == "layer1.0"  # the gated conv and the conv reading it
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model is left unchanged
     assert all(g.forced is None for g in dp.gates_of(model).values())

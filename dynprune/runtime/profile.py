@@ -4,8 +4,9 @@
 For each site, :func:`profile_latency` times the site's *scope* (the smallest module holding the site's module
 and every layer its decisions change: a channel site's block, a gated block itself) inside the compiled model
 (thin path), on the input that scope receives, with the site's decisions forced to keep the first k units for a
-grid of k (a block: skipped or executed) and every other site keeping everything. It also times the whole model
-with every unit kept on the masked path (the dense folded compute, plus the gates): ``full_ms``.
+grid of k (0, 1, the given fractions, all; a block: skipped or executed) and every other site keeping everything.
+It also times the whole model with every unit kept on the masked path (the dense folded compute, plus the gates):
+``full_ms``.
 
 The table predicts an input's latency from its decisions (N, units) per site, with f_s the mean decision:
 ``full_ms + sum_s g_s * (t_s(f_s * units) - t_s(units))``, t_s piecewise-linear in the kept count between the
@@ -201,8 +202,9 @@ def _scope(paths: Sequence[str]) -> str:
 
 
 def _grid(units: int, fractions: Sequence[float]) -> list[int]:
-    """Kept counts for ``fractions`` of ``units``, with 0 and ``units``, sorted and unique."""
-    return sorted({0, units, *(round(f * units) for f in fractions)})
+    """Kept counts for ``fractions`` of ``units``, with 0, 1 and ``units``, sorted and unique: 0 kept skips the
+    layer's call altogether while 1 kept pays its whole fixed cost, so the curve must not interpolate across."""
+    return sorted({0, min(1, units), units, *(round(f * units) for f in fractions)})
 
 
 @torch.no_grad()
