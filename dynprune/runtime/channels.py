@@ -6,8 +6,9 @@ channels) and multiplies by the mask restricted to them only where inputs disagr
 in the union it runs the dense layer, so it never computes more than the masked model. The thin output is
 passed on thin when a single conv/linear reads it (that consumer gathers its input columns), or scattered
 back to full width (zeros elsewhere) otherwise; a depthwise conv reading a thin input computes only the kept
-channels whose input is present (the others output their bias). Zero kept channels give a zero-width output;
-a layer whose input has zero channels outputs its bias. The weights for one (kept rows, present columns) pair
+channels whose input is present (the others output their bias). Zero kept channels are passed on as one
+all-zero channel (pooling refuses zero-width tensors; the reader treats it like any absent, zero, channel); a
+layer whose input has zero channels outputs its bias. The weights for one (kept rows, present columns) pair
 are gathered once into a contiguous pack and cached (LRU, bounded), so a repeated mask costs no gather.
 ``set_masked(True)`` switches a layer to the masked path (see :mod:`dynprune.runtime.dispatch`).
 """
@@ -212,6 +213,10 @@ class ThinLayer(Wrapper):
             full_shape[self.dim] = self.out_channels
             out = out.new_zeros(full_shape).index_copy_(self.dim % out.dim(), rows, out)
             rows = key = None
+        elif rows is not None and not len(rows):  # ops before the reader (pooling) refuse zero channels
+            one = list(out.shape)
+            one[self.dim] = 1
+            out, rows = out.new_zeros(one), self.unit_offsets[:1]
         plain["kept"], plain["key"] = rows, key
         return out
 
