@@ -14,6 +14,7 @@ from collections.abc import Sequence
 SUBCOMMANDS: dict[str, str] = {
     "sweep": "dynprune.sweep:sweep_main",
     "bench": "dynprune.bench.cli:bench_main",
+    "profile-latency": "dynprune.latency:profile_main",
 }
 
 

@@ -1,7 +1,8 @@
 """Measured latency after training: the compiled gated model against its BN-folded dense twin at batch 1.
 
 FLOPs saved are a claim; time saved is a measurement. :class:`LatencyReport` runs after ``test``: it compiles the
-trained model (``compile_for_inference``: only the kept compute runs), builds the same backbone without gates
+trained model (``compile_for_inference``: only the kept compute runs, or the masked path where that measured
+faster on these images at batch 1: :mod:`dynprune.runtime.dispatch`), builds the same backbone without gates
 (BN folded, the fair dense baseline), times both with ``torch.utils.benchmark`` on real test images, one at a time,
 in interleaved rounds, and prints the measured speedup beside the theoretical one (dense FLOPs / the effective
 FLOPs of those images plus the gates' own). It writes ``latency.json`` next to the FLOPs report.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +74,13 @@ class LatencyReport(L.Callback):
         gated(images)  # the decisions these images get: their effective FLOPs, plus the gates' own
         profile = pl_module.profile
         ratio = (profile.effective(collect_masks(gated)).mean().item() + profile.gate_flops) / profile.dense_total
-        compiled, dense = compile_for_inference(gated), compile_for_inference(dense_twin(pl_module).cpu())
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # the path is chosen at the thread count that is timed
+        try:
+            compiled = compile_for_inference(gated, dispatch=(1,), example=images)
+        finally:
+            torch.set_num_threads(threads)
+        dense = compile_for_inference(dense_twin(pl_module).cpu(), dispatch=())
         times: dict[str, list[float]] = {"dense": [], "compiled": []}
         for _ in range(self.rounds):
             for name, model in (("dense", dense), ("compiled", compiled)):
@@ -81,11 +89,51 @@ class LatencyReport(L.Callback):
         self.report = {"batch": 1, "images": len(images), "threads": self.threads, "rounds": self.rounds,
                        "dense_ms": 1e3 * dense_s, "compiled_ms": 1e3 * compiled_s,
                        "measured_speedup": dense_s / compiled_s, "theoretical_speedup": 1 / ratio,
-                       "achieved_of_theoretical": (dense_s / compiled_s) * ratio}
+                       "achieved_of_theoretical": (dense_s / compiled_s) * ratio,
+                       "path": compiled.plan.path(1), "plan": compiled.plan.rows()}
         r = self.report
         print(f"latency at batch 1 ({r['threads']} thread(s), {r['images']} test images): BN-folded dense "
               f"{r['dense_ms']:.3f} ms, compiled gated {r['compiled_ms']:.3f} ms: measured speedup "
               f"{r['measured_speedup']:.2f}x vs theoretical {r['theoretical_speedup']:.2f}x from FLOPs "
               f"({r['achieved_of_theoretical']:.2f} of theory)")
+        bucket = r["plan"][0] if r["plan"] else None
+        if bucket is not None:
+            print(f"  dispatch: the {r['path']} path (timed when compiling: thin {bucket['thin_ms']:.3f} ms, masked "
+                  f"{bucket['masked_ms']:.3f} ms per call; thin = only the kept compute, masked = dense compute x "
+                  "decisions, both exact)")
         if trainer.log_dir is not None:
             write_json(Path(trainer.log_dir) / "latency.json", self.report)
+
+
+def profile_main(argv: Sequence[str] | None = None) -> None:
+    """``dynprune profile-latency --config <fit config> --out table.json``: the latency lookup table of the config's
+    gated model on this machine (:func:`dynprune.runtime.profile.profile_latency`), for ``cost: latency``."""
+    import argparse
+
+    from dynprune.io import read_yaml
+    from dynprune.module import GatedClassifier
+    from dynprune.runtime.profile import profile_latency
+
+    parser = argparse.ArgumentParser(prog="dynprune profile-latency", description=profile_main.__doc__)
+    parser.add_argument("--config", required=True, help="a fit config; its `model:` section builds the gated model")
+    parser.add_argument("--out", required=True, help="the table's JSON path (a CSV of its rows is written beside it)")
+    parser.add_argument("--batch", type=int, default=1, help="inputs per timed call")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads while timing")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75],
+                        help="kept fractions timed besides 0 and 1")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (the median is kept)")
+    args = parser.parse_args(argv)
+    config = read_yaml(args.config)
+    model_args = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model_args, dict):
+        raise ValueError(f"config '{args.config}' has no `model:` section of GatedClassifier arguments")
+    # The table depends on the architecture and its sites, not on weights: no checkpoint or teacher is loaded.
+    model_args = {k: v for k, v in model_args.items() if k not in ("init_from", "teacher", "latency_table")}
+    module = GatedClassifier(**model_args)
+    if not module.gated:
+        raise ValueError(f"config '{args.config}' builds a model without gates (gate: null): nothing to profile")
+    table = profile_latency(module.model.eval(), batch=args.batch, fractions=args.fractions, rounds=args.rounds,
+                            threads=args.threads)
+    path = table.save(args.out)
+    print(f"latency table of {len(table.sites)} sites ({args.threads} thread(s), batch {args.batch}, every unit kept: "
+          f"{table.full_ms:.3f} ms) written to {path} and {path.with_suffix('.csv')}")

@@ -8,6 +8,7 @@ phases (``Gate.phases``, :mod:`dynprune.phases`), a granularity its terms (``Gra
 from __future__ import annotations
 
 import fnmatch
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -39,7 +40,10 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
         granularity: a registered granularity, a list of them (e.g. block gates outside, channel gates inside), or
             {name: {option: value}} for a granularity's options (e.g. ``{"width": {"widths": [0.5, 1]}}``).
         lam: weight of the cost penalty (>= 0).
-        cost: ``flops`` (effective-FLOPs ratio) or ``count`` (mean kept fraction).
+        cost: ``flops`` (effective-FLOPs ratio), ``count`` (mean kept fraction) or ``latency`` (predicted latency
+            ratio from a table measured through the compiled runtime: :mod:`dynprune.runtime.profile`).
+        latency_table: with ``cost: latency``, a table written by ``dynprune profile-latency`` for this model
+            (None: profiled on this machine at fit start and saved as ``latency_table.json`` in the log dir).
         target: if set, penalise the distance of the batch-mean cost to ``target`` instead of the cost.
         target_loss: ``abs`` (|c - t|) or ``squared`` ((c - t)^2).
         where: module-name patterns to gate (a list, or {granularity: list} with several granularities).
@@ -76,7 +80,7 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
     TRAINING_ARGS: ClassVar[frozenset[str]] = ClassificationTask.TRAINING_ARGS | {
         "lam", "cost", "target", "target_loss", "gate_lr", "init_from", "teacher", "dense_epochs", "budget",
         "budget_width", "budget_anneal", "batch_shaping", "batch_shaping_warmup", "logit_penalty",
-        "logit_penalty_warmup", "distill", "distill_temperature", "frozen"}
+        "logit_penalty_warmup", "distill", "distill_temperature", "frozen", "latency_table"}
 
     @classmethod
     def training_args(cls) -> frozenset[str]:
@@ -120,13 +124,15 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
         distill_temperature: float = 4.0,
         width_targets: float = 0.0,
         frozen: list[str] | None = None,
+        latency_table: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=[k for k, v in (("backbone", backbone), ("teacher", teacher))
                                           if isinstance(v, nn.Module)])
         self._check_args(gate, teacher)
         self.objective = Objective(lam, cost, target, target_loss, budget, budget_width, budget_anneal,
-                                   batch_shaping, batch_shaping_warmup, logit_penalty, logit_penalty_warmup)
+                                   batch_shaping, batch_shaping_warmup, logit_penalty, logit_penalty_warmup,
+                                   latency_table)
         if isinstance(backbone, str):
             check_number("width_mult", width_mult, 0, low_open=True)
             check_number("depth_mult", depth_mult, 0, low_open=True)
@@ -138,6 +144,8 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
             getattr(self.model, "input_shape", (in_chans, input_size, input_size)))
         self.check_outputs(shape, num_classes)
         self.example_input_array = torch.zeros(2, *shape)  # model summary: sizes and FLOPs
+        if self.gated:
+            self.objective.bind(self.model)
         self.profile = self.model.dynprune.flops if self.gated else FlopsProfile.build(
             self.model, shape, trace_layers(self.model, torch.zeros(1, *shape)))
         self.static_flops: int | None = None  # set by dynprune.static.StaticPruning: physically pruned FLOPs
@@ -198,18 +206,23 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
                 module.eval().requires_grad_(False)
         if self.distiller is not None and self.distiller.teacher is not None:
             self.distiller.teacher.to(self.device)
+        table = self.objective.profile(self.model) if self.gated else None
+        if table is not None and self.trainer.log_dir is not None:
+            table.save(Path(self.trainer.log_dir) / "latency_table.json")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The RNG state (the base task's) and the teacher's weights."""
+        """The RNG state (the base task's), the teacher's weights and a ``cost: latency`` table."""
         super().on_save_checkpoint(checkpoint)
         if self.distiller is not None:
             self.distiller.save(checkpoint)
+        checkpoint["latency_table"] = self.objective.table_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The RNG state when resuming (the base task's) and the teacher's weights."""
+        """The RNG state when resuming (the base task's), the teacher's weights and a ``cost: latency`` table."""
         super().on_load_checkpoint(checkpoint)
         if self.distiller is not None:
             self.distiller.load(checkpoint, self.model)
+        self.objective.load_table_state(checkpoint.get("latency_table"))
 
     def masks(self) -> dict[str, Tensor]:
         """Decisions of the last forward pass per site ({} for a dense model or while the gates are off)."""

@@ -8,7 +8,7 @@ concrete family; a family that needs the batch rolled out with hard gates asks `
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -25,8 +25,9 @@ from dynprune.losses import (
     logit_penalty,
     target_penalty,
 )
+from dynprune.runtime.profile import LatencyTable, profile_latency
 
-COSTS = ("flops", "count")
+COSTS = ("flops", "count", "latency")
 TARGET_LOSSES = ("abs", "squared")
 
 
@@ -45,6 +46,8 @@ class Objective:
     batch_shaping_warmup: float = 1.0
     logit_penalty: float = 0.0
     logit_penalty_warmup: float = 1.0
+    latency_table: str | None = None
+    table: LatencyTable | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_number("lam", self.lam, 0)
@@ -60,6 +63,34 @@ class Objective:
             check_number(name, getattr(self, name), 0, 1, low_open=True)
         if self.budget > 0 and self.target is None:
             raise ValueError("budget > 0 bounds each layer around the FLOPs target: set target too")
+        if self.latency_table is not None and self.cost != "latency":
+            raise ValueError(f"latency_table is read by cost: latency only, got cost '{self.cost}'")
+
+    def bind(self, model: nn.Module) -> None:
+        """With ``cost: latency``: load ``latency_table`` and check it was profiled for ``model``'s sites (before
+        training, so a wrong table fails early); no-op for other costs."""
+        if self.cost == "latency" and self.latency_table is not None:
+            table = LatencyTable.load(self.latency_table)
+            table.check(model)
+            self.table = table
+
+    def table_state(self) -> dict | None:
+        """The latency table in use as plain data, for checkpoints (None: none), so a resumed run prices
+        decisions as before instead of profiling again."""
+        return self.table.to_dict() if self.table is not None else None
+
+    def load_table_state(self, state: dict | None) -> None:
+        """Use the table a checkpoint kept (:meth:`table_state`), if any."""
+        if state is not None:
+            self.table = LatencyTable.from_dict(state, "the checkpoint's latency_table")
+
+    def profile(self, model: nn.Module) -> LatencyTable | None:
+        """With ``cost: latency`` and no table file: profile ``model`` now, on this machine (fit start); returns the
+        new table (None when nothing was profiled)."""
+        if self.cost != "latency" or self.table is not None:
+            return None
+        self.table = profile_latency(model)
+        return self.table
 
     def penalty(self, mean_cost: Tensor) -> Tensor:
         """lam * c, or lam * distance(c, target) in target mode, for the batch-mean cost c."""
@@ -81,6 +112,11 @@ class Objective:
         profile's per-layer FLOPs of these masks if the caller already has them."""
         per_layer = profile.per_layer(masks) if per_layer is None else per_layer
         ratio = profile.total(per_layer) / profile.dense_total
+        if self.cost == "latency":
+            if self.table is None:
+                raise RuntimeError("cost: latency has no latency table yet: give latency_table, or fit (the table is "
+                                   "profiled at fit start)")
+            return self.table.cost(masks), ratio, self.table.site_costs(masks)
         if self.cost == "count":
             site = {n: m.mean(dim=1) / len(masks) for n, m in masks.items()}
             return sum(site.values()), ratio, site

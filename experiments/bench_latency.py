@@ -3,7 +3,9 @@
 For each model (ResNet-20 at 28x28 and 32x32, VGG-11-BN at 32x32) the forms are
 - ``dense``: BN folded (``compile_for_inference`` of the unpruned net): the baseline of every speedup;
 - ``masked <granularity>``: the gated model as training runs it (all compute, then the mask);
-- ``compiled <granularity>``: ``compile_for_inference`` of the gated model: only the kept compute runs;
+- ``compiled <granularity>``: ``compile_for_inference`` of the gated model, each call dispatched to the faster of
+  its two exact paths as timed at compile time per batch size at the smallest thread count (``CompiledModel.plan``);
+- ``thin <granularity>``: the same compiled model pinned to its thin path: only the kept compute runs;
 - ``static_l1``: L1-filter pruned to the same FLOPs and physically thinned, BN folded;
 - ``uniform``: the net built with ``width_mult`` at the same FLOPs, BN folded: the ceiling.
 Untrained gates get a calibrated last-layer bias so each unit is on for a chosen fraction of inputs
@@ -274,8 +276,8 @@ def forms_of(spec: dict[str, Any], cfg: Settings) -> tuple[list[Form], float]:
         flops = reached * dense_flops
         if not large:
             forms.append(Form(f"masked {granularity}", gated, flops, gated))
-        compiled = compile_for_inference(gated)
-        forms.append(Form(f"compiled {granularity}", compiled, flops, compiled))
+        timed = [b for b in cfg.batch_sizes if not large or b <= 8]  # the batch sizes bench() times
+        forms += compiled_forms(gated, granularity, flops, timed, torch.randn(calib, *shape), min(cfg.threads))
     if not large:
         static = static_at_ratio(net, ratio, shape, cfg.flops_tol)
         forms.append(Form("static_l1", compile_for_inference(static, shape), count_flops(static, shape)[0], static))
@@ -284,7 +286,23 @@ def forms_of(spec: dict[str, Any], cfg: Settings) -> tuple[list[Form], float]:
     return forms, dense_flops
 
 
-def trained_forms(path: Path, images: int) -> tuple[list[Form], float, Tensor]:
+def compiled_forms(gated: nn.Module, granularity: str, flops: float, batch_sizes: Sequence[int],
+                   example: Tensor, threads: int) -> list[Form]:
+    """The compiled gated model, dispatched by a plan timed on ``example`` (N, ...) at ``batch_sizes`` and
+    ``threads``, and a copy pinned to its thin path."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        compiled = compile_for_inference(gated, dispatch=batch_sizes, example=example)
+    finally:
+        torch.set_num_threads(previous)
+    print(f"  {granularity}: {compiled.plan}")
+    thin = copy.deepcopy(compiled).pin("thin")
+    return [Form(f"compiled {granularity}", compiled, flops, compiled), Form(f"thin {granularity}", thin, flops, thin)]
+
+
+def trained_forms(path: Path, images: int, batch_sizes: Sequence[int],
+                  threads: int) -> tuple[list[Form], float, Tensor]:
     """dense / masked / compiled forms of a trained gated checkpoint and the uniform net at its mean FLOPs on the
     first ``images`` Fashion-MNIST test images; returns (forms, dense FLOPs, those images (N, 1, 28, 28))."""
     from dynprune.data import FashionMNISTDataModule
@@ -307,10 +325,9 @@ def trained_forms(path: Path, images: int) -> tuple[list[Form], float, Tensor]:
     dense_flops = float(info.flops.dense_total)
     granularity = "+".join(info.granularities)
     uniform = uniform_at_ratio(spec, dense_flops / flops)
-    compiled = compile_for_inference(gated)
     forms = [Form("dense", compile_for_inference(dense.eval()), dense_flops, dense),
              Form(f"masked {granularity}", gated, flops, gated),
-             Form(f"compiled {granularity}", compiled, flops, compiled),
+             *compiled_forms(gated, granularity, flops, batch_sizes, x, threads),
              Form("uniform", compile_for_inference(uniform), count_flops(uniform, shape)[0], uniform)]
     return forms, dense_flops, x
 
@@ -380,7 +397,8 @@ def bench(
         images = None
         if "checkpoint" in spec:
             print(f"{model_name}: trained checkpoint {spec['checkpoint']}")
-            forms, dense_flops, images = trained_forms(Path(spec["checkpoint"]), cfg.images)
+            forms, dense_flops, images = trained_forms(Path(spec["checkpoint"]), cfg.images, cfg.batch_sizes,
+                                                        min(cfg.threads))
         else:
             print(f"{model_name}: building forms at {cfg.ratio}x fewer FLOPs")
             forms, dense_flops = forms_of(spec, cfg)
@@ -437,14 +455,14 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
     panels = sorted({(r["model"], r["threads"]) for r in rows})
     forms = list(dict.fromkeys(r["form"] for r in rows if r["form"] != "dense"))
-    colors = dict(zip(forms, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    colors = dict(zip(forms, itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"]), strict=False))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False, sharey=True)
     for ax, (model, threads) in zip(axes[0], panels, strict=True):
         sub = [r for r in rows if r["model"] == model and r["threads"] == threads]
         for form in forms:
             pts = sorted((r["batch"], r["ratio"]) for r in sub if r["form"] == form)
             if pts:
-                style = "--" if form.startswith("masked") else "-"
+                style = "--" if form.startswith("masked") else ":" if form.startswith("thin") else "-"
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", color=colors[form], label=form)
         ax.set_xscale("log", base=2)
         ax.set_ylim(0, 1.5)

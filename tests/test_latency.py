@@ -32,6 +32,7 @@ def test_reports_measured_beside_theoretical_speedup(tmp_path) -> None:
     assert r["theoretical_speedup"] == pytest.approx(expected, rel=1e-6)
     assert r["achieved_of_theoretical"] == pytest.approx(r["measured_speedup"] / r["theoretical_speedup"], rel=1e-9)
     assert r["images"] == 4 and r["dense_ms"] > 0 and r["compiled_ms"] > 0
+    assert [b["batch"] for b in r["plan"]] == [1] and r["path"] == r["plan"][0]["path"] in ("thin", "masked")
 
 
 def test_dense_twin_has_the_trained_weights_and_no_gates() -> None:

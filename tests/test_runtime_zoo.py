@@ -14,10 +14,16 @@ from torch import Tensor, nn
 
 import dynprune as dp
 from dynprune.gates import DEFAULT_GATE
-from dynprune.runtime import compile_for_inference
+from dynprune.runtime import CompiledModel, compile_for_inference
 from dynprune.runtime.channels import ThinLayer
 
 tf = pytest.importorskip("transformers")
+
+
+def compile_untimed(model: nn.Module, *args, **kwargs) -> CompiledModel:
+    """compile_for_inference without timing the dispatch paths (tests never time; both paths are checked)."""
+    return compile_for_inference(model, *args, dispatch=(), **kwargs)
+
 
 SHAPE = (3, 32, 32)
 # On every model: each granularity and combination with the default family. Executors see only hard decisions, so the
@@ -93,7 +99,7 @@ def _close(a: Tensor, b: Tensor, model: nn.Module) -> None:
 def test_zoo_compiles_to_the_masked_model(zoo: dict[str, nn.Module], name: str, gate: str, granularity: str) -> None:
     model = _gated(zoo[name], gate, granularity)
     try:
-        compiled = compile_for_inference(model)  # input_shape comes from gate_model
+        compiled = compile_untimed(model)  # input_shape comes from gate_model
     except NotImplementedError as err:  # a granularity without an executor is refused at build time, by name
         assert any(g in str(err) for g in granularity.split("+"))
         return
@@ -114,7 +120,7 @@ def test_zoo_compiles_to_the_masked_model(zoo: dict[str, nn.Module], name: str, 
 
 def test_compiled_conv_keeps_the_attributes_forward_code_reads(zoo: dict[str, nn.Module]) -> None:
     model = _gated(zoo["mobilenetv2"], "sigmoid", "channel")
-    compiled = compile_for_inference(model)
+    compiled = compile_untimed(model)
     thin = [(n, m) for n, m in compiled.net.named_modules() if isinstance(m, ThinLayer) and m.is_conv]
     assert thin
     for name, executor in thin:
@@ -128,7 +134,7 @@ def test_compiled_conv_keeps_the_attributes_forward_code_reads(zoo: dict[str, nn
 def test_half_precision_gated_model_compiles(granularity: str) -> None:
     net = dp.backbones.create("resnet20", in_chans=1, input_size=16, width_mult=0.5)
     model = dp.gate_model(net, granularity=granularity).eval().half()
-    compiled = compile_for_inference(model)
+    compiled = compile_untimed(model)
     x = torch.randn(2, 1, 16, 16).half()
     forced = {n: torch.ones(2, s.units).half() for n, s in dp.gating_info(model).sites.items()}
     for gates in (dp.gates_of(model), compiled.site_gates):

@@ -2,7 +2,9 @@
 
 ``index_select`` gathers those inputs, the block runs on them, ``index_copy`` writes the results back;
 skipped inputs pass through unchanged (a whole block) or contribute zeros (a branch). When no input runs
-a branch, a 0-dim zero is returned: the residual addition it feeds broadcasts it.
+a branch, a 0-dim zero is returned: the residual addition it feeds broadcasts it. On the masked path
+(``set_masked(True)``, see :mod:`dynprune.runtime.dispatch`) a mixed batch runs the block on every input and
+selects, as the masked model does.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from dynprune.gates.base import Gate
@@ -30,6 +33,12 @@ class SubBatchBlock(Wrapper):
         self.block, self.gate, self.whole = block, gate, whole
         self.inner = list(inner)  # plain references: the gates belong to their own sites
         self.se_gate = se_gate(gate)
+        self.masked = False
+
+    def set_masked(self, on: bool) -> None:
+        """Take the masked path (``on``: a mixed batch runs the block on every input, then selects) or the
+        sub-batch path; both give the same outputs."""
+        self.masked = on
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """(N, ...) -> (N, ...) as the masked block: d * f(x) (+ (1 - d) * x for a whole block).
@@ -41,7 +50,7 @@ class SubBatchBlock(Wrapper):
         n_run = int(run.sum())
         if n_run == 0:
             return x if self.whole else x.new_zeros(())
-        if n_run == len(d):
+        if n_run == len(d) or self.masked:
             idx, inputs = None, x
         else:
             idx = run.nonzero().flatten()
@@ -52,6 +61,9 @@ class SubBatchBlock(Wrapper):
         if not binary and bool((d != 1).any()):  # forced or soft decisions: the masked model's arithmetic
             d = d.to(out.dtype).view(-1, *[1] * (out.dim() - 1))
             out = d * out + (1 - d) * inputs if self.whole else d * out
+        elif n_run < len(d) and idx is None:  # the masked path with binary decisions: select per input
+            run = run.view(-1, *[1] * (out.dim() - 1))
+            out = torch.where(run, out, inputs if self.whole else out.new_zeros(()))
         if idx is None:
             return out
         base = x.clone() if self.whole else out.new_zeros((len(x), *out.shape[1:]))

@@ -6,9 +6,11 @@ channels) and multiplies by the mask restricted to them only where inputs disagr
 in the union it runs the dense layer, so it never computes more than the masked model. The thin output is
 passed on thin when a single conv/linear reads it (that consumer gathers its input columns), or scattered
 back to full width (zeros elsewhere) otherwise; a depthwise conv reading a thin input computes only the kept
-channels whose input is present (the others output their bias). Zero kept channels give a zero-width output;
-a layer whose input has zero channels outputs its bias. The weights for one (kept rows, present columns) pair
+channels whose input is present (the others output their bias). Zero kept channels are passed on as one
+all-zero channel (pooling refuses zero-width tensors; the reader treats it like any absent, zero, channel); a
+layer whose input has zero channels outputs its bias. The weights for one (kept rows, present columns) pair
 are gathered once into a contiguous pack and cached (LRU, bounded), so a repeated mask costs no gather.
+``set_masked(True)`` switches a layer to the masked path (see :mod:`dynprune.runtime.dispatch`).
 """
 
 from __future__ import annotations
@@ -116,7 +118,13 @@ class ThinLayer(Wrapper):
         self.cached = 0
         self.pool_dims = (2, 3)
         self.se_gate = isinstance(gate, Gate) and se_gate(gate)
+        self.__dict__["masked"] = False  # the masked path: every output channel computed, then masked
         self._refresh()
+
+    def set_masked(self, on: bool) -> None:
+        """Take the masked path (``on``: run the dense folded layer and multiply by the mask, as the masked model
+        does) or the thin path (compute only the kept channels); both give the same outputs."""
+        self.__dict__["masked"] = on
 
     def _refresh(self) -> None:
         """Plain references for the per-call path (module attributes go through ``nn.Module.__getattr__``)."""
@@ -176,7 +184,7 @@ class ThinLayer(Wrapper):
         binary = True
         if plain["_gate"] is not None or plain["_narrow"] is not None:
             mask, binary = self.decide(x, cols)
-            if self.thinnable:
+            if self.thinnable and not plain["masked"]:
                 union = mask[0] if len(mask) == 1 else mask.any(0)
                 union = union if binary else union != 0
         key = self.cache_key(union)
@@ -205,6 +213,10 @@ class ThinLayer(Wrapper):
             full_shape[self.dim] = self.out_channels
             out = out.new_zeros(full_shape).index_copy_(self.dim % out.dim(), rows, out)
             rows = key = None
+        elif rows is not None and not len(rows):  # ops before the reader (pooling) refuse zero channels
+            one = list(out.shape)
+            one[self.dim] = 1
+            out, rows = out.new_zeros(one), self.unit_offsets[:1]
         plain["kept"], plain["key"] = rows, key
         return out
 

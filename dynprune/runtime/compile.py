@@ -6,7 +6,9 @@ granularity registers (:class:`~dynprune.runtime.executor.Executor`): the layers
 :class:`ThinLayer` (with the layer reading their output), and its module may be wrapped (e.g. a block that
 runs on a sub-batch, or one that decides its width once). A granularity without an executor is refused, by name.
 The compiled model is checked against the original before it is returned, with the gates' own decisions
-and with forced mixed decisions at batch 1 and batch > 1.
+and with forced mixed decisions at batch 1 and batch > 1, on both of its exact paths (thin and masked); it then
+times both paths per batch-size bucket and dispatches each call to the faster one (:mod:`dynprune.runtime.dispatch`,
+``CompiledModel.plan``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 from dynprune.gates.base import Gate
 from dynprune.granularity.base import GRANULARITIES, list_granularities
 from dynprune.runtime.channels import ThinLayer
+from dynprune.runtime.dispatch import PATHS, Plan, measure
 from dynprune.runtime.fold import fold_batchnorm, set_submodule
 from dynprune.runtime.widths import NestedSlots, WidthSlot, layer_slots
 from dynprune.trace import LayerInfo
@@ -39,6 +42,8 @@ class CompiledModel(nn.Module):
     """Eval-only wrapper: ``forward`` runs the compiled network under ``torch.inference_mode``.
 
     ``site_gates`` maps each gating site to the compiled copy of its gate (e.g. to ``force`` decisions).
+    ``plan`` (:class:`~dynprune.runtime.dispatch.Plan`) says which exact path a call of each batch size takes;
+    :meth:`pin` fixes one path for every call, :meth:`calibrate` measures the plan again on given inputs.
     """
 
     def __init__(self, net: nn.Module, folded: dict[str, str], site_gates: dict[str, Gate]) -> None:
@@ -46,6 +51,10 @@ class CompiledModel(nn.Module):
         self.net = net.eval()
         self.folded = folded
         self.site_gates = site_gates
+        self.plan = Plan()
+        self.pinned: str | None = None
+        self.switchable = [m for m in net.modules() if callable(getattr(type(m), "set_masked", None))]
+        self.path = "thin"
 
     def train(self, mode: bool = True) -> CompiledModel:
         """Only ``eval()`` is allowed: the folded weights cannot be trained back into a BatchNorm."""
@@ -53,21 +62,58 @@ class CompiledModel(nn.Module):
             raise ValueError("a compiled model is eval-only; train the original model instead (mode=True given)")
         return super().train(False)
 
+    def pin(self, path: str | None) -> CompiledModel:
+        """Run every call on ``path`` (one of :data:`~dynprune.runtime.dispatch.PATHS`), or follow the plan
+        again (None)."""
+        if path is not None and path not in PATHS:
+            raise ValueError(f"unknown path '{path}'; choose one of: {', '.join(PATHS)} (or None: follow the plan)")
+        self.pinned = path
+        return self
+
+    def calibrate(self, example: Tensor, batch_sizes: Sequence[int] = (1, 8, 64), rounds: int = 5) -> Plan:
+        """Time both paths at each batch size on inputs from ``example`` (N, ...; cycled up to the batch size) at
+        the current thread count, and dispatch by the result from now on (returned and kept as ``plan``)."""
+        if not self.switchable:  # one path only: nothing to choose
+            self.plan = Plan(threads=torch.get_num_threads())
+            return self.plan
+        pinned = self.pinned
+        try:
+            self.plan = measure(lambda path, x: self.pin(path)(x), example, batch_sizes, rounds)
+        finally:
+            self.pin(pinned)
+        return self.plan
+
+    def switch(self, path: str) -> None:
+        """Switch every executor that has a masked path to ``path`` now (``forward`` does this per call; for
+        calling submodules directly)."""
+        for module in self.switchable:
+            module.set_masked(path == "masked")
+        self.path = path
+
     def forward(self, x: Tensor) -> Tensor:
-        """(N, ...) -> the original model's output for x."""
+        """(N, ...) -> the original model's output for x, on the pinned path or the plan's path for N."""
+        path = self.pinned or self.plan.path(len(x))
+        if path != self.path:
+            self.switch(path)
         with torch.inference_mode():
             return self.net(x)
 
 
 def compile_for_inference(
     model: nn.Module, input_shape: Sequence[int] | None = None, tol: float = 1e-5, check_batch: int = 4,
+    dispatch: Sequence[int] = (1, 8, 64), example: Tensor | None = None,
 ) -> CompiledModel:
     """An eval-only copy of ``model`` (left unchanged) with the same outputs that runs only the kept compute.
 
     ``model``: dense, statically pruned, or gated by :func:`dynprune.gate_model` at granularities that register
     an executor (:func:`compilable`). ``input_shape`` (C, H, W) defaults to ``model.input_shape``, else to the shape
     ``gate_model`` traced. Random batches of 1 and ``check_batch`` inputs must agree within ``tol`` relative to
-    the largest output, else RuntimeError.
+    the largest output, else RuntimeError, on both exact paths.
+
+    ``dispatch``: the batch sizes at which both paths are timed (:meth:`CompiledModel.calibrate`, at the current
+    thread count); each call then takes the faster path of the nearest of them (empty: always the thin path).
+    ``example`` (N, ...): the inputs timed; give real data for trained gates (their decisions on noise differ
+    from those on data). Default: random normal inputs.
     """
     sites = _sites(model)
     shape = tuple(input_shape or getattr(model, "input_shape", None) or
@@ -85,22 +131,31 @@ def compile_for_inference(
     was_training = model.training
     model.eval()
     try:
-        example = torch.randn(check_batch, *shape, device=param.device)
+        probe = torch.randn(check_batch, *shape, device=param.device)
         if param.dtype == torch.float32:
-            return _compile_checked(model, sites, example, tol)
-        # Folding and the thin-passing check run in float32 (the precision gates are trained in), then the
-        # compiled copy is cast back and checked again with decisions forced (rounding may flip own ones).
-        compiled = _compile_checked(copy.deepcopy(model).float(), sites, example, tol).to(param.dtype)
-        low = example.to(param.dtype)
-        scaled = tol * max(1.0, torch.finfo(param.dtype).eps / torch.finfo(torch.float32).eps)
-        try:
-            _check(model, compiled, sites, low, scaled, own=False)
-        except RuntimeError as err:
-            raise RuntimeError(f"compiled in float32, the model cast back to {param.dtype} fails its check: {err}; "
-                               "compile and run the float32 model instead") from err
+            compiled = _compile_checked(model, sites, probe, tol)
+        else:
+            compiled = _compile_low_precision(model, sites, probe, tol, param.dtype)
+        if dispatch:
+            timed = torch.randn(max(dispatch), *shape) if example is None else example
+            compiled.calibrate(timed.to(param.device, param.dtype), dispatch)
         return compiled
     finally:
         model.train(was_training)
+
+
+def _compile_low_precision(model: nn.Module, sites: dict[str, Site], probe: Tensor, tol: float,
+                           dtype: torch.dtype) -> CompiledModel:
+    """Fold and check in float32 (the precision gates are trained in), then cast the compiled copy back to
+    ``dtype`` and check again with decisions forced (rounding may flip the gates' own ones)."""
+    compiled = _compile_checked(copy.deepcopy(model).float(), sites, probe, tol).to(dtype)
+    scaled = tol * max(1.0, torch.finfo(dtype).eps / torch.finfo(torch.float32).eps)
+    try:
+        _check(model, compiled, sites, probe.to(dtype), scaled, own=False)
+    except RuntimeError as err:
+        raise RuntimeError(f"compiled in float32, the model cast back to {dtype} fails its check: {err}; "
+                           "compile and run the float32 model instead") from err
+    return compiled
 
 
 def _compile_checked(model: nn.Module, sites: dict[str, Site], example: Tensor, tol: float) -> CompiledModel:
@@ -189,8 +244,21 @@ def _thin_layers(net: nn.Module, gates: dict[str, Gate], narrowed: dict[str, Wid
 @torch.no_grad()
 def _check(model: nn.Module, compiled: CompiledModel, sites: dict[str, Site], example: Tensor, tol: float,
            own: bool = True) -> None:
-    """RuntimeError unless ``compiled`` matches ``model`` with forced mixed decisions and (``own``) with the
-    gates' own decisions."""
+    """RuntimeError unless ``compiled`` matches ``model`` on each of its paths with forced mixed decisions and
+    (``own``) with the gates' own decisions."""
+    for path in PATHS if compiled.switchable else PATHS[:1]:
+        compiled.pin(path)
+        try:
+            _check_path(model, compiled, sites, example, tol, own)
+        except RuntimeError as err:
+            raise RuntimeError(f"{err} on the {path} path") from err
+        finally:
+            compiled.pin(None)
+
+
+def _check_path(model: nn.Module, compiled: CompiledModel, sites: dict[str, Site], example: Tensor, tol: float,
+                own: bool) -> None:
+    """RuntimeError unless ``compiled`` matches ``model`` on its current path."""
     originals = _gates(model, sites)
     gen = torch.Generator().manual_seed(0)
     trials: list[tuple[Tensor, dict[str, Tensor] | None]] = [(example, None)] if own or not sites else []
