@@ -4,16 +4,27 @@ A site is an MLP's first Linear (``fc1``) on tokens (N, T, D) whose output reach
 through zero-preserving ops only (GELU, ReLU, SiLU, dropout: a unit that is 0 stays 0). Its gate reads fc1's
 input per token and decides (N, T, H) over the H hidden units; a unit that is off is exactly zero after the
 activation, so it costs nothing in fc1's row and fc2's column: both layers' FLOPs scale with the kept fraction
-of each token (the channel formula with per-position masks). Not compiled yet (no executor).
+of each token (the channel formula with per-position masks). Compiled, fc1 and fc2 run on the units the tokens
+keep (:mod:`dynprune.runtime.neurons`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from dynprune.granularity.base import FlopsTerms, Granularity, Site, add_gate, layout_of, register_granularity
 from dynprune.hooks import DecideHook, HookSwitch, MaskHook
+from dynprune.runtime.neurons import NeuronExecutor
 from dynprune.trace import LayerInfo, Trace, reaches_residual
+
+
+@dataclass
+class NeuronSite(Site):
+    """A gated MLP fc1; ``readers``: the Linear layers reading its hidden units (an MLP's fc2)."""
+
+    readers: tuple[str, ...] = ()
 
 
 @register_granularity("neuron")
@@ -21,6 +32,7 @@ class NeuronGranularity(Granularity):
     """Gates (N, T, H) per-token masks over the hidden units of token MLPs (fc1 -> activation -> fc2)."""
 
     name = "neuron"
+    executor = NeuronExecutor()
 
     def candidates(self, trace: Trace) -> list[str]:
         return list(trace.layers)
@@ -49,7 +61,8 @@ class NeuronGranularity(Granularity):
         net, path = add_gate(model, name, gate, info.in_channels, info.out_channels, gate_kwargs, layout)
         layer.register_forward_pre_hook(DecideHook(switch, net))
         layer.register_forward_hook(MaskHook(switch, net, -1))
-        return Site(name, self, info.out_channels, (name,), layout, gate_path=path)
+        readers = tuple(other.name for other in trace.layers.values() if other.producer == name)
+        return NeuronSite(name, self, info.out_channels, (name,), layout, gate_path=path, readers=readers)
 
     def flops_terms(self, site: Site, mask: Tensor) -> FlopsTerms:
         return FlopsTerms(masks={site.name: mask})

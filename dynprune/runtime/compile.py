@@ -85,13 +85,13 @@ def compile_for_inference(
     was_training = model.training
     model.eval()
     try:
-        example = torch.randn(check_batch, *shape, device=param.device)
+        example = _check_inputs(model, shape, check_batch, param.device)
         if param.dtype == torch.float32:
             return _compile_checked(model, sites, example, tol)
         # Folding and the thin-passing check run in float32 (the precision gates are trained in), then the
         # compiled copy is cast back and checked again with decisions forced (rounding may flip own ones).
         compiled = _compile_checked(copy.deepcopy(model).float(), sites, example, tol).to(param.dtype)
-        low = example.to(param.dtype)
+        low = example.to(param.dtype) if example.is_floating_point() else example
         scaled = tol * max(1.0, torch.finfo(param.dtype).eps / torch.finfo(torch.float32).eps)
         try:
             _check(model, compiled, sites, low, scaled, own=False)
@@ -101,6 +101,16 @@ def compile_for_inference(
         return compiled
     finally:
         model.train(was_training)
+
+
+def _check_inputs(model: nn.Module, shape: Sequence[int], batch: int, device: torch.device) -> Tensor:
+    """Random check inputs (batch, *shape): normal floats, or, for a model gated from integer inputs (token ids
+    (1, T)), ids drawn from the traced example's own."""
+    traced = getattr(getattr(model, "dynprune", None), "example", None)
+    if traced is None or traced.is_floating_point() or tuple(traced.shape[1:]) != tuple(shape):
+        return torch.randn(batch, *shape, device=device)
+    values = traced.flatten().to(device)
+    return values[torch.randint(len(values), (batch, *shape), device=device)]
 
 
 def _compile_checked(model: nn.Module, sites: dict[str, Site], example: Tensor, tol: float) -> CompiledModel:
@@ -152,6 +162,8 @@ def _build(model: nn.Module, sites: dict[str, Site], example: Tensor, thin: bool
     if gated or narrowed:
         _thin_layers(net, gated, narrowed, model.dynprune.layers, thin)
     for name in sorted(sites, key=lambda n: -n.count(".")):  # inner sites first: outer paths stay valid
+        for path, module in executors[name].replace(sites[name], gates[name], net.get_submodule).items():
+            set_submodule(net, path, module)
         inner = [gates[n] for n in sites if n.startswith(name + ".")]
         wrapped = executors[name].wrap(net.get_submodule(name), sites[name], gates[name], inner, slots[name])
         if wrapped is not None:
