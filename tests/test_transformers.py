@@ -369,6 +369,41 @@ def transformers_activation(name: str) -> torch.nn.Module:
     return pytest.importorskip("transformers").activations.ACT2FN[name]
 
 
+class Logits(torch.nn.Module):
+    """A transformers image classifier as a plain (N, C, H, W) -> logits module (what compile_for_inference runs)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+def test_hf_vit_head_gates_compile_to_the_kept_heads() -> None:
+    """transformers' ViT attention (q_proj/k_proj/v_proj/o_proj, num_attention_heads, heads inferred from q's width):
+    forced open it is the ungated model; compiled it gives the masked outputs and FlopCounterMode counts the
+    reported FLOPs of the kept heads."""
+    model = Logits(hf_vit())
+    x = torch.randn(3, 1, 28, 28)
+    reference = model(x)
+    dp.gate_model(model, gate="sigmoid", granularity="head", input_shape=(1, 28, 28))
+    assert list(model.dynprune.sites) == ["model.vit.layers.0.attention", "model.vit.layers.1.attention"]
+    for g in dp.gates_of(model).values():
+        g.force(torch.ones(2))
+    close(model(x), reference)
+    compiled = dp.runtime.compile_for_inference(model)
+    info = dp.gating_info(model)
+    for g in [*dp.gates_of(model).values(), *compiled.site_gates.values()]:
+        g.force(torch.tensor([[0.0, 1.0]]))
+    close(compiled(x[:1]), model(x[:1]))
+    with FlopCounterMode(display=False) as counter:
+        compiled(x[:1])
+    expected = info.flops.effective(dp.collect_masks(model)).item() + info.flops.gate_flops
+    assert counter.get_total_flops() == pytest.approx(expected, rel=1e-9)
+    assert expected < 0.9 * info.flops.dense_total
+
+
 def hf_gpt2() -> torch.nn.Module:
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2,

@@ -1,18 +1,20 @@
 """Head granularity: per input, which attention heads of a multi-head attention module run (Deja Vu's heads).
 
-A site is an attention module with separate ``q``, ``k``, ``v`` and ``proj`` Linear children on tokens (N, T, D)
-and an integer ``heads`` attribute that its forward reads (:class:`dynprune.backbones.vit.Attention`). Its gate
-reads the module's input, pooled over tokens, and decides (N, heads); a head that is off contributes nothing: its
-slice of proj's input is zeroed (a pre-hook on proj), so its q/k/v output rows, its share of the attention core
-(QK^T and AV) and its proj columns need not run. FLOPs: q, k and v keep the kept heads' output channels, proj
-and the attention core scale with the kept fraction of heads. ``nn.MultiheadAttention`` packs q/k/v into one
-``in_proj_weight`` and runs every head inside one op: it is refused (convert it with ``Attention.from_multihead``).
-Compiled, the module runs with only its kept heads (:mod:`dynprune.runtime.heads`).
+A site is an attention module on tokens (N, T, D) with separate query, key, value and output Linear children
+(``q/k/v/proj`` as in :class:`dynprune.backbones.vit.Attention`, or ``q_proj/k_proj/v_proj/o_proj`` as in
+transformers' ViT) and an integer head count attribute (``heads``, ``num_heads`` or ``num_attention_heads``).
+Its gate reads the module's input, pooled over tokens, and decides (N, heads); a head that is off contributes
+nothing: its slice of the output projection's input is zeroed (a pre-hook), so its q/k/v output rows, its share
+of the attention core (QK^T and AV) and its output-projection columns need not run. FLOPs: q, k and v keep the
+kept heads' output channels, the output projection and the attention core scale with the kept fraction of heads.
+``nn.MultiheadAttention`` packs q/k/v into one ``in_proj_weight`` and runs every head inside one op: it is refused
+(convert it with ``Attention.from_multihead``). Compiled, the module runs with only its kept heads
+(:mod:`dynprune.runtime.heads`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
@@ -23,18 +25,36 @@ from dynprune.hooks import DecideHook, HookSwitch
 from dynprune.runtime.heads import HeadExecutor
 from dynprune.trace import LayerInfo, Trace, reaches_residual
 
-PROJECTIONS = ("q", "k", "v", "proj")
+ROLES = {"q": ("q", "q_proj"), "k": ("k", "k_proj"), "v": ("v", "v_proj"), "proj": ("proj", "o_proj", "out_proj")}
+"""The child names each projection of an attention module may have."""
+HEAD_COUNTS = ("heads", "num_heads", "num_attention_heads")
+"""The attribute names of the head count that an attention module's forward may read."""
 
 
 @dataclass
 class HeadSite(Site):
-    """A gated attention module; ``head_dim``: channels per head (``units`` is the number of heads)."""
+    """A gated attention module (``units`` heads): ``head_dim`` channels per head, ``roles`` {q, k, v, proj: child
+    name}, ``count_attr``: its head-count attribute, ``returns_tensor``: whether it outputs a tensor (not a tuple)."""
 
     head_dim: int = 1
+    roles: dict[str, str] = field(default_factory=dict)
+    count_attr: str = "heads"
+    returns_tensor: bool = True
 
     def layer(self, role: str) -> str:
         """Module path of the ``q``, ``k``, ``v`` or ``proj`` layer."""
-        return f"{self.name}.{role}"
+        return f"{self.name}.{self.roles[role]}"
+
+
+def find_roles(trace: Trace, name: str) -> dict[str, str] | None:
+    """{role: child name} of the Linear projections of module ``name`` (None: one is missing)."""
+    roles = {}
+    for role, names in ROLES.items():
+        found = [n for n in names if (info := trace.layers.get(f"{name}.{n}")) is not None and info.channel_dim == -1]
+        if not found:
+            return None
+        roles[role] = found[0]
+    return roles
 
 
 def head_mask(decisions: Tensor, head_dim: int) -> Tensor:
@@ -70,13 +90,15 @@ class HeadGranularity(Granularity):
         return [n for n in trace.modules if n]
 
     def ineligible(self, trace: Trace, name: str) -> str | None:
-        layers = [trace.layers.get(f"{name}.{role}") for role in PROJECTIONS]
-        if any(info is None or info.channel_dim != -1 for info in layers):
-            return ("it has no q, k, v and proj Linear children (nn.MultiheadAttention packs q/k/v into one "
-                    "in_proj_weight: convert it with dynprune.backbones.vit.Attention.from_multihead)")
+        roles = find_roles(trace, name)
+        if roles is None:
+            return ("it has no query, key, value and output Linear children (q/k/v/proj or q_proj/k_proj/v_proj/"
+                    "o_proj; nn.MultiheadAttention packs q/k/v into one in_proj_weight: convert it with "
+                    "dynprune.backbones.vit.Attention.from_multihead)")
+        layers = [trace.layers[f"{name}.{child}"] for child in roles.values()]
         dim = layers[0].in_channels
         if any(info.in_channels != dim or info.out_channels != dim or info.calls != 1 for info in layers):
-            return "its q, k, v and proj layers are not all D -> D layers called once"
+            return "its query, key, value and output layers are not all D -> D layers called once"
         shape = trace.modules[name].in_shape or ()
         if len(shape) != 2:
             return f"its input {shape} is not tokens (T, D)"
@@ -90,17 +112,20 @@ class HeadGranularity(Granularity):
     def attach(self, model: nn.Module, trace: Trace, name: str, gate: str, gate_kwargs: dict[str, float],
                switch: HookSwitch) -> Site:
         module = model.get_submodule(name)
-        heads = getattr(module, "heads", None)
-        dim = trace.layers[f"{name}.q"].out_channels
-        if not isinstance(heads, int) or heads < 1 or dim % heads:
-            raise ValueError(f"cannot gate '{name}' at granularity 'head': it needs an integer `heads` attribute "
-                             f"dividing its {dim} channels (its forward must read it), got {heads!r}")
+        roles = find_roles(trace, name)
+        dim = trace.layers[f"{name}.{roles['q']}"].out_channels
+        count_attr = next((a for a in HEAD_COUNTS if isinstance(getattr(module, a, None), int)), None)
+        heads = getattr(module, count_attr) if count_attr else None
+        if heads is None or heads < 1 or dim % heads:
+            raise ValueError(f"cannot gate '{name}' at granularity 'head': it needs an integer head count "
+                             f"({', '.join(HEAD_COUNTS)}) dividing its {dim} channels, got {heads!r}")
         layout = layout_of(trace.modules[name].in_shape, "tokens")
         net, path = add_gate(model, name, gate, dim, heads, gate_kwargs, layout)
         module.register_forward_pre_hook(DecideHook(switch, net))
-        module.proj.register_forward_pre_hook(HeadMaskHook(switch, net, dim // heads))
-        return HeadSite(name, self, heads, tuple(f"{name}.{r}" for r in PROJECTIONS), layout, gate_path=path,
-                        head_dim=dim // heads)
+        getattr(module, roles["proj"]).register_forward_pre_hook(HeadMaskHook(switch, net, dim // heads))
+        return HeadSite(name, self, heads, tuple(f"{name}.{c}" for c in roles.values()), layout, gate_path=path,
+                        head_dim=dim // heads, roles=roles, count_attr=count_attr,
+                        returns_tensor=trace.modules[name].out_shape is not None)
 
     def flops_terms(self, site: Site, mask: Tensor) -> FlopsTerms:
         channels = head_mask(mask, site.head_dim)

@@ -2,9 +2,11 @@
 
 :class:`HeadAttention` decides (N, heads) from the module input, takes the union of the heads any input of the
 batch keeps (at batch 1: exactly that input's heads), and runs the module's own forward with ``heads`` set to
-that number while its q, k, v layers output only those heads' rows and proj reads only their columns
-(:class:`HeadProjection`); inside the union, an input that drops a head has that head's slice of proj's input
-multiplied by 0, as in the masked model. With no head kept the module outputs proj's bias. The gathered weights
+that number while its query, key and value layers output only those heads' rows and its output projection reads
+only their columns (:class:`HeadProjection`); inside the union, an input that drops a head has that head's slice
+of the projection's input multiplied by 0, as in the masked model. With no head kept the module outputs the
+projection's bias (a module returning a tuple, e.g. transformers' with its attention weights, runs one head
+multiplied by 0 instead). The gathered weights
 for a union of heads are cached (a few heads have few unions). Decoding with a KV cache is refused: a cache
 holds every head of the past tokens, and the decision, made once per sequence from all of its tokens, is not
 causal.
@@ -19,13 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynprune.backbones.vit import KVCache
 from dynprune.gates.base import Gate
 from dynprune.runtime.decide import decide, se_gate
 from dynprune.runtime.executor import Executor
 from dynprune.runtime.wrap import Wrapper
 
 if TYPE_CHECKING:
-    from dynprune.granularity.base import Site
+    from dynprune.granularity.head import HeadSite as Site
+
+CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+"""Keyword arguments through which attention modules receive a KV cache."""
 
 
 class HeadSlot:
@@ -76,45 +82,50 @@ class HeadProjection(Wrapper):
 
 
 class HeadAttention(Wrapper):
-    """An attention module (q/k/v/proj, ``heads``) run on the heads its gate keeps; other attributes read the
-    module's."""
+    """An attention module (query/key/value/output projections and a head count its forward reads) run on the heads
+    its gate keeps; other attributes read the module's."""
 
     wrapped = "attn"
 
-    def __init__(self, attn: nn.Module, gate: Gate, head_dim: int) -> None:
+    def __init__(self, attn: nn.Module, gate: Gate, site: Site) -> None:
         super().__init__()
-        self.attn, self.gate, self.head_dim, self.heads = attn, gate, head_dim, attn.heads
+        self.attn, self.gate, self.head_dim = attn, gate, site.head_dim
+        self.count_attr, self.returns_tensor = site.count_attr, site.returns_tensor
+        self.heads = getattr(attn, site.count_attr)
         self.se_gate = se_gate(gate)
         self.slot = HeadSlot()
-        for role in ("q", "k", "v", "proj"):
-            setattr(attn, role, HeadProjection(getattr(attn, role), self.slot, reads_heads=role == "proj"))
-        self.register_buffer("offsets", torch.arange(head_dim), persistent=False)
+        for role, child in site.roles.items():
+            setattr(attn, child, HeadProjection(getattr(attn, child), self.slot, reads_heads=role == "proj"))
+        self.proj = getattr(attn, site.roles["proj"])
+        self.register_buffer("offsets", torch.arange(site.head_dim), persistent=False)
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        """(N, T, D) -> (N, T, D) as the masked module (further arguments, e.g. a keep mask, passed on)."""
-        if kwargs.get("cache") is not None or (len(args) > 1 and args[1] is not None):
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        """(N, T, D) -> the module's output as the masked module gives it (further arguments passed on)."""
+        if any(isinstance(a, KVCache) for a in (*args, *kwargs.values())) or any(
+                kwargs.get(k) is not None for k in CACHE_ARGS):
             raise ValueError("head gates decide once per sequence from all of its tokens: decoding with a KV cache "
                              "is not supported (run the whole sequence, or gate neurons instead)")
         d, binary = decide(self.gate, self.gate.pool(x), self.se_gate)  # (N, heads)
         on = d if binary else d != 0
         union = on[0] if len(on) == 1 else on.any(0)
         kept = union.nonzero().flatten()
-        slot = self.slot
-        if len(kept) == 0:  # every head off: proj's input is zero, its output the bias
-            proj = self.attn.proj.layer
-            out = x.new_zeros(*x.shape[:-1], proj.out_features)
-            return out + proj.bias if proj.bias is not None else out
-        all_heads = len(kept) == self.heads
-        slot.key = None if all_heads else union.cpu().numpy().tobytes()
-        slot.channels = None if all_heads else (kept[:, None] * self.head_dim + self.offsets).flatten()
-        scale = d if all_heads else d.index_select(1, kept)
-        needed = not binary or (len(on) > 1 and not bool(scale.all()))
+        if len(kept) == 0 and self.returns_tensor:  # every head off: the output projection's bias
+            layer = self.proj.layer
+            out = x.new_zeros(*x.shape[:-1], layer.out_features)
+            return out + layer.bias if layer.bias is not None else out
+        if len(kept) == 0:  # a module returning more than a tensor runs one head, multiplied by 0
+            kept, d = kept.new_zeros(1), d.new_zeros(d.shape)
+        slot, every = self.slot, len(kept) == self.heads
+        slot.key = None if every else kept.cpu().numpy().tobytes()
+        slot.channels = None if every else (kept[:, None] * self.head_dim + self.offsets).flatten()
+        scale = d if every else d.index_select(1, kept)
+        needed = not binary or (len(on) > 1 and not bool(scale.all())) or not bool(scale.any())
         slot.scale = scale.to(x.dtype).repeat_interleave(self.head_dim, dim=1) if needed else None
-        self.attn.heads = len(kept)
+        setattr(self.attn, self.count_attr, len(kept))
         try:
             return self.attn(x, *args, **kwargs)
         finally:
-            self.attn.heads = self.heads
+            setattr(self.attn, self.count_attr, self.heads)
 
 
 class HeadExecutor(Executor):
@@ -122,4 +133,4 @@ class HeadExecutor(Executor):
 
     def wrap(self, module: nn.Module, site: Site, gate: Gate, inner: list[Gate],
              slots: dict[str, Any]) -> nn.Module | None:
-        return HeadAttention(module, gate, site.head_dim)
+        return HeadAttention(module, gate, site)
