@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dynprune as dp
 from dynprune.backbones import create, create_language_model
+from dynprune.backbones.vit import KVCache
 from dynprune.granularity.base import report_sections
 from dynprune.runtime import compile_for_inference
 from dynprune.runtime.heads import HeadAttention
@@ -103,15 +104,17 @@ def test_compiled_runs_only_the_kept_heads_and_flop_counter_counts_the_reported_
     assert expected < 0.8 * info.flops.dense_total  # every head off: no attention at all
 
 
-def test_the_gpt_runs_whole_sequences_with_head_gates_but_refuses_kv_cache_decoding() -> None:
-    torch.manual_seed(0)
-    model = create_language_model("char_gpt", 11, 16, dim=32, depth=2, heads=4).eval()
-    ids = torch.randint(0, 11, (2, 16))
-    dp.gate_model(model, gate="sigmoid", granularity="head", example=ids[:1])
-    compiled = compile_for_inference(model)
-    assert_close_rounding(compiled(ids), model(ids), depth=weight_depth(model))
+def test_causal_attention_is_refused_and_a_compiled_head_site_refuses_a_kv_cache() -> None:
+    """A per-input head decision pools every token: on the causal GPT each position would see later ones."""
+    ids = torch.randint(0, 11, (1, 16))
+    gpt = create_language_model("char_gpt", 11, 16, dim=32, depth=2, heads=4).eval()
+    with pytest.raises(ValueError, match="cannot gate 'blocks.0.attn' at granularity 'head': its attention is causal"):
+        dp.gate_model(gpt, gate="sigmoid", granularity="head", where=["blocks.0.attn"], example=ids)
+    compiled = compile_for_inference(head_vit())
+    attn = compiled.net.blocks[0].attn
+    cache = KVCache.empty(1, 3, 50, 8, torch.zeros(1))
     with pytest.raises(ValueError, match="decoding with a KV cache is not supported"):
-        compiled.net.generate(ids[:, :4], 4)
+        attn(torch.randn(1, 50, 24), None, cache)
 
 
 def test_the_report_section_counts_inputs_by_kept_heads() -> None:

@@ -524,3 +524,24 @@ def test_per_token_decisions_count_each_position_as_an_input_of_their_site() -> 
     assert stats["inputs"] == 2 and stats["flops_mean_ratio"] == pytest.approx(0.375)
     with pytest.raises(ValueError, match=r"expected \(2, units\) or \(2, positions, units\)"):
         dp.dependence.input_dependence({"fc1": masks[:1]}, torch.tensor([1.0, 2.0]), None, dense=4.0)
+
+
+def test_a_neuron_gated_char_lm_trains_toward_its_flops_target_and_reports_per_token_decisions(tmp_path: Path) -> None:
+    for i in range(5):
+        (tmp_path / f"{i}.txt").write_text("to be or not to be, that is the question\n" * 8)
+    dm = TextDataModule(str(tmp_path), block_size=16, batch_size=16, val_fraction=0.2, test_fraction=0.2)
+    torch.manual_seed(0)
+    lm = CharLM("char_gpt", vocab_size=dm.vocab_size, block_size=16, model_kwargs=GPT, lr=3e-3, warmup_steps=2,
+                gate="sigmoid", gate_kwargs={"init_bias": 1.0}, lam=50.0, target=0.75)
+    assert list(lm.model.dynprune.sites) == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
+    callback = dp.FlopsCallback(dirpath=str(tmp_path / "out"), plot=False, verbose=False)
+    before = L.Trainer(**quiet_trainer_kwargs(callbacks=[callback])).validate(lm, dm, verbose=False)[0]
+    trainer = L.Trainer(max_steps=20, limit_val_batches=1, check_val_every_n_epoch=None, val_check_interval=20,
+                        **quiet_trainer_kwargs(callbacks=[callback]))
+    trainer.fit(lm, dm)
+    start, end = before["val/flops_mean_ratio"], float(trainer.callback_metrics["val/flops_mean_ratio"])
+    assert abs(end - 0.75) < 0.5 * abs(start - 0.75), (start, end)  # the cost pulls the FLOPs to the target
+    report = json.loads((tmp_path / "out" / "flops.json").read_text())["val"]["dependence"]
+    assert [s["units"] for s in report["sites"]] == [128, 128]
+    with pytest.raises(ValueError, match="lam, target and gate_kwargs need a gate"):
+        CharLM(vocab_size=5, block_size=16, model_kwargs=GPT, lam=1.0)

@@ -8,7 +8,8 @@ nothing: its slice of the output projection's input is zeroed (a pre-hook), so i
 of the attention core (QK^T and AV) and its output-projection columns need not run. FLOPs: q, k and v keep the
 kept heads' output channels, the output projection and the attention core scale with the kept fraction of heads.
 ``nn.MultiheadAttention`` packs q/k/v into one ``in_proj_weight`` and runs every head inside one op: it is refused
-(convert it with ``Attention.from_multihead``). Compiled, the module runs with only its kept heads
+(convert it with ``Attention.from_multihead``); so is causal attention (a decision from every token would let
+each position see later ones). Compiled, the module runs with only its kept heads
 (:mod:`dynprune.runtime.heads`).
 """
 
@@ -112,6 +113,10 @@ class HeadGranularity(Granularity):
     def attach(self, model: nn.Module, trace: Trace, name: str, gate: str, gate_kwargs: dict[str, float],
                switch: HookSwitch) -> Site:
         module = model.get_submodule(name)
+        if getattr(module, "causal", False) or getattr(module, "is_causal", False):
+            raise ValueError(f"cannot gate '{name}' at granularity 'head': its attention is causal, and a per-input "
+                             "head decision pools every token, so each position would see later ones (gate its "
+                             "MLP neurons per token instead: granularity='neuron')")
         roles = find_roles(trace, name)
         dim = trace.layers[f"{name}.{roles['q']}"].out_channels
         count_attr = next((a for a in HEAD_COUNTS if isinstance(getattr(module, a, None), int)), None)
