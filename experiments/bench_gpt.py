@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
+    parser.add_argument("--untrained", action="store_true",
+                        help="speed only: random weights, dense and threshold arms (no training, no learned arms)")
     parser.add_argument("--out", default=str(RESULTS / "bench_gpt"))
     args = parser.parse_args(argv)
     if args.smoke:
@@ -169,14 +171,17 @@ def main(argv: list[str] | None = None) -> None:
 
     dense = create_language_model("char_gpt", data.vocab_size, args.block, dim=args.dim, depth=args.depth,
                                   heads=args.heads)
-    train(dense, data, args.steps, args.batch, args.lr, args.seed)
-    dense_more = copy.deepcopy(dense)
-    train(dense_more, data, args.finetune, args.batch, args.lr * 0.1, args.seed + 2, schedule=False)
-    models: dict[str, nn.Module] = {"dense": dense, f"dense +{args.finetune}": dense_more}
+    models: dict[str, nn.Module] = {"dense": dense}
+    if not args.untrained:
+        train(dense, data, args.steps, args.batch, args.lr, args.seed)
+        models[f"dense +{args.finetune}"] = dense_more = copy.deepcopy(dense)
+        train(dense_more, data, args.finetune, args.batch, args.lr * 0.1, args.seed + 2, schedule=False)
     for s in args.sparsities:
         threshold = dp.gate_model(copy.deepcopy(dense), gate="sigmoid", granularity="neuron", example=example)
         calibrate_thresholds(threshold, [calib[i:i + args.batch] for i in range(0, len(calib), args.batch)], s)
         models[f"threshold {s:.0%}"] = threshold
+        if args.untrained:
+            continue
         learned = copy.deepcopy(threshold)
         train(learned, data, args.finetune, args.batch, args.lr * 0.1, args.seed + 2, sparsity=s, lam=args.lam,
               schedule=False)
@@ -188,9 +193,10 @@ def main(argv: list[str] | None = None) -> None:
         loss, keep = evaluate(model, val, args.batch)
         rows.append({"arm": name, "val_nats_per_char": loss, "mlp_keep": keep if keep is not None else 1.0,
                      "decode_flops_ratio": decode_flops_ratio(model, keep)})
-    reference = {"dense": rows[0]["val_nats_per_char"], "dense +": rows[1]["val_nats_per_char"]}
+    dense_loss = rows[0]["val_nats_per_char"]
+    longer = next((r["val_nats_per_char"] for r in rows if r["arm"].startswith("dense +")), dense_loss)
     for row in rows:
-        base = reference["dense +"] if row["arm"].startswith(("learned", "dense +")) else reference["dense"]
+        base = longer if row["arm"].startswith(("learned", "dense +")) else dense_loss
         row["loss_increase"] = row["val_nats_per_char"] / base - 1
 
     compiled = {name: (compile_for_inference(m).net if hasattr(m, "dynprune") else m.eval())
@@ -212,7 +218,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{torch.__version__}, {torch.get_num_threads()} thread(s)")
     out = Path(args.out)
     write_csv(out.with_suffix(".csv"), [{**r, "device": device} for r in rows])
-    budget = (f"char GPT dim {args.dim}, depth {args.depth}, {args.heads} heads, MLP hidden {4 * args.dim}, context "
+    budget = ("RANDOM WEIGHTS (--untrained): the speed columns only; the losses are those of an untrained model. "
+              if args.untrained else "")
+    budget += (f"char GPT dim {args.dim}, depth {args.depth}, {args.heads} heads, MLP hidden {4 * args.dim}, context "
               f"{args.block}; dense: {args.steps} steps x {args.batch} windows (lr {args.lr}, warm-up + cosine); "
               f"+{args.finetune} steps at lr {args.lr * 0.1} for `dense +{args.finetune}` and each learned arm "
               f"(lam {args.lam}); thresholds calibrated on {args.calib} training windows; one seed ({args.seed}); "

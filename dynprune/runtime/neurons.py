@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -31,10 +30,13 @@ if TYPE_CHECKING:
     from dynprune.granularity.base import Site
 
 
-def union_rows(decisions: Tensor, binary: bool) -> Tensor:
-    """Indices of the units (last dim) that any position of ``decisions`` (..., H) keeps, ascending."""
-    on = (decisions if binary else decisions != 0).reshape(-1, decisions.shape[-1])
-    return (on[0] if len(on) == 1 else on.any(0)).nonzero().flatten()
+def union_rows(decisions: Tensor, binary: bool, positions: int) -> Tensor:
+    """Indices of the units (last dim) that any of the ``positions`` positions of ``decisions`` (..., H) keeps,
+    ascending."""
+    on = decisions if binary else decisions != 0
+    if positions > 1:
+        on = on.reshape(-1, on.shape[-1]).any(0)
+    return on.reshape(-1).nonzero().flatten()
 
 
 class NeuronIn(Wrapper):
@@ -47,13 +49,15 @@ class NeuronIn(Wrapper):
         super().__init__()
         self.layer, self.gate, self.scatter = layer, gate, scatter
         self.se_gate = se_gate(gate)
+        self.reads_tokens = gate.per_position and gate.channel_dim == -1  # pooling (N, T, D) would be a no-op
         self.kept: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         """Tokens (N, T, D) -> hidden pre-activations of the kept units (N, T, u) (or (N, T, H) scattered)."""
-        d, binary = decide(self.gate, self.gate.pool(x), self.se_gate)  # (N, T, H)
-        units = d.shape[-1]
-        rows: Tensor | None = union_rows(d, binary)
+        gate = self.gate
+        d, binary = decide(gate, x if self.reads_tokens else gate.pool(x), self.se_gate)  # (N, T, H)
+        units, positions = d.shape[-1], x.numel() // x.shape[-1]
+        rows: Tensor | None = union_rows(d, binary, positions)
         weight, bias = self.layer.weight, self.layer.bias
         if len(rows) == units:
             rows = None
@@ -61,7 +65,7 @@ class NeuronIn(Wrapper):
             weight = weight.index_select(0, rows)
             bias = bias.index_select(0, rows) if bias is not None else None
         out = F.linear(x, weight, bias)
-        if not binary or d[..., 0].numel() > 1:  # tokens disagree inside the union, or forced/soft decisions
+        if not binary or positions > 1:  # tokens may disagree inside the union, or forced/soft decisions
             kept = d if rows is None else d.index_select(-1, rows)
             if not binary or not bool(kept.all()):
                 out = out * kept.to(out.dtype)
@@ -88,11 +92,8 @@ class NeuronOut(Wrapper):
         rows = self.source.kept
         if rows is None:
             return self.layer(h)
-        flat = h.flatten(0, -2)
         weight = self.weight_t.index_select(0, rows)  # (u, D): contiguous rows, no strided column gather
-        bias = self.layer.bias
-        out = torch.addmm(bias, flat, weight) if bias is not None else flat @ weight
-        return out.reshape(*h.shape[:-1], out.shape[-1])
+        return F.linear(h, weight.t(), self.layer.bias)
 
 
 class NeuronExecutor(Executor):
