@@ -4,7 +4,9 @@ training-free threshold gates at 50% and 70% MLP sparsity.
 Arms (one seed; a short CPU budget, stated in the output):
 - ``dense``: the char GPT trained ``--steps`` steps (AdamW, warm-up + cosine, CharLM's recipe);
 - ``threshold s``: that model with neuron gates calibrated by ``calibrate_thresholds`` on ``--calib`` training
-  windows to sparsity s (training-free: TEAL / CATS style);
+  windows to sparsity s (training-free: TEAL / CATS style), its predictor of rank dim / 8 (the gate width of the
+  learned arms); ``threshold exact s``: rank dim, the exact fc1 pre-activations (CATS's rule; the predictor then
+  costs more than fc1 itself: a quality bound, not a fast arm);
 - ``dense +F``: the dense model trained ``--finetune`` more steps at a constant small learning rate (the dense
   reference at the learned arms' total budget);
 - ``learned s``: the threshold-s model fine-tuned ``--finetune`` steps with its gates (sigmoid family,
@@ -176,10 +178,13 @@ def main(argv: list[str] | None = None) -> None:
         train(dense, data, args.steps, args.batch, args.lr, args.seed)
         models[f"dense +{args.finetune}"] = dense_more = copy.deepcopy(dense)
         train(dense_more, data, args.finetune, args.batch, args.lr * 0.1, args.seed + 2, schedule=False)
+    batches = [calib[i:i + args.batch] for i in range(0, len(calib), args.batch)]
     for s in args.sparsities:
-        threshold = dp.gate_model(copy.deepcopy(dense), gate="sigmoid", granularity="neuron", example=example)
-        calibrate_thresholds(threshold, [calib[i:i + args.batch] for i in range(0, len(calib), args.batch)], s)
-        models[f"threshold {s:.0%}"] = threshold
+        for label, width in (("threshold", {}), ("threshold exact", {"min_hidden": 2 * args.dim})):
+            arm = dp.gate_model(copy.deepcopy(dense), gate="sigmoid", granularity="neuron", example=example, **width)
+            calibrate_thresholds(arm, batches, s)
+            models[f"{label} {s:.0%}"] = arm
+        threshold = models[f"threshold {s:.0%}"]
         if args.untrained:
             continue
         learned = copy.deepcopy(threshold)
