@@ -136,6 +136,24 @@ def time_decode(arms: dict[str, nn.Module], prompt: Tensor, new: int, batches: t
     return times
 
 
+def verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """The issue's GPT aims, met or not, from the rows: 50% MLP sparsity at <= 3% validation-loss increase, and
+    >= 1.4x decode speed at batch 1."""
+    lines = []
+    for row in rows:
+        if row["arm"].startswith(("learned", "threshold")) and row["mlp_keep"] <= 0.5 + 0.02:
+            met = "met" if row["loss_increase"] <= 0.03 else "not met"
+            lines.append(f"- {row['arm']}: {1 - row['mlp_keep']:.0%} MLP sparsity at {row['loss_increase']:+.2%} "
+                         f"validation loss: the <= 3% aim is {met}.")
+    fastest = max((r for r in rows if "speedup_b1" in r and r["arm"] != "dense"), key=lambda r: r["speedup_b1"],
+                  default=None)
+    if fastest is not None:
+        met = "met" if fastest["speedup_b1"] >= 1.4 else "not met"
+        lines.append(f"- Decode at batch 1: the fastest gated arm ({fastest['arm']}) runs {fastest['speedup_b1']:.2f}x "
+                     f"dense (ceiling {fastest['ceiling']:.2f}x): the >= 1.4x aim is {met}.")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dim", type=int, default=128)
@@ -243,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
         f"`dense +{args.finetune}` (learned arms, equal total steps).",
         "",
         to_markdown([{k: v for k, v in r.items()} for r in rows]),
+        "",
+        *verdicts(rows),
         "",
     ])
     atomic_write(out.with_suffix(".md"), lambda f: f.write(text))

