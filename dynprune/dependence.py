@@ -65,6 +65,10 @@ def input_dependence(masks: dict[str, Tensor], flops: Tensor, labels: Tensor | N
                      num_classes: int | None = None, low: float = 0.05, high: float = 0.95) -> dict[str, Any]:
     """Input-dependence statistics of masks ``{site: (N, U)}`` and per-input FLOPs (N,) over an eval set.
 
+    Per-position masks (N, T, U) (a decision per token) count each of the N * T positions as an input of their
+    site: keep, execution rate, dynamic units and unique masks are then per token (contextual sparsity), while
+    the FLOPs statistics stay per input.
+
     Returns JSON-ready numbers: the mean and p10/p50/p90 of the per-input FLOPs ratio (``flops / dense``) and
     p90/p10; per site its mean keep, execution rate (inputs with any unit on), number and fraction of
     dynamic units (on for a fraction of inputs in [low, high]) and number of unique masks; with
@@ -79,8 +83,10 @@ def input_dependence(masks: dict[str, Tensor], flops: Tensor, labels: Tensor | N
         raise ValueError(f"dense FLOPs must be positive; got {dense}")
     n = flops.shape[0]
     for name, mask in masks.items():
-        if mask.ndim != 2 or mask.shape[0] != n or mask.shape[1] == 0:
-            raise ValueError(f"mask of site '{name}' has shape {tuple(mask.shape)}; expected ({n}, units)")
+        if mask.ndim not in (2, 3) or mask.shape[0] != n or mask.shape[-1] == 0:
+            raise ValueError(f"mask of site '{name}' has shape {tuple(mask.shape)}; expected ({n}, units) or "
+                             f"({n}, positions, units)")
+    masks = {name: mask.flatten(0, -2) for name, mask in masks.items()}  # a position decides as an input does
     ratio = flops.double() / dense
     p10, p50, p90 = torch.quantile(ratio, torch.tensor([0.1, 0.5, 0.9], dtype=ratio.dtype, device=ratio.device))
     sites = [_site_stats(name, mask, low, high) for name, mask in masks.items()]

@@ -2,7 +2,10 @@
 
 The loss is the natural-log cross-entropy of every next character, so ``train/loss``, ``val/loss`` and
 ``test/loss`` are in nats per character (``*/bpc`` gives bits per character). AdamW with weight decay on matrices
-and embeddings only, linear warm-up then cosine decay per step (nanoGPT's recipe).
+and embeddings only, linear warm-up then cosine decay per step (nanoGPT's recipe). With ``gate``, the model is gated
+(:func:`dynprune.gate_model`, e.g. per-token neuron gates) and trained with loss + ``lam`` x cost, the cost being the
+batch-mean FLOPs ratio of a window (or its squared distance to ``target``); eval steps report per-window FLOPs and
+the decisions to :class:`dynprune.FlopsCallback`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynprune import backbones
+from dynprune.checks import check_number
 from dynprune.flops import FlopsProfile
+from dynprune.inject import collect_masks, gate_model, gating_info
 from dynprune.trace import trace_layers
 
 
@@ -32,11 +37,16 @@ class CharLM(L.LightningModule):
         weight_decay: AdamW weight decay of matrices and embeddings (not biases or norms).
         betas: AdamW betas.
         warmup_steps: linear warm-up steps before the cosine.
+        gate: a gate family to gate the model with (None: dense); ``granularity`` and ``gate_kwargs`` as in
+            :func:`dynprune.gate_model` (default: per-token ``neuron`` gates over every MLP).
+        lam: weight of the cost (>= 0); ``target``: a FLOPs ratio in (0, 1] the cost pulls the batch mean to.
     """
 
     def __init__(self, backbone: str | nn.Module = "char_gpt", vocab_size: int = 65, block_size: int = 256,
                  model_kwargs: dict[str, Any] | None = None, lr: float = 1e-3, min_lr: float = 1e-4,
-                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.99), warmup_steps: int = 100) -> None:
+                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.99), warmup_steps: int = 100,
+                 gate: str | None = None, granularity: str | dict[str, Any] = "neuron",
+                 gate_kwargs: dict[str, float] | None = None, lam: float = 0.0, target: float | None = None) -> None:
         super().__init__()
         if not 0 <= min_lr <= lr or warmup_steps < 0 or weight_decay < 0:
             raise ValueError(f"need 0 <= min_lr <= lr, warmup_steps >= 0 and weight_decay >= 0; got min_lr={min_lr}, "
@@ -47,7 +57,15 @@ class CharLM(L.LightningModule):
         elif model_kwargs:
             raise ValueError("model_kwargs configure a language model built by name; the given module is built")
         self.model = backbone
-        self.profile = self._dense_profile(block_size)
+        check_number("lam", lam, 0)
+        if target is not None and not 0 < target <= 1:
+            raise ValueError(f"target must be a FLOPs ratio in (0, 1], got {target}")
+        if gate is None and (lam or target is not None or gate_kwargs):
+            raise ValueError("lam, target and gate_kwargs need a gate (gate=None trains the dense model)")
+        if gate is not None:
+            example = torch.zeros(1, block_size, dtype=torch.long, device=next(backbone.parameters()).device)
+            gate_model(backbone, gate, granularity, example=example, **(gate_kwargs or {}))
+        self.profile = gating_info(backbone).flops if gate is not None else self._dense_profile(block_size)
         self.example_input_array = torch.zeros(1, block_size, dtype=torch.long)  # model summary: sizes and FLOPs
 
     def _dense_profile(self, block_size: int) -> FlopsProfile:
@@ -76,15 +94,25 @@ class CharLM(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self.loss(batch)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        return loss
+        if self.hparams.gate is None:
+            return loss
+        cost = self.profile.ratio(collect_masks(self.model)).mean()
+        target = self.hparams.target
+        self.log("train/flops_ratio", cost, on_step=True, on_epoch=True, prog_bar=True)
+        return loss + self.hparams.lam * (cost if target is None else (cost - target) ** 2)
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> dict[str, Any]:
-        """Log the loss (nats/char) and return the per-window FLOPs the FlopsCallback reports (dense here)."""
+        """Log the loss (nats/char) and return the per-window FLOPs (and decisions) the FlopsCallback reports."""
         loss = self.loss(batch)
         self.log_dict({f"{stage}/loss": loss, f"{stage}/bpc": loss / math.log(2)}, prog_bar=True, on_epoch=True,
                       sync_dist=True, batch_size=batch[1].numel())
-        flops = torch.full((len(batch[0]),), float(self.profile.dense_total), device=loss.device)
-        return {"loss": loss, "flops": flops, "keep": {}, "layer_flops": {}}
+        if self.hparams.gate is None:
+            flops = torch.full((len(batch[0]),), float(self.profile.dense_total), device=loss.device)
+            return {"loss": loss, "flops": flops, "keep": {}, "layer_flops": {}}
+        masks = {n: m.detach() for n, m in collect_masks(self.model).items()}
+        layer_flops = self.profile.per_layer(masks)
+        return {"loss": loss, "flops": self.profile.total(layer_flops), "keep": {}, "layer_flops": layer_flops,
+                "masks": masks}
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
         return self._eval_step(batch, "val")

@@ -4,8 +4,9 @@ branches or whole residual blocks.
 
 One forward pass runs under a TorchFunctionMode that follows each layer's output through
 channel-preserving ops (ReLU, pooling, flatten, reductions over other dims, ...) and counts every use of
-every tensor. No source code is parsed, so it works on models the library has never seen, including
-ones with Python control flow. Gates added by :func:`dynprune.gate_model` (children named
+every tensor. An addition is residual when its two operands derive from different module outputs (so an
+activation's internal ``x + c * x**3`` is not). No source code is parsed, so it works on models the library
+has never seen, including ones with Python control flow. Gates added by :func:`dynprune.gate_model` (children named
 ``dynprune_gate*``) are not traced.
 """
 
@@ -102,6 +103,7 @@ class _FlowMode(TorchFunctionMode):
         self.outputs: dict[int, str] = {}  # tensor id -> module whose output it is (last one wins)
         self.stack: list[str] = []
         self.alive: list[Tensor] = []  # keeps traced tensors alive so ids are not reused
+        self.clock = 0
 
     def tag(self, t: Tensor, source: str, raw: bool) -> None:
         self.tags[id(t)] = (source, raw)
@@ -117,10 +119,20 @@ class _FlowMode(TorchFunctionMode):
             self.modules[owner].uses += 1
             self.modules[owner].feeds_merge |= merge
 
+    def stamp(self, t: Tensor) -> None:
+        """Mark ``t`` as the newest module output (see :func:`_stamp_of`)."""
+        self.clock += 1
+        setattr(t, _STAMP, self.clock)
+
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", "")
-        merge = name in _MERGING and sum(isinstance(a, Tensor) for a in args) == 2
+        stamps = [s for a in _flat(args) if (s := _stamp_of(a)) is not None]
+        if isinstance(out, Tensor) and stamps:
+            setattr(out, _STAMP, max(stamps))
+        # x + g(x) with no module call between them (GELU-tanh's x + 0.044715 x^3) is arithmetic, not a residual
+        internal = name in _MERGING and len(stamps) == 2 and stamps[0] == stamps[1]
+        merge = name in _MERGING and sum(isinstance(a, Tensor) for a in args) == 2 and not internal
         if merge:
             for module in self.stack:
                 self.modules[module].merges += 1
@@ -132,7 +144,7 @@ class _FlowMode(TorchFunctionMode):
             del self.tags[id(out)]  # an in-place op we cannot vouch for
         if not sources:
             return out
-        if name in _MERGING:
+        if name in _MERGING and not internal:
             for source in sources:
                 self.infos[source].residual = True
         elif len(sources) == 1 and isinstance(out, Tensor) and (
@@ -148,6 +160,19 @@ class _FlowMode(TorchFunctionMode):
         dims = {d % x.dim() for d in ((dims,) if isinstance(dims, int) else dims)}
         channel = self.infos[next(iter(sources))].channel_dim % x.dim()
         return bool(dims) and 0 not in dims and channel not in dims
+
+
+_STAMP = "_dynprune_stamp"
+
+
+def _stamp_of(t: Any) -> int | None:
+    """The call number of the latest module output a tensor derives from (None: from none, e.g. a parameter)."""
+    return getattr(t, _STAMP, None) if isinstance(t, Tensor) else None
+
+
+def _flat(args: tuple) -> list[Any]:
+    """The arguments of an op, with those inside lists and tuples (``torch.cat([a, b])``)."""
+    return [b for a in args for b in (a if isinstance(a, (list, tuple)) else (a,))]
 
 
 def _traced_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -200,6 +225,7 @@ def trace_model(model: nn.Module, example: Tensor) -> Trace:
             if isinstance(output, Tensor) and not info.identity:
                 mode.outputs[id(output)] = name
                 mode.alive.append(output)
+                mode.stamp(output)
             if isinstance(module, TRACED_TYPES):
                 mode.tag(output, name, raw=True)
             elif isinstance(module, NORM_TYPES):

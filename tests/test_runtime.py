@@ -178,7 +178,9 @@ def _flops(model: nn.Module, x: Tensor) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("granularity", compilable())
+# Neuron sites run the union of their tokens' units when an input has several tokens: that count is checked
+# in tests/test_neuron_runtime.py (and the per-token count at a single token).
+@pytest.mark.parametrize("granularity", [g for g in compilable() if g != "neuron"])
 @pytest.mark.parametrize("backbone", dp.list_backbones())
 def test_nothing_is_simulated(backbone: str, granularity: str) -> None:
     """FlopCounterMode over the compiled model at batch 1 counts the reported effective FLOPs of that input plus

@@ -114,7 +114,8 @@ class Gate(nn.Module, ABC):
         return self
 
     def force(self, decisions: Tensor | None) -> Gate:
-        """Override the decisions with a fixed (N, units) or (units,) mask (None: back to G(x)); a mask of
+        """Override the decisions with a fixed (N, units) or (units,) mask, or (N, T, units) per position (None:
+        back to G(x)); a per-position gate applies an (N, units) mask to every position of input n. A mask of
         another number of units is a ValueError here, not a broadcast error in a later forward."""
         units = self.fc2.out_features
         if decisions is not None and (decisions.dim() == 0 or decisions.shape[-1] != units):
@@ -146,7 +147,10 @@ class Gate(nn.Module, ABC):
         logits = self.logits(x)
         self.scores, self.probs = logits, logits.sigmoid()
         if self.forced is not None:
-            mask = self.forced.to(logits.dtype).expand_as(logits)
+            forced = self.forced
+            if forced.dim() == 2 and logits.dim() == 3:  # per input (N, units): the same for every position
+                forced = forced[:, None]
+            mask = forced.to(logits.dtype).expand_as(logits)
         elif self.mode == "finetune":
             mask = self.hard_decisions(logits) + (self.probs - self.probs.detach())  # exactly the hard values
         elif self.hard:

@@ -4,7 +4,7 @@ sections; each registers its runtime executor (:mod:`dynprune.runtime.executor`)
 
 from __future__ import annotations
 
-from dynprune.granularity import block, channel, neuron, width  # noqa: F401  (registers)
+from dynprune.granularity import block, channel, head, neuron, width  # noqa: F401  (registers)
 from dynprune.granularity.base import (
     GRANULARITIES,
     LAYOUTS,

@@ -4,16 +4,30 @@ A site is an MLP's first Linear (``fc1``) on tokens (N, T, D) whose output reach
 through zero-preserving ops only (GELU, ReLU, SiLU, dropout: a unit that is 0 stays 0). Its gate reads fc1's
 input per token and decides (N, T, H) over the H hidden units; a unit that is off is exactly zero after the
 activation, so it costs nothing in fc1's row and fc2's column: both layers' FLOPs scale with the kept fraction
-of each token (the channel formula with per-position masks). Not compiled yet (no executor).
+of each token (the channel formula with per-position masks). :func:`calibrate_thresholds` turns any family's
+gates into the training-free magnitude-threshold baseline (TEAL / CATS style). Compiled, fc1 and fc2 run on the
+units the tokens keep (:mod:`dynprune.runtime.neurons`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
 from torch import Tensor, nn
 
 from dynprune.granularity.base import FlopsTerms, Granularity, Site, add_gate, layout_of, register_granularity
 from dynprune.hooks import DecideHook, HookSwitch, MaskHook
+from dynprune.runtime.neurons import NeuronExecutor
 from dynprune.trace import LayerInfo, Trace, reaches_residual
+
+
+@dataclass
+class NeuronSite(Site):
+    """A gated MLP fc1; ``readers``: the Linear layers reading its hidden units (an MLP's fc2)."""
+
+    readers: tuple[str, ...] = ()
 
 
 @register_granularity("neuron")
@@ -21,6 +35,7 @@ class NeuronGranularity(Granularity):
     """Gates (N, T, H) per-token masks over the hidden units of token MLPs (fc1 -> activation -> fc2)."""
 
     name = "neuron"
+    executor = NeuronExecutor()
 
     def candidates(self, trace: Trace) -> list[str]:
         return list(trace.layers)
@@ -49,7 +64,8 @@ class NeuronGranularity(Granularity):
         net, path = add_gate(model, name, gate, info.in_channels, info.out_channels, gate_kwargs, layout)
         layer.register_forward_pre_hook(DecideHook(switch, net))
         layer.register_forward_hook(MaskHook(switch, net, -1))
-        return Site(name, self, info.out_channels, (name,), layout, gate_path=path)
+        readers = tuple(other.name for other in trace.layers.values() if other.producer == name)
+        return NeuronSite(name, self, info.out_channels, (name,), layout, gate_path=path, readers=readers)
 
     def flops_terms(self, site: Site, mask: Tensor) -> FlopsTerms:
         return FlopsTerms(masks={site.name: mask})
@@ -57,3 +73,72 @@ class NeuronGranularity(Granularity):
     def skips_when_closed(self, site: Site, layers: dict[str, LayerInfo]) -> bool:
         """Every unit off leaves fc2's bias on the residual stream: a skipped branch, not a cut network."""
         return reaches_residual(layers, site.name)
+
+
+def _linear_through_relu(gate: nn.Module, a: Tensor, b: Tensor, bias: Tensor) -> None:
+    """Set the gate's SE net fc2(relu(fc1(x))) to the linear map b @ a @ x + bias: relu(v) - relu(-v) = v, so fc1
+    holds [a; -a] and fc2 [b, -b] (rank r = len(a); hidden units beyond 2r are zeroed)."""
+    r = len(a)
+    gate.fc1.weight.zero_()
+    gate.fc1.bias.zero_()
+    gate.fc2.weight.zero_()
+    gate.fc1.weight[:r], gate.fc1.weight[r:2 * r] = a, -a
+    gate.fc2.weight[:, :r], gate.fc2.weight[:, r:2 * r] = b, -b
+    gate.fc2.bias.copy_(bias)
+
+
+@torch.no_grad()
+def calibrate_thresholds(model: nn.Module, batches: Iterable[Tensor], sparsity: float) -> dict[str, float]:
+    """Training-free neuron decisions (the TEAL / CATS baseline): {site: threshold}.
+
+    Every neuron site's gate (any family: its SE net and hard rule are used as they are) becomes a rank-r estimate
+    of its fc1's pre-activations, the truncated SVD of fc1's weight with r = (gate hidden width) // 2 (so it costs
+    what a learned gate of that width costs), minus one threshold per layer: the ``sparsity`` quantile of the
+    estimates over every token and unit of ``batches`` (model inputs, e.g. token ids (N, T), run densely). A unit
+    then runs for a token when its estimated pre-activation reaches the threshold: for ReLU / GELU / SiLU MLPs the
+    units with the largest activations (GELU's negative lobe is at most 0.17 in magnitude). The gates keep their
+    family; training the model further starts the learned gates from this rule.
+    """
+    if not 0.0 < sparsity < 1.0:
+        raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
+    info = getattr(model, "dynprune", None)
+    sites = {n: s for n, s in (info.sites.items() if info is not None else ()) if s.granularity == "neuron"}
+    if not sites:
+        raise ValueError("calibrate_thresholds needs a model gated at granularity 'neuron' (gate_model(..., "
+                         "granularity='neuron'))")
+    gates = {name: model.get_submodule(site.gate_path) for name, site in sites.items()}
+    for name, gate in gates.items():
+        layer = model.get_submodule(name)
+        u, s, vh = torch.linalg.svd(layer.weight.double(), full_matrices=False)
+        r = min(gate.fc1.out_features // 2, len(s))
+        if r < 1:
+            raise ValueError(f"the gate of '{name}' has {gate.fc1.out_features} hidden units; the threshold rule "
+                             "needs >= 2 (raise min_hidden)")
+        root = s[:r].sqrt()
+        bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
+        _linear_through_relu(gate, (root[:, None] * vh[:r]).to(gate.fc1.weight),
+                             (u[:, :r] * root).to(gate.fc2.weight), bias)
+    estimates: dict[str, list[Tensor]] = {name: [] for name in sites}
+    handles = [model.get_submodule(name).register_forward_pre_hook(
+        lambda _m, inputs, name=name: estimates[name].append(gates[name].logits(inputs[0]).flatten()))
+        for name in sites]
+    was_training, enabled = model.training, info.switch.enabled
+    model.eval()
+    info.switch.enabled = False
+    try:
+        for batch in batches:
+            model(batch)
+    finally:
+        info.switch.enabled = enabled
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    thresholds = {}
+    for name, gate in gates.items():
+        if not estimates[name]:
+            raise ValueError("calibrate_thresholds got no calibration batches")
+        values = torch.cat(estimates[name])
+        k = max(1, round(sparsity * len(values)))  # the k-th smallest: a fraction `sparsity` lies below it
+        thresholds[name] = float(values.kthvalue(k).values)
+        gate.fc2.bias.sub_(thresholds[name])
+    return thresholds

@@ -131,14 +131,15 @@ def compile_for_inference(
     was_training = model.training
     model.eval()
     try:
-        probe = torch.randn(check_batch, *shape, device=param.device)
+        probe = _check_inputs(model, shape, check_batch, param.device)
         if param.dtype == torch.float32:
             compiled = _compile_checked(model, sites, probe, tol)
         else:
             compiled = _compile_low_precision(model, sites, probe, tol, param.dtype)
         if dispatch:
-            timed = torch.randn(max(dispatch), *shape) if example is None else example
-            compiled.calibrate(timed.to(param.device, param.dtype), dispatch)
+            timed = _check_inputs(model, shape, max(dispatch), param.device) if example is None else example
+            compiled.calibrate(timed.to(param.device, param.dtype) if timed.is_floating_point()
+                               else timed.to(param.device), dispatch)
         return compiled
     finally:
         model.train(was_training)
@@ -151,11 +152,22 @@ def _compile_low_precision(model: nn.Module, sites: dict[str, Site], probe: Tens
     compiled = _compile_checked(copy.deepcopy(model).float(), sites, probe, tol).to(dtype)
     scaled = tol * max(1.0, torch.finfo(dtype).eps / torch.finfo(torch.float32).eps)
     try:
-        _check(model, compiled, sites, probe.to(dtype), scaled, own=False)
+        low = probe.to(dtype) if probe.is_floating_point() else probe
+        _check(model, compiled, sites, low, scaled, own=False)
     except RuntimeError as err:
         raise RuntimeError(f"compiled in float32, the model cast back to {dtype} fails its check: {err}; "
                            "compile and run the float32 model instead") from err
     return compiled
+
+
+def _check_inputs(model: nn.Module, shape: Sequence[int], batch: int, device: torch.device) -> Tensor:
+    """Random check inputs (batch, *shape): normal floats, or, for a model gated from integer inputs (token ids
+    (1, T)), ids drawn from the traced example's own."""
+    traced = getattr(getattr(model, "dynprune", None), "example", None)
+    if traced is None or traced.is_floating_point() or tuple(traced.shape[1:]) != tuple(shape):
+        return torch.randn(batch, *shape, device=device)
+    values = traced.flatten().to(device)
+    return values[torch.randint(len(values), (batch, *shape), device=device)]
 
 
 def _compile_checked(model: nn.Module, sites: dict[str, Site], example: Tensor, tol: float) -> CompiledModel:
@@ -207,6 +219,8 @@ def _build(model: nn.Module, sites: dict[str, Site], example: Tensor, thin: bool
     if gated or narrowed:
         _thin_layers(net, gated, narrowed, model.dynprune.layers, thin)
     for name in sorted(sites, key=lambda n: -n.count(".")):  # inner sites first: outer paths stay valid
+        for path, module in executors[name].replace(sites[name], gates[name], net.get_submodule).items():
+            set_submodule(net, path, module)
         inner = [gates[n] for n in sites if n.startswith(name + ".")]
         wrapped = executors[name].wrap(net.get_submodule(name), sites[name], gates[name], inner, slots[name])
         if wrapped is not None:

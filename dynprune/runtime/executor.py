@@ -4,11 +4,12 @@ Each granularity registers one (``Granularity.executor``), so the compiler never
 builds a compiled model in three passes over every site: BatchNorm folding leaves the modules ``keep`` names;
 the layers ``gated`` or ``narrowed`` names become :class:`~dynprune.runtime.channels.ThinLayer` objects (a layer
 narrowed by several sites keeps what all of them keep); then ``wrap`` may put an executor module at the
-site's path (inner sites first, so outer paths stay valid).
+site's path (inner sites first, so outer paths stay valid); ``replace`` may swap several modules at once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -34,6 +35,12 @@ class Executor:
     def narrowed(self, site: Site) -> dict[str, Any]:
         """{layer path: slot} for the layers that run on the output channels the site's wrapper decided (a slot
         has ``mask() -> (N, C)`` bools, e.g. :class:`~dynprune.runtime.widths.WidthSlot`)."""
+        return {}
+
+    def replace(self, site: Site, gate: Gate, module: Callable[[str], nn.Module]) -> dict[str, nn.Module]:
+        """{module path: its replacement} for the modules that run the site together (e.g. an MLP's fc1 and the fc2
+        reading its thin output); ``module(path)`` gives the compiled network's module at ``path``. Applied
+        before :meth:`wrap`, inner sites first."""
         return {}
 
     def wrap(self, module: nn.Module, site: Site, gate: Gate, inner: list[Gate],
