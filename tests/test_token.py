@@ -14,10 +14,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dynprune as dp
 from dynprune.backbones import create
+from dynprune.backbones.vit import Block
 from dynprune.cli import cli_main
 from dynprune.granularity import create_granularity
 from dynprune.runtime import compile_for_inference
-from dynprune.runtime.tokens import TokenStages, pads
+from dynprune.runtime.tokens import TokenStages
 
 ROOT = Path(__file__).parent.parent
 TINY = {"width_mult": 0.25, "depth_mult": 0.67}  # dim 24 (3 heads of 8), depth 5, 49 + 1 tokens
@@ -74,7 +75,7 @@ def test_sites_default_to_dynamicvits_depths_and_refuse_what_cannot_drop_tokens(
         token_vit(where=["blocks.1", "blocks.2"], keep_ratios=[0.5])
     for option, value, message in [("keep_ratios", [0.5, 0.7], "non-increasing"), ("keep_ratio", 0.0, r"\(0, 1\]"),
                                    ("ratio_scope", "token", "choose one of: input, batch"),
-                                   ("batch_runtime", "fast", "choose one of: auto, pad, loop"),
+                                   ("batch_runtime", "fast", "choose one of: pad, loop"),
                                    ("cls_tokens", -1, "cls_tokens must be an int >= 0")]:
         with pytest.raises(ValueError, match=message):
             create_granularity("token", **{option: value})
@@ -146,6 +147,18 @@ def test_dropped_tokens_are_masked_out_of_attention_in_training_not_zeroed() -> 
     assert_close_rounding(shifted, model(x), depth=weight_depth(model))
 
 
+@pytest.mark.parametrize("attention", ["explicit", "torch"])
+def test_a_bool_keep_mask_masks_the_same_keys_as_the_float_one(attention: str) -> None:
+    """The runtime passes bool masks (masked before the softmax); training passes floats (DynamicViT's policy)."""
+    torch.manual_seed(0)
+    block = Block(24, 3, 4.0, attention).eval()
+    x = torch.randn(3, 9, 24)
+    keep = torch.rand(3, 9) < 0.5
+    keep[:, 0] = True
+    assert_close_rounding(block(x, keep=keep), block(x, keep=keep.float()), depth=6)
+    assert not torch.allclose(block(x, keep=keep), block(x))
+
+
 def test_the_ratio_loss_pulls_each_sites_kept_fraction_to_its_target() -> None:
     module = dp.GatedClassifier("vit", gate="sigmoid", lam=0.0, optimizer="adam", lr=1e-3,
                                 granularity={"token": {"keep_ratios": [0.6, 0.3], "ratio_scope": "batch"}},
@@ -165,7 +178,7 @@ def test_the_ratio_loss_pulls_each_sites_kept_fraction_to_its_target() -> None:
     assert all(g.fc2.bias.grad is not None and g.fc2.bias.grad.item() > 0 for g in dp.gates_of(model).values())
 
 
-@pytest.mark.parametrize("runtime", ["pad", "loop", "auto"])
+@pytest.mark.parametrize("runtime", ["pad", "loop"])
 @pytest.mark.parametrize("attention", ["explicit", "torch"])
 def test_the_compiled_model_removes_dropped_tokens(attention: str, runtime: str) -> None:
     model = token_vit(attention, where=["blocks.1", "blocks.3"], batch_runtime=runtime)
@@ -204,11 +217,6 @@ def test_flopcountermode_over_the_compiled_model_counts_the_kept_tokens_and_the_
         compiled(x)
     expected = model.dynprune.flops.effective(masks) + per_token * read
     assert counter.get_total_flops() == pytest.approx(float(expected), rel=1e-9)
-
-
-def test_auto_pads_unless_padding_adds_more_than_half_the_kept_tokens() -> None:
-    assert pads(torch.tensor([20, 18, 16]))
-    assert not pads(torch.tensor([40, 1, 1, 1]))
 
 
 @pytest.mark.slow

@@ -4,11 +4,14 @@ The blocks of a token chain (:mod:`dynprune.granularity.token`) run as one :clas
 first block's path (the later blocks' paths hold ``nn.Identity``): at each site the gate decides on the tokens still
 present, and only the kept ones go on, so every later block runs on a shorter sequence and pays attention's cost
 for the kept tokens only. At batch 1 (or when every input keeps as many tokens) the kept tokens are gathered into
-a shorter dense sequence. When inputs keep different numbers, ``pad`` gathers each input's kept tokens first and
-pads to the longest, masking the padding out of attention with the block's ``keep``; ``loop`` runs the rest of the
-chain one input at a time; ``auto`` chooses by :func:`pads`. The output keeps each input's tokens in their original
-order, the CLS token first, padded after (so a model that reads the CLS token gives the masked model's output;
-``compile_for_inference`` checks it).
+a shorter dense sequence. When inputs keep different numbers, ``pad`` (the default) gathers each input's kept tokens
+first and pads to the longest, masking the padding out of attention with the block's ``keep`` (bools: masked before
+the softmax); ``loop`` runs the rest of the chain one input at a time. Padding is the default by measurement
+(``experiments/bench_token_latency.py``, ``experiments/results/token_latency.md``, 1 CPU thread): it is faster at
+batch 8 and 64 even when half of the inputs keep every token and half the CLS token alone (the most padding), and
+ties the loop at batch 2; the loop pays per-input dispatch that small sequences cannot amortise. The output keeps
+each input's tokens in their original order, the CLS token first, padded after (so a model that reads the CLS token
+gives the masked model's output; ``compile_for_inference`` checks it).
 """
 
 from __future__ import annotations
@@ -19,28 +22,19 @@ import torch
 from torch import Tensor, nn
 
 from dynprune.gates.base import Gate
+from dynprune.runtime.decide import decide, se_gate
 from dynprune.runtime.executor import Executor
 from dynprune.runtime.fold import set_submodule
 
 if TYPE_CHECKING:
     from dynprune.granularity.base import Site
 
-BATCH_RUNTIMES = ("auto", "pad", "loop")
-LOOP_WASTE = 0.5
-"""``auto`` loops over inputs when padding would add more than this fraction of the kept tokens (see :func:`pads`)."""
+BATCH_RUNTIMES = ("pad", "loop")
 
 
 def with_cls(keep: Tensor, cls_tokens: int) -> Tensor:
-    """Decisions (N, T) with the first ``cls_tokens`` tokens kept."""
+    """Decisions (N, T) with the first ``cls_tokens`` tokens kept (differentiable in the others)."""
     return torch.cat([torch.ones_like(keep[:, :cls_tokens]), keep[:, cls_tokens:]], dim=1)
-
-
-def pads(counts: Tensor) -> bool:
-    """``auto``'s rule for a batch keeping ``counts`` (N,) tokens: pad unless the padding would add more than
-    ``LOOP_WASTE`` of the kept tokens (N x max > (1 + LOOP_WASTE) x sum); measured on CPU in
-    ``experiments/results/token_latency.md``, a per-input loop of small sequences loses more to lost batching than
-    padding wastes below that."""
-    return len(counts) * int(counts.max()) <= (1 + LOOP_WASTE) * int(counts.sum())
 
 
 class TokenStages(nn.Module):
@@ -51,7 +45,7 @@ class TokenStages(nn.Module):
         blocks: the chain's blocks, in call order (each ``block(x, keep=None)``).
         gates: {index of a site's block: its gate}.
         cls_tokens: leading tokens always kept.
-        batch_runtime: ``pad``, ``loop`` or ``auto``, for batches whose inputs keep different numbers of tokens.
+        batch_runtime: ``pad`` or ``loop``, for batches whose inputs keep different numbers of tokens.
     """
 
     def __init__(self, blocks: list[nn.Module], gates: dict[int, Gate], cls_tokens: int, batch_runtime: str) -> None:
@@ -60,45 +54,47 @@ class TokenStages(nn.Module):
             raise ValueError(f"unknown batch_runtime '{batch_runtime}'; choose one of: {', '.join(BATCH_RUNTIMES)}")
         self.blocks = nn.ModuleList(blocks)
         self.gates = nn.ModuleDict({str(i): g for i, g in gates.items()})
+        self.inline = {i: se_gate(g) for i, g in gates.items()}  # stage -> its gate's SE net may be inlined
         self.cls_tokens, self.batch_runtime = cls_tokens, batch_runtime
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, T, D) -> (N, T', D): the blocks run on the kept tokens only."""
         index = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-        return self._run(x, index, None, torch.arange(len(x), device=x.device), 0, decide=True)
+        return self._run(x, index, None, torch.arange(len(x), device=x.device), 0, fresh=True)
 
-    def _decide(self, gate: Gate, x: Tensor, index: Tensor, valid: Tensor | None, rows: Tensor) -> Tensor:
-        """Kept tokens (N, T) as bools: the gate's decisions on ``x``, or its forced decisions (one row per input,
-        or one for all) read at the original positions ``index`` (N, T) of the original inputs ``rows`` (N,);
-        the CLS tokens kept, padding dropped."""
+    def _decide(self, i: int, x: Tensor, index: Tensor, valid: Tensor | None, rows: Tensor) -> Tensor:
+        """Kept tokens (N, T) as bools at stage ``i``: its gate's hard decisions on ``x``, or its forced decisions
+        (one row per input, or one for all) read at the original positions ``index`` (N, T) of the original inputs
+        ``rows`` (N,); the CLS tokens kept, padding dropped."""
+        gate = self.gates[str(i)]
         if gate.forced is None:
-            decisions = gate(x)[..., 0]
+            keep = decide(gate, x, self.inline[i])[0][..., 0]
         else:
             forced = gate.forced[..., 0]  # (), (N,) or (N or 1, T_original)
             forced = forced.reshape(-1, 1) if forced.dim() < 2 else forced
             forced = forced[rows] if len(forced) > 1 else forced.expand(len(x), -1)
-            decisions = forced.gather(1, index) if forced.shape[1] > 1 else forced.expand(-1, x.shape[1])
-        keep = with_cls(decisions, self.cls_tokens) >= 0.5
+            keep = (forced.gather(1, index) if forced.shape[1] > 1 else forced.expand(-1, x.shape[1])) >= 0.5
+        keep[:, :self.cls_tokens] = True
         return keep if valid is None else keep & valid
 
-    def _run(self, x: Tensor, index: Tensor, valid: Tensor | None, rows: Tensor, start: int, decide: bool) -> Tensor:
+    def _run(self, x: Tensor, index: Tensor, valid: Tensor | None, rows: Tensor, start: int, fresh: bool) -> Tensor:
         """Blocks ``start``... on tokens ``x`` (N, T, D) of the original inputs ``rows`` (N,) at original positions
-        ``index`` (N, T), ``valid`` (N, T) marking real tokens (None: all); ``decide``: whether block ``start``'s
-        gate still has to decide."""
+        ``index`` (N, T), ``valid`` (N, T) marking real tokens (None: all); ``fresh``: block ``start``'s gate has
+        not decided yet."""
         for i in range(start, len(self.blocks)):
-            gate = self.gates[str(i)] if str(i) in self.gates and (decide or i > start) else None
-            if gate is not None:
-                keep = self._decide(gate, x, index, valid, rows)
-                counts = keep.sum(dim=1)
-                if len(x) > 1 and bool((counts != counts[0]).any()) and not self._pad(counts):
-                    return _stack_padded([self._run(x[j:j + 1, keep[j]], index[j:j + 1, keep[j]], None, rows[j:j + 1],
-                                                    i, decide=False) for j in range(len(x))])
-                x, index, valid = _gather(x, index, keep, counts)
-            x = self.blocks[i](x) if valid is None else self.blocks[i](x, keep=valid.to(x.dtype))
+            if i in self.inline and (fresh or i > start):
+                keep = self._decide(i, x, index, valid, rows)
+                if len(x) == 1:  # one input: index the kept tokens, no bookkeeping
+                    kept = keep[0].nonzero().squeeze(1)
+                    x, index = x.index_select(1, kept), index.index_select(1, kept)
+                else:
+                    counts = keep.sum(dim=1)
+                    if self.batch_runtime == "loop" and bool((counts != counts[0]).any()):
+                        return _stack_padded([self._run(x[j:j + 1, keep[j]], index[j:j + 1, keep[j]], None,
+                                                        rows[j:j + 1], i, fresh=False) for j in range(len(x))])
+                    x, index, valid = _gather(x, index, keep, counts)
+            x = self.blocks[i](x) if valid is None else self.blocks[i](x, keep=valid)
         return x
-
-    def _pad(self, counts: Tensor) -> bool:
-        return self.batch_runtime == "pad" or self.batch_runtime == "auto" and pads(counts)
 
 
 def _gather(x: Tensor, index: Tensor, keep: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
