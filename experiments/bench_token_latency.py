@@ -6,10 +6,11 @@ layer's bias) so that each keeps ``--keep`` of the patch tokens still present on
 from the features (so inputs keep different numbers of tokens, as a trained model's do). Arms, interleaved:
 
 - ``dense``: ``compile_for_inference`` of the ungated ViT (the baseline of every speedup);
-- ``token pad`` / ``token loop``: the compiled token-gated ViT, inputs with different keep counts padded to the
-  longest and masked, or run one at a time (one arm at batch 1, where both gather);
+- ``token pad`` / ``token group`` / ``token loop``: the compiled token-gated ViT, inputs with different keep counts
+  padded to the longest and masked, sorted by count and padded per group of 16, or run one at a time (one arm at
+  batch 1, where all gather);
 - ``skewed``: batches of 2, 8 and 64 with half of the inputs keeping every token and half only the CLS token (forced
-  decisions, gates idle): where padding wastes most, to choose between ``pad`` and ``loop``.
+  decisions, gates idle): where padding wastes most, to choose the default runtime.
 
 ``--width-mult 4`` runs the same at dim 384 (DeiT-Small's width), where matmuls, not per-op dispatch, dominate.
 
@@ -39,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import dynprune as dp
 from dynprune.io import atomic_write, to_markdown, write_csv
 from dynprune.runtime import compile_for_inference
+from dynprune.runtime.tokens import BATCH_RUNTIMES, GROUP
 
 RESULTS = Path(__file__).parent / "results"
 SHAPE = (1, 28, 28)
@@ -100,7 +102,7 @@ def main() -> None:
     dense = dp.backbones.create("vit", num_classes=10, in_chans=1, input_size=28, width_mult=args.width_mult).eval()
     dim = dense.head.in_features
     compiled = {}
-    for runtime in ("pad", "loop"):
+    for runtime in BATCH_RUNTIMES:
         torch.manual_seed(1)  # the same gates for both runtimes
         model = dp.gate_model(copy.deepcopy(dense), "sigmoid", granularity={"token": {"batch_runtime": runtime}})
         fractions = calibrate(model, torch.randn(256, *SHAPE, generator=torch.Generator().manual_seed(2)), args.keep)
@@ -124,7 +126,7 @@ def main() -> None:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             run_forced(compiled["loop"], forced, x)  # each input's kept tokens only
         per_input = counter.get_total_flops() / batch
-        for runtime in ("pad", "loop") if batch > 1 else ("pad",):
+        for runtime in BATCH_RUNTIMES if batch > GROUP else ("pad", "loop") if batch > 1 else ("pad",):
             label = f"{case}token {runtime}" if batch > 1 else "token"
             arms[(batch, label)] = lambda m=compiled[runtime], f=forced, x=x: run_forced(m, f, x)
             theory[(batch, label)] = dense_flops / per_input

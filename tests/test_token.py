@@ -75,7 +75,7 @@ def test_sites_default_to_dynamicvits_depths_and_refuse_what_cannot_drop_tokens(
         token_vit(where=["blocks.1", "blocks.2"], keep_ratios=[0.5])
     for option, value, message in [("keep_ratios", [0.5, 0.7], "non-increasing"), ("keep_ratio", 0.0, r"\(0, 1\]"),
                                    ("ratio_scope", "token", "choose one of: input, batch"),
-                                   ("batch_runtime", "fast", "choose one of: pad, loop"),
+                                   ("batch_runtime", "fast", "choose one of: pad, group, loop"),
                                    ("cls_tokens", -1, "cls_tokens must be an int >= 0")]:
         with pytest.raises(ValueError, match=message):
             create_granularity("token", **{option: value})
@@ -178,7 +178,7 @@ def test_the_ratio_loss_pulls_each_sites_kept_fraction_to_its_target() -> None:
     assert all(g.fc2.bias.grad is not None and g.fc2.bias.grad.item() > 0 for g in dp.gates_of(model).values())
 
 
-@pytest.mark.parametrize("runtime", ["pad", "loop"])
+@pytest.mark.parametrize("runtime", ["pad", "group", "loop"])
 @pytest.mark.parametrize("attention", ["explicit", "torch"])
 def test_the_compiled_model_removes_dropped_tokens(attention: str, runtime: str) -> None:
     model = token_vit(attention, where=["blocks.1", "blocks.3"], batch_runtime=runtime)
@@ -188,9 +188,9 @@ def test_the_compiled_model_removes_dropped_tokens(attention: str, runtime: str)
     compiled = compile_for_inference(model)
     assert isinstance(compiled.net.blocks[1], TokenStages)
     assert [type(b) for b in compiled.net.blocks[2:]] == [nn.Identity] * 3  # run inside the stages
-    x = torch.randn(5, 1, 28, 28)
+    x = torch.randn(20, 1, 28, 28)  # more than a group (GROUP = 16 inputs)
     assert_close_rounding(compiled(x), model(x), depth=weight_depth(model))
-    forced = random_keeps(model, 5, seed=4)
+    forced = random_keeps(model, 20, seed=4)
     forced["blocks.1"][1] = 0.0  # one input keeps the CLS token alone, so counts differ
     force([model, compiled], forced)
     assert_close_rounding(compiled(x), model(x), depth=weight_depth(model))

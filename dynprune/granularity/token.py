@@ -143,8 +143,8 @@ class TokenGranularity(ModuleGranularity):
         ratio_scope: ``input`` (every input's fraction pulled to the target) or ``batch`` (the batch mean).
         cls_tokens: leading tokens that are never dropped (the CLS token; 2 with a distillation token).
         batch_runtime: how the compiled model runs a batch whose inputs keep different numbers of tokens:
-            ``pad`` (pad to the longest and mask; faster as measured, see :mod:`dynprune.runtime.tokens`) or
-            ``loop`` (one input at a time).
+            ``pad`` (pad to the longest and mask), ``group`` (sorted by kept count, padded per group of 16) or
+            ``loop`` (one input at a time); see :mod:`dynprune.runtime.tokens` for the measurements.
     """
 
     name = "token"

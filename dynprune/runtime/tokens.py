@@ -6,7 +6,8 @@ present, and only the kept ones go on, so every later block runs on a shorter se
 for the kept tokens only. At batch 1 (or when every input keeps as many tokens) the kept tokens are gathered into
 a shorter dense sequence. When inputs keep different numbers, ``pad`` (the default) gathers each input's kept tokens
 first and pads to the longest, masking the padding out of attention with the block's ``keep`` (bools: masked before
-the softmax); ``loop`` runs the rest of the chain one input at a time. Padding is the default by measurement
+the softmax); ``group`` sorts the inputs by kept count and pads per group of ``GROUP`` inputs (less padding, a
+few more calls); ``loop`` runs the rest of the chain one input at a time. Padding is the default by measurement
 (``experiments/bench_token_latency.py``, ``experiments/results/token_latency.md``, 1 CPU thread): it is faster at
 batch 8 and 64 even when half of the inputs keep every token and half the CLS token alone (the most padding), and
 ties the loop at batch 2; the loop pays per-input dispatch that small sequences cannot amortise. The output keeps
@@ -29,7 +30,9 @@ from dynprune.runtime.fold import set_submodule
 if TYPE_CHECKING:
     from dynprune.granularity.base import Site
 
-BATCH_RUNTIMES = ("pad", "loop")
+BATCH_RUNTIMES = ("pad", "group", "loop")
+GROUP = 16
+"""Inputs per group of the ``group`` runtime."""
 
 
 def with_cls(keep: Tensor, cls_tokens: int) -> Tensor:
@@ -45,7 +48,7 @@ class TokenStages(nn.Module):
         blocks: the chain's blocks, in call order (each ``block(x, keep=None)``).
         gates: {index of a site's block: its gate}.
         cls_tokens: leading tokens always kept.
-        batch_runtime: ``pad`` or ``loop``, for batches whose inputs keep different numbers of tokens.
+        batch_runtime: ``pad``, ``group`` or ``loop``, for batches whose inputs keep different numbers of tokens.
     """
 
     def __init__(self, blocks: list[nn.Module], gates: dict[int, Gate], cls_tokens: int, batch_runtime: str) -> None:
@@ -89,12 +92,23 @@ class TokenStages(nn.Module):
                     x, index = x.index_select(1, kept), index.index_select(1, kept)
                 else:
                     counts = keep.sum(dim=1)
-                    if self.batch_runtime == "loop" and bool((counts != counts[0]).any()):
-                        return _stack_padded([self._run(x[j:j + 1, keep[j]], index[j:j + 1, keep[j]], None,
-                                                        rows[j:j + 1], i, fresh=False) for j in range(len(x))])
+                    size = {"pad": len(x), "group": GROUP, "loop": 1}[self.batch_runtime]
+                    if size < len(x) and bool((counts != counts[0]).any()):
+                        return self._groups(x, index, keep, counts, rows, i, size)
                     x, index, valid = _gather(x, index, keep, counts)
             x = self.blocks[i](x) if valid is None else self.blocks[i](x, keep=valid)
         return x
+
+    def _groups(self, x: Tensor, index: Tensor, keep: Tensor, counts: Tensor, rows: Tensor, i: int,
+                size: int) -> Tensor:
+        """Blocks ``i``... per group of ``size`` inputs of similar kept counts (sorted), each padded to its own
+        longest; the outputs back in input order, padded to the longest."""
+        order = counts.argsort(descending=True, stable=True)
+        outs = []
+        for part in order.split(size):
+            xs, idx, valid = _gather(x[part], index[part], keep[part], counts[part])
+            outs.append(self._run(xs, idx, valid, rows[part], i, fresh=False))
+        return _stack_padded(outs)[order.argsort()]
 
 
 def _gather(x: Tensor, index: Tensor, keep: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -111,7 +125,7 @@ def _gather(x: Tensor, index: Tensor, keep: Tensor, counts: Tensor) -> tuple[Ten
 
 
 def _stack_padded(rows: list[Tensor]) -> Tensor:
-    """(1, T_i, D) sequences -> (N, max T_i, D), zero padded after each."""
+    """(N_i, T_i, D) sequences -> (sum N_i, max T_i, D), zero padded after each."""
     width = max(r.shape[1] for r in rows)
     return torch.cat([nn.functional.pad(r, (0, 0, 0, width - r.shape[1])) for r in rows])
 
