@@ -82,7 +82,7 @@ def run_forced(model: nn.Module, decisions: dict[str, Tensor] | None, x: Tensor)
 def median_ms(fn: Callable[[], object]) -> float:
     """Median time of ``fn()`` in ms, one thread."""
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=1)
-    return timer.blocked_autorange(min_run_time=0.5).median * 1e3
+    return timer.blocked_autorange(min_run_time=0.25).median * 1e3
 
 
 def load() -> str:
@@ -93,7 +93,7 @@ def load() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", type=float, default=0.7, help="kept fraction of present tokens at each site")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--width-mult", type=float, default=1.0, help="ViT width multiplier (dim 96 x it)")
     parser.add_argument("--out", default=None, help="output stem (default: results/token_latency[_dim<D>])")
     args = parser.parse_args()

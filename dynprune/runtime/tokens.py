@@ -4,15 +4,15 @@ The blocks of a token chain (:mod:`dynprune.granularity.token`) run as one :clas
 first block's path (the later blocks' paths hold ``nn.Identity``): at each site the gate decides on the tokens still
 present, and only the kept ones go on, so every later block runs on a shorter sequence and pays attention's cost
 for the kept tokens only. At batch 1 (or when every input keeps as many tokens) the kept tokens are gathered into
-a shorter dense sequence. When inputs keep different numbers, ``pad`` (the default) gathers each input's kept tokens
-first and pads to the longest, masking the padding out of attention with the block's ``keep`` (bools: masked before
-the softmax); ``group`` sorts the inputs by kept count and pads per group of ``GROUP`` inputs (less padding, a
-few more calls); ``loop`` runs the rest of the chain one input at a time. Padding is the default by measurement
-(``experiments/bench_token_latency.py``, ``experiments/results/token_latency.md``, 1 CPU thread): it is faster at
-batch 8 and 64 even when half of the inputs keep every token and half the CLS token alone (the most padding), and
-ties the loop at batch 2; the loop pays per-input dispatch that small sequences cannot amortise. The output keeps
-each input's tokens in their original order, the CLS token first, padded after (so a model that reads the CLS token
-gives the masked model's output; ``compile_for_inference`` checks it).
+a shorter dense sequence. When inputs keep different numbers, ``group`` (the default) sorts the inputs by kept count
+and, per group of ``GROUP`` inputs, gathers each input's kept tokens first and pads to the group's longest, masking
+the padding out of attention with the block's ``keep`` (bools: masked before the softmax); ``pad`` does the same
+for the whole batch at once; ``loop`` runs the rest of the chain one input at a time. The default is measured
+(``experiments/bench_token_latency.py``, ``experiments/results/token_latency*.md``, 1 CPU thread): padding beats
+the loop at batch 8 and 64 (the loop pays per-input dispatch that short sequences cannot amortise; they tie at
+batch 2), and at batch 64 groups beat one padded batch, most when half of the inputs keep every token and half the
+CLS token alone. The output keeps each input's tokens in their original order, the CLS token first, padded after
+(so a model that reads the CLS token gives the masked model's output; ``compile_for_inference`` checks it).
 """
 
 from __future__ import annotations
