@@ -12,6 +12,7 @@ has never seen, including ones with Python control flow. Gates added by :func:`d
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +62,9 @@ class ModuleInfo:
     """What the trace learned about any module: shapes, calls and its place around residual additions.
 
     ``merges`` counts the residual additions executed inside the module; ``feeds_merge`` is True when
-    its output goes straight into one; ``uses`` counts the ops and modules that consumed its output.
+    its output goes straight into one; ``uses`` counts the ops and modules that consumed its output;
+    ``takes_keep``: its forward takes a per-token ``keep`` mask (N, T) (a block that masks dropped tokens
+    out of attention, DynamicViT style).
     """
 
     name: str
@@ -73,6 +76,7 @@ class ModuleInfo:
     feeds_merge: bool = False
     uses: int = 0
     identity: bool = False
+    takes_keep: bool = False
 
     @property
     def branch(self) -> bool:
@@ -182,6 +186,14 @@ def _traced_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if not any(n == g or n.startswith(g + ".") for g in gate_paths)]
 
 
+def _takes_keep(module: nn.Module) -> bool:
+    """Whether ``module.forward`` takes a ``keep`` argument."""
+    try:
+        return "keep" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+
+
 def _shape(t: Any) -> tuple[int, ...] | None:
     return tuple(t.shape[1:]) if isinstance(t, Tensor) else None
 
@@ -196,7 +208,9 @@ def trace_model(model: nn.Module, example: Tensor) -> Trace:
 
     def pre_module(name: str):
         def hook(module: nn.Module, inputs: tuple) -> None:
-            info = modules.setdefault(name, ModuleInfo(name, len(modules)))
+            info = modules.get(name)
+            if info is None:
+                info = modules[name] = ModuleInfo(name, len(modules), takes_keep=_takes_keep(module))
             info.calls += 1
             info.in_shape = _shape(inputs[0]) if inputs else None
             if inputs:

@@ -48,6 +48,13 @@ class KVCache:
         return self.keys[:, :, :end], self.values[:, :, :end]
 
 
+def attention_allowed(keep: Tensor) -> Tensor:
+    """Which keys each query may attend to, (N, 1, T, T) bools, from a hard keep mask (N, T) of bools: the kept
+    ones and itself (:func:`attention_policy` as a mask)."""
+    eye = torch.eye(keep.shape[1], dtype=torch.bool, device=keep.device)
+    return (keep[:, None, :] | eye)[:, None]
+
+
 def attention_policy(keep: Tensor) -> Tensor:
     """Key weights (N, 1, T, T) from a per-token keep mask (N, T): query i may attend to key j when j is kept,
     and always to itself (DynamicViT's policy), so a dropped token's row stays well defined."""
@@ -64,7 +71,8 @@ class Attention(nn.Module):
     """Multi-head self-attention with separate ``q``, ``k``, ``v`` and ``proj`` layers: (N, T, D) -> (N, T, D).
 
     ``keep`` (N, T) in [0, 1] re-weights keys as DynamicViT's softmax with policy does (0: masked out of every
-    other token's attention; differentiable in ``keep``); ``causal`` hides later positions; a ``cache``
+    other token's attention; differentiable in ``keep``); a bool ``keep`` masks the same keys out before the
+    softmax instead (the same weights in fewer passes, for inference); ``causal`` hides later positions; a ``cache``
     (:class:`KVCache`) makes ``x`` the next positions of a sequence whose earlier keys and values it holds.
     """
 
@@ -90,7 +98,7 @@ class Attention(nn.Module):
         return attn
 
     def forward(self, x: Tensor, keep: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        """(N, T, D) -> (N, T, D); ``keep`` (N, T) or None."""
+        """(N, T, D) -> (N, T, D); ``keep`` (N, T) (floats, or bools) or None."""
         q, k, v = (rearrange(layer(x), "n t (h d) -> n h t d", h=self.heads) for layer in (self.q, self.k, self.v))
         past = 0
         if cache is not None:
@@ -102,9 +110,12 @@ class Attention(nn.Module):
         if self.causal:
             rows = torch.arange(past, past + q.shape[2], device=x.device)[:, None]
             scores = scores.masked_fill(torch.arange(k.shape[2], device=x.device) > rows, float("-inf"))
-        weights = scores.softmax(dim=-1)
         if keep is not None:
             _check_keep(keep, x)
+        if keep is not None and keep.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_allowed(keep), float("-inf"))
+        weights = scores.softmax(dim=-1)
+        if keep is not None and keep.dtype != torch.bool:
             weights = weights * attention_policy(keep.to(weights.dtype))
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return self.proj(rearrange(weights @ v, "n h t d -> n t (h d)"))

@@ -1,10 +1,10 @@
-"""Granularities by name (``channel``, ``block``, ``width``, ``neuron``; ``list_granularities()``), one file each, and
-the seam they share (:mod:`dynprune.granularity.base`): sites, input layouts, FLOPs terms, options, report
+"""Granularities by name (``list_granularities()``: ``channel``, ``block``, ``width``, ``neuron``, ``token``), one file
+each, and the seam they share (:mod:`dynprune.granularity.base`): sites, input layouts, FLOPs terms, options, report
 sections; each registers its runtime executor (:mod:`dynprune.runtime.executor`)."""
 
 from __future__ import annotations
 
-from dynprune.granularity import block, channel, head, neuron, width  # noqa: F401  (registers)
+from dynprune.granularity import block, channel, head, neuron, token, width  # noqa: F401  (registers)
 from dynprune.granularity.base import (
     GRANULARITIES,
     LAYOUTS,

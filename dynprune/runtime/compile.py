@@ -225,6 +225,9 @@ def _build(model: nn.Module, sites: dict[str, Site], example: Tensor, thin: bool
         wrapped = executors[name].wrap(net.get_submodule(name), sites[name], gates[name], inner, slots[name])
         if wrapped is not None:
             set_submodule(net, name, wrapped)
+    for executor in {id(e): e for e in executors.values()}.values():
+        own = {n: s for n, s in sites.items() if executors[n] is executor}
+        executor.finish(net, own, {n: gates[n] for n in own})
     return CompiledModel(net, folded, gates)
 
 
@@ -276,10 +279,13 @@ def _check_path(model: nn.Module, compiled: CompiledModel, sites: dict[str, Site
     originals = _gates(model, sites)
     gen = torch.Generator().manual_seed(0)
     trials: list[tuple[Tensor, dict[str, Tensor] | None]] = [(example, None)] if own or not sites else []
+    if sites:  # decisions per input (units,) or per position (T, units), as the gates make them
+        model(example[:1])
+        shapes = {name: gate.mask.shape[1:] for name, gate in originals.items()}
     for x in (example[:1], example) if sites else ():
         forced = {}
-        for name, site in sites.items():
-            decisions = (torch.rand(len(x), site.units, generator=gen) < 0.5).float()
+        for name in sites:
+            decisions = (torch.rand(len(x), *shapes[name], generator=gen) < 0.5).float()
             if len(x) > 1:  # every unit on for one input, every unit off for another
                 decisions[0], decisions[1] = 1.0, 0.0
             forced[name] = decisions.to(x.device, x.dtype)

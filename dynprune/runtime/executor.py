@@ -4,7 +4,9 @@ Each granularity registers one (``Granularity.executor``), so the compiler never
 builds a compiled model in three passes over every site: BatchNorm folding leaves the modules ``keep`` names;
 the layers ``gated`` or ``narrowed`` names become :class:`~dynprune.runtime.channels.ThinLayer` objects (a layer
 narrowed by several sites keeps what all of them keep); then ``wrap`` may put an executor module at the
-site's path (inner sites first, so outer paths stay valid); ``replace`` may swap several modules at once.
+site's path (inner sites first, so outer paths stay valid); ``replace`` may swap several modules at once; last,
+``finish`` sees the whole network with all of the granularity's sites (for decisions that reach past their own
+module, e.g. tokens dropped for later blocks).
 """
 
 from __future__ import annotations
@@ -48,3 +50,7 @@ class Executor:
         """The module that replaces the site's ``module`` (None: it stays); ``inner`` are the gates of the sites
         inside it, ``slots`` what :meth:`narrowed` returned for this site."""
         return None
+
+    def finish(self, net: nn.Module, sites: dict[str, Site], gates: dict[str, Gate]) -> None:
+        """A last pass over the compiled ``net`` with all of this executor's ``sites`` and their ``gates`` (e.g. to
+        run the blocks after a token site on the kept tokens); nothing by default."""

@@ -1,0 +1,146 @@
+"""Token runtime: the compiled model physically removes the tokens token sites drop.
+
+The blocks of a token chain (:mod:`dynprune.granularity.token`) run as one :class:`TokenStages` module put at the
+first block's path (the later blocks' paths hold ``nn.Identity``): at each site the gate decides on the tokens still
+present, and only the kept ones go on, so every later block runs on a shorter sequence and pays attention's cost
+for the kept tokens only. At batch 1 (or when every input keeps as many tokens) the kept tokens are gathered into
+a shorter dense sequence. When inputs keep different numbers, ``group`` (the default) sorts the inputs by kept count
+and, per group of ``GROUP`` inputs, gathers each input's kept tokens first and pads to the group's longest, masking
+the padding out of attention with the block's ``keep`` (bools: masked before the softmax); ``pad`` does the same
+for the whole batch at once; ``loop`` runs the rest of the chain one input at a time. The default is measured
+(``experiments/bench_token_latency.py``, ``experiments/results/token_latency*.md``, 1 CPU thread): padding beats
+the loop at batch 8 and 64 (the loop pays per-input dispatch that short sequences cannot amortise; they tie at
+batch 2), and at batch 64 groups beat one padded batch, most when half of the inputs keep every token and half the
+CLS token alone. The output keeps each input's tokens in their original order, the CLS token first, padded after
+(so a model that reads the CLS token gives the masked model's output; ``compile_for_inference`` checks it).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from dynprune.gates.base import Gate
+from dynprune.runtime.decide import decide, se_gate
+from dynprune.runtime.executor import Executor
+from dynprune.runtime.fold import set_submodule
+
+if TYPE_CHECKING:
+    from dynprune.granularity.base import Site
+
+BATCH_RUNTIMES = ("pad", "group", "loop")
+GROUP = 16
+"""Inputs per group of the ``group`` runtime."""
+
+
+def with_cls(keep: Tensor, cls_tokens: int) -> Tensor:
+    """Decisions (N, T) with the first ``cls_tokens`` tokens kept (differentiable in the others)."""
+    return torch.cat([torch.ones_like(keep[:, :cls_tokens]), keep[:, cls_tokens:]], dim=1)
+
+
+class TokenStages(nn.Module):
+    """A chain of transformer blocks run on the tokens each input keeps: (N, T, D) -> (N, T', D), T' the most
+    tokens any input keeps after the last site (each input's kept tokens first, in order; padding after).
+
+    Args:
+        blocks: the chain's blocks, in call order (each ``block(x, keep=None)``).
+        gates: {index of a site's block: its gate}.
+        cls_tokens: leading tokens always kept.
+        batch_runtime: ``pad``, ``group`` or ``loop``, for batches whose inputs keep different numbers of tokens.
+    """
+
+    def __init__(self, blocks: list[nn.Module], gates: dict[int, Gate], cls_tokens: int, batch_runtime: str) -> None:
+        super().__init__()
+        if batch_runtime not in BATCH_RUNTIMES:
+            raise ValueError(f"unknown batch_runtime '{batch_runtime}'; choose one of: {', '.join(BATCH_RUNTIMES)}")
+        self.blocks = nn.ModuleList(blocks)
+        self.gates = nn.ModuleDict({str(i): g for i, g in gates.items()})
+        self.inline = {i: se_gate(g) for i, g in gates.items()}  # stage -> its gate's SE net may be inlined
+        self.cls_tokens, self.batch_runtime = cls_tokens, batch_runtime
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, T, D) -> (N, T', D): the blocks run on the kept tokens only."""
+        index = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        return self._run(x, index, None, torch.arange(len(x), device=x.device), 0, fresh=True)
+
+    def _decide(self, i: int, x: Tensor, index: Tensor, valid: Tensor | None, rows: Tensor) -> Tensor:
+        """Kept tokens (N, T) as bools at stage ``i``: its gate's hard decisions on ``x``, or its forced decisions
+        (one row per input, or one for all) read at the original positions ``index`` (N, T) of the original inputs
+        ``rows`` (N,); the CLS tokens kept, padding dropped."""
+        gate = self.gates[str(i)]
+        if gate.forced is None:
+            keep = decide(gate, x, self.inline[i])[0][..., 0]
+        else:
+            forced = gate.forced[..., 0]  # (), (N,) or (N or 1, T_original)
+            forced = forced.reshape(-1, 1) if forced.dim() < 2 else forced
+            forced = forced[rows] if len(forced) > 1 else forced.expand(len(x), -1)
+            keep = (forced.gather(1, index) if forced.shape[1] > 1 else forced.expand(-1, x.shape[1])) >= 0.5
+        keep[:, :self.cls_tokens] = True
+        return keep if valid is None else keep & valid
+
+    def _run(self, x: Tensor, index: Tensor, valid: Tensor | None, rows: Tensor, start: int, fresh: bool) -> Tensor:
+        """Blocks ``start``... on tokens ``x`` (N, T, D) of the original inputs ``rows`` (N,) at original positions
+        ``index`` (N, T), ``valid`` (N, T) marking real tokens (None: all); ``fresh``: block ``start``'s gate has
+        not decided yet."""
+        for i in range(start, len(self.blocks)):
+            if i in self.inline and (fresh or i > start):
+                keep = self._decide(i, x, index, valid, rows)
+                if len(x) == 1:  # one input: index the kept tokens, no bookkeeping
+                    kept = keep[0].nonzero().squeeze(1)
+                    x, index = x.index_select(1, kept), index.index_select(1, kept)
+                else:
+                    counts = keep.sum(dim=1)
+                    size = {"pad": len(x), "group": GROUP, "loop": 1}[self.batch_runtime]
+                    if size < len(x) and bool((counts != counts[0]).any()):
+                        return self._groups(x, index, keep, counts, rows, i, size)
+                    x, index, valid = _gather(x, index, keep, counts)
+            x = self.blocks[i](x) if valid is None else self.blocks[i](x, keep=valid)
+        return x
+
+    def _groups(self, x: Tensor, index: Tensor, keep: Tensor, counts: Tensor, rows: Tensor, i: int,
+                size: int) -> Tensor:
+        """Blocks ``i``... per group of ``size`` inputs of similar kept counts (sorted), each padded to its own
+        longest; the outputs back in input order, padded to the longest."""
+        order = counts.argsort(descending=True, stable=True)
+        outs = []
+        for part in order.split(size):
+            xs, idx, valid = _gather(x[part], index[part], keep[part], counts[part])
+            outs.append(self._run(xs, idx, valid, rows[part], i, fresh=False))
+        return _stack_padded(outs)[order.argsort()]
+
+
+def _gather(x: Tensor, index: Tensor, keep: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Each input's kept tokens first, in order, padded to the most kept: (tokens (N, T', D), their original
+    positions (N, T'), which are real (N, T'), None when every input keeps T')."""
+    width = int(counts.max())
+    if bool((counts == width).all()):
+        order = keep.nonzero()[:, 1].view(len(x), width)
+        valid = None
+    else:
+        order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+        valid = torch.arange(width, device=x.device) < counts[:, None]
+    return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1])), index.gather(1, order), valid
+
+
+def _stack_padded(rows: list[Tensor]) -> Tensor:
+    """(N_i, T_i, D) sequences -> (sum N_i, max T_i, D), zero padded after each."""
+    width = max(r.shape[1] for r in rows)
+    return torch.cat([nn.functional.pad(r, (0, 0, 0, width - r.shape[1])) for r in rows])
+
+
+class TokenExecutor(Executor):
+    """Each token chain's blocks become one :class:`TokenStages` at the first block's path."""
+
+    def finish(self, net: nn.Module, sites: dict[str, Site], gates: dict[str, Gate]) -> None:
+        chains = {id(s.chain): s.chain for s in sites.values()}
+        for chain in chains.values():  # a chain starts at its first site
+            blocks = chain.blocks
+            owner = next(iter(chain.sites.values())).owner
+            stages = TokenStages([net.get_submodule(b) for b in blocks],
+                                 {i: gates[b] for i, b in enumerate(blocks) if b in chain.sites},
+                                 chain.cls_tokens, owner.batch_runtime)
+            set_submodule(net, blocks[0], stages)
+            for block in blocks[1:]:
+                set_submodule(net, block, nn.Identity())
