@@ -359,7 +359,7 @@ def _end_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
             continue
 
 
-def _execute(command: list[str], run_dir: Path, env: dict[str, str]) -> int:
+def run_logged(command: list[str], run_dir: Path, env: dict[str, str]) -> int:
     """Run ``command`` in its own process group with its output in ``run_dir/run.log``; returns the exit code.
     However this call ends (Ctrl-C, SIGTERM, an error), the group is ended with it."""
     with open(run_dir / "run.log", "w") as log:
@@ -476,7 +476,7 @@ def _run_points(sweep: Sweep, out: Path, ids: list[str], points: list[dict[str, 
             env.setdefault("WANDB_MODE", "offline")
             echo(f"{head}: running, log in {run_dir / 'run.log'}")
             start = time.time()
-            rc = _execute(command, run_dir, env)
+            rc = run_logged(command, run_dir, env)
             ok = rc == 0 and (run_dir / "metrics.json").is_file()
             record = {"params": point, "command": command, "returncode": rc, "wall_s": round(time.time() - start, 1),
                       "status": "finished" if ok else "failed"}

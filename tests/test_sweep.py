@@ -119,7 +119,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def test_grid_sweep_writes_two_runs_and_a_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
-    monkeypatch.setattr("dynprune.sweep._execute", _in_process)
+    monkeypatch.setattr("dynprune.sweep.run_logged", _in_process)
     summary = run_sweep(load_sweep(CONF / "sweep_digits.yaml"), tmp_path, echo=lambda s: None)
     rows = _rows(summary)
     assert [r["run"] for r in rows] == ["lam-0.1", "lam-0.9"]
@@ -143,14 +143,14 @@ def test_sweep_resumes_after_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyP
             raise KeyboardInterrupt
         return _in_process(command, run_dir, env)
 
-    monkeypatch.setattr("dynprune.sweep._execute", crash_on_second)
+    monkeypatch.setattr("dynprune.sweep.run_logged", crash_on_second)
     sweep = load_sweep(CONF / "sweep_digits.yaml")
     with pytest.raises(KeyboardInterrupt):
         run_sweep(sweep, tmp_path, echo=lambda s: None)
     summary = tmp_path / "sweep_digits" / "summary.csv"
     assert [r["run"] for r in _rows(summary)] == ["lam-0.1"]
     calls.clear()
-    monkeypatch.setattr("dynprune.sweep._execute", lambda c, d, e: calls.append(d.name) or _in_process(c, d, e))
+    monkeypatch.setattr("dynprune.sweep.run_logged", lambda c, d, e: calls.append(d.name) or _in_process(c, d, e))
     run_sweep(sweep, tmp_path, echo=lambda s: None)
     assert calls == ["lam-0.9"]
     assert [r["run"] for r in _rows(summary)] == ["lam-0.1", "lam-0.9"]
@@ -158,14 +158,14 @@ def test_sweep_resumes_after_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_failed_run_is_reported_and_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
-    monkeypatch.setattr("dynprune.sweep._execute", lambda c, d, e: 3)
+    monkeypatch.setattr("dynprune.sweep.run_logged", lambda c, d, e: 3)
     sweep = load_sweep(CONF / "sweep_digits.yaml")
     sweep = type(sweep)(**{**sweep.__dict__, "run_cap": 1})
     with pytest.raises(RuntimeError, match="1 run\\(s\\) failed: lam-0.1"):
         run_sweep(sweep, tmp_path, echo=lambda s: None)
     row = _rows(tmp_path / "sweep_digits" / "summary.csv")[0]
     assert row["status"] == "failed" and row["returncode"] == "3"
-    monkeypatch.setattr("dynprune.sweep._execute", _in_process)
+    monkeypatch.setattr("dynprune.sweep.run_logged", _in_process)
     run_sweep(sweep, tmp_path, echo=lambda s: None)
     assert _rows(tmp_path / "sweep_digits" / "summary.csv")[0]["status"] == "finished"
 
@@ -248,7 +248,7 @@ def test_sweep_subprocesses_from_the_console(tmp_path: Path, monkeypatch: pytest
     assert [float(r["lam"]) for r in rows] == [0.1, 0.9] and all(r["status"] == "finished" for r in rows)
     log = (tmp_path / "sweep_digits" / "lam-0.1" / "run.log").read_text()
     assert "--model.lam=0.1" in log.splitlines()[0]
-    monkeypatch.setattr("dynprune.sweep._execute", lambda *a: pytest.fail("finished runs must be skipped"))
+    monkeypatch.setattr("dynprune.sweep.run_logged", lambda *a: pytest.fail("finished runs must be skipped"))
     main(["sweep", str(CONF / "sweep_digits.yaml"), "--root", str(tmp_path)])
 
 
@@ -275,7 +275,7 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path: Path, capsys: pytest.Ca
 
 
 def test_second_runner_on_a_sweep_folder_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("dynprune.sweep._execute", lambda *a: pytest.fail("nothing may run"))
+    monkeypatch.setattr("dynprune.sweep.run_logged", lambda *a: pytest.fail("nothing may run"))
     sweep = load_sweep(CONF / "sweep_digits.yaml")
     with sweep_lock(tmp_path / "sweep_digits"):  # a runner holding the folder
         with pytest.raises(RuntimeError, match=rf"sweep folder {tmp_path}/sweep_digits is in use by another "
@@ -286,7 +286,7 @@ def test_second_runner_on_a_sweep_folder_is_refused(tmp_path: Path, monkeypatch:
 
 def test_unknown_parameter_key_fails_before_any_launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
-    monkeypatch.setattr("dynprune.sweep._execute", lambda *a: pytest.fail("nothing may run"))
+    monkeypatch.setattr("dynprune.sweep.run_logged", lambda *a: pytest.fail("nothing may run"))
     text = (CONF / "sweep_digits.yaml").read_text().replace("trainer.limit_val_batches:", "model.lamda:")
     with pytest.raises(SweepConfigError, match=r"point lam-0.1 is rejected by the dynprune CLI, nothing "
                                                r"was launched:.*lamda"):

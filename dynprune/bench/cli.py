@@ -29,8 +29,7 @@ import yaml
 from dynprune.bench.config import BenchConfig, BenchConfigError, FairnessError, Point, load_config
 from dynprune.bench.run import finished, run_point
 from dynprune.bench.table import write_outputs
-from dynprune.sweep import _execute as run_logged
-from dynprune.sweep import sweep_lock
+from dynprune.sweep import run_logged, sweep_lock
 
 DEFAULT_ROOT = "runs/bench"
 DEFAULT_OUT = "experiments/results"
