@@ -18,6 +18,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -40,10 +41,12 @@ DENSE = {"num_classes": 10, "in_chans": 1, "input_size": 28, "patch_size": 4, "d
 field."""
 
 
-def train(model: nn.Module, dm: FashionMNISTDataModule, epochs: int, lr: float, seed: int) -> nn.Module:
-    """``model`` trained in place as configs/fmnist_vit.yaml trains the dense ViT (GatedClassifier with gate null,
-    Adam, weight decay 5e-5, cosine over the epochs, gradients clipped at norm 1); returned in eval mode."""
+def train(build: Callable[[], nn.Module], dm: FashionMNISTDataModule, epochs: int, lr: float, seed: int) -> nn.Module:
+    """The model ``build()`` makes after seeding, trained as configs/fmnist_vit.yaml trains the dense ViT
+    (GatedClassifier with gate null, Adam, weight decay 5e-5, cosine over the epochs, gradients clipped at norm 1);
+    returned in eval mode."""
     L.seed_everything(seed, verbose=False)
+    model = build()
     model.input_shape = SHAPE
     return finetune(model, dm, epochs, lr, optimizer="adam", weight_decay=5e-5, trainer={"gradient_clip_val": 1.0})
 
@@ -78,7 +81,7 @@ def main() -> None:
                                 train_subset=args.train_subset, test_subset=args.test_subset, seed=args.seed)
     total_epochs = args.epochs + args.finetune_epochs
 
-    dense = train(VisionTransformer(**DENSE), dm, args.epochs, args.lr, args.seed)
+    dense = train(partial(VisionTransformer, **DENSE), dm, args.epochs, args.lr, args.seed)
     dense_flops = count_flops(dense, SHAPE)[0]
     arms: list[dict] = [{"R": 1.0, "arm": "dense", "setting": "dim 96, depth 6", "epochs": args.epochs,
                          "model": dense}]
@@ -87,13 +90,13 @@ def main() -> None:
         """A ViT differing from the dense one in ``field``, FLOPs-matched to ``ratio``, trained ``total_epochs``."""
         build: Callable[[int], nn.Module] = lambda v: VisionTransformer(**{**DENSE, field: v})  # noqa: E731
         value, _ = pick_for_ratio(list(values), build, dense, SHAPE, ratio, args.tol)
-        model = train(build(value), dm, total_epochs, args.lr, args.seed)
+        model = train(partial(build, value), dm, total_epochs, args.lr, args.seed)
         return {"R": ratio, "arm": name, "setting": f"{field} {value}", "epochs": total_epochs, "model": model}
 
     for ratio in args.ratios:
         schedule, _ = pick_tome_schedule(dense, ratio, args.tol)
         rate, _ = pick_evit_keep_rate(dense, ratio, tol=args.tol)
-        evit_ft = train(apply_evit(copy.deepcopy(dense), rate), dm, args.finetune_epochs, args.finetune_lr,
+        evit_ft = train(partial(apply_evit, copy.deepcopy(dense), rate), dm, args.finetune_epochs, args.finetune_lr,
                         args.seed)
         evit_setting = f"keep {rate:.3f} at blocks {list(evit_ft.locations)}"
         arms += [

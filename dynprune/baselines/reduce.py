@@ -122,7 +122,8 @@ def pick_for_ratio(candidates: Sequence[P], build: Callable[[P], nn.Module], den
     check_number("tol", tol, 0, low_open=True)
     if not candidates:
         raise ValueError("no candidates to pick from")
-    ratios = [flops_ratio(dense, build(c), input_shape) for c in candidates]
+    dense_flops = count_flops(dense, input_shape)[0]
+    ratios = [dense_flops / count_flops(build(c), input_shape)[0] for c in candidates]
     best = min(range(len(candidates)), key=lambda i: abs(math.log(ratios[i] / target)))
     if abs(target / ratios[best] - 1) > tol:
         raise ValueError(f"target={target:g} is not reachable within tol={tol:g}: the candidates give FLOPs ratios "
