@@ -56,7 +56,7 @@ def loads() -> str:
     return ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[2.0, 3.0], help="target FLOPs reductions")
     parser.add_argument("--train-subset", type=int, default=8000, help="first N training images (0 = all 60k)")
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=FASHION_MNIST_DIR)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     dm = FashionMNISTDataModule(args.data_dir, batch_size=128, val_size=args.val_size,
@@ -138,7 +138,7 @@ def main() -> None:
     rows.sort(key=lambda r: r["R"])
     stem = args.out / "bench_vit"
     write_csv(f"{stem}.csv", [{**r, "device": device_name("cpu")} for r in rows])
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = shlex.join(["python", "experiments/bench_vit.py", *(sys.argv[1:] if argv is None else argv)])
     md = "\n".join([
         "# ViT on Fashion-MNIST: token reduction vs thinner/shallower ViTs at ~2x and ~3x fewer FLOPs",
         "",

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -149,3 +153,22 @@ def test_bad_arguments_raise(build, match: str) -> None:
 def test_only_dynprune_vits_are_wrapped() -> None:
     with pytest.raises(TypeError, match="VisionTransformer, got Linear"):
         apply_tome(nn.Linear(2, 2), 1)
+
+
+@pytest.mark.slow
+def test_bench_vit_writes_every_arm_at_matched_flops(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_vit", Path(__file__).parent.parent / "experiments"
+                                                  / "bench_vit.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--train-subset", "300", "--val-size", "60", "--test-subset", "100", "--epochs", "1",
+                "--ratios", "2", "--repeats", "1", "--min-run-time", "0.01", "--out", str(tmp_path)])
+    with open(tmp_path / "bench_vit.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["arm"] for r in rows] == ["dense", "ToMe (off the shelf)", "EViT (off the shelf)", "EViT (fine-tuned)",
+                                        "thinner ViT (scratch)", "shallower ViT (scratch)", "token gating (learned)"]
+    for r in rows[1:-1]:
+        assert abs(2 / float(r["flops_ratio"]) - 1) <= 0.03, r
+        assert float(r["speedup_b64/flops_ratio"]) == pytest.approx(float(r["speedup_b64"]) / float(r["flops_ratio"]))
+        assert 0 <= float(r["test_acc"]) <= 100
+    assert rows[0]["device"] and "Command: `python experiments/bench_vit.py" in (tmp_path / "bench_vit.md").read_text()
