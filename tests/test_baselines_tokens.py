@@ -100,12 +100,15 @@ def test_evit_keeps_top_cls_attention_and_fuses_the_rest() -> None:
     model = apply_evit(tiny_vit(), 0.5, [0])
     x, size = torch.randn(2, 5, 3), torch.ones(2, 5)
     cls_attn = torch.tensor([[0.4, 0.1, 0.3, 0.05, 0.15], [0.2, 0.5, 0.1, 0.15, 0.05]])
-    out, new_size = model.reduce(0, x, size, torch.empty(0), cls_attn)
+    spread = torch.tensor([0.02, -0.04, 0.04, 0.01, 0.0])  # heads disagree; their mean decides
+    weights = torch.rand(2, 2, 5, 5)
+    weights[:, 0, 0], weights[:, 1, 0] = cls_attn + spread, cls_attn - spread
+    out, new_size = model.reduce(0, x, size, torch.empty(0), weights)
     assert torch.equal(out[:, 0], x[:, 0])
     assert torch.equal(out[0, 1:3], x[0, [2, 4]]) and torch.equal(out[1, 1:3], x[1, [1, 3]])
     assert_close(out[0, 3], (0.1 * x[0, 1] + 0.05 * x[0, 3]) / 0.15)
     assert torch.equal(new_size, torch.tensor([[1.0, 1, 1, 2], [1, 1, 1, 2]]))
-    assert torch.equal(model.reduce(1, x, size, torch.empty(0), cls_attn)[0], x)  # not a chosen block
+    assert torch.equal(model.reduce(1, x, size, torch.empty(0), weights)[0], x)  # not a chosen block
 
 
 def test_evit_fine_tunes_the_shared_weights() -> None:

@@ -49,12 +49,13 @@ class EViT(TokenReducedViT):
         that a rate k / n keeps k of n tokens despite float error)."""
         return math.ceil(round(self.keep_rate * (tokens - 1), 9))
 
-    def reduce(self, index: int, x: Tensor, size: Tensor, keys: Tensor, cls_attn: Tensor) -> tuple[Tensor, Tensor]:
-        """At a chosen block: CLS, the top tokens by ``cls_attn`` (N, T) in decreasing order and the fused rest
-        -> (N, T', D) and sizes (N, T'); elsewhere the input."""
+    def reduce(self, index: int, x: Tensor, size: Tensor, keys: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """At a chosen block: CLS, the top tokens by the CLS query's attention (``weights`` (N, H, T, T) averaged
+        over heads) in decreasing order and the fused rest -> (N, T', D) and sizes (N, T'); elsewhere the input."""
         k = self.kept(x.shape[1])
         if index not in self.locations or k == x.shape[1] - 1:
             return x, size
+        cls_attn = weights[:, :, 0].mean(dim=1)  # (N, T)
         order = cls_attn[:, 1:].argsort(dim=-1, descending=True) + 1
         top, rest = order[:, :k], order[:, k:]
         parts, sizes = [x[:, :1], gather_tokens(x, top)], [size[:, :1], size.gather(1, top)]

@@ -36,26 +36,23 @@ def _explicit(attn: nn.Module) -> Attention:
 def attend(attn: Attention, x: Tensor, logit_bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Self-attention of (N, T, D) tokens with an optional per-key logit bias (N, T) added before the softmax.
 
-    Returns the output (N, T, D), the keys averaged over heads (N, T, D / heads) and the CLS query's attention
-    probabilities averaged over heads (N, T).
+    Returns the output (N, T, D), the keys (N, H, T, D / H) and the attention probabilities (N, H, T, T), so that a
+    reduction reads what it needs without recomputing it.
     """
     q, k, v = (rearrange(layer(x), "n t (h d) -> n h t d", h=attn.heads) for layer in (attn.q, attn.k, attn.v))
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (N, H, T, T)
     if logit_bias is not None:
         scores = scores + logit_bias[:, None, None, :]
     weights = scores.softmax(dim=-1)
-    out = attn.proj(rearrange(weights @ v, "n h t d -> n t (h d)"))
-    return out, k.mean(dim=1), weights[:, :, 0].mean(dim=1)
+    return attn.proj(rearrange(weights @ v, "n h t d -> n t (h d)")), k, weights
 
 
 class TokenReducedViT(nn.Module):
     """A ViT whose blocks shorten the token sequence after attention: (N, C, S, S) -> logits (N, num_classes).
 
     Subclasses implement :meth:`reduce` (the sequence between a block's attention and its MLP) and
-    :meth:`token_counts`; ``proportional`` adds log token sizes to the attention logits (ToMe).
+    :meth:`token_counts`, and may bias the attention logits by token sizes (:meth:`logit_bias`).
     """
-
-    proportional = False
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -71,9 +68,14 @@ class TokenReducedViT(nn.Module):
         """Number of blocks."""
         return len(self.vit.blocks)
 
-    def reduce(self, index: int, x: Tensor, size: Tensor, keys: Tensor, cls_attn: Tensor) -> tuple[Tensor, Tensor]:
-        """Block ``index``'s shorter sequence: tokens (N, T, D) and sizes (N, T) -> (N, T', D) and (N, T')."""
+    def reduce(self, index: int, x: Tensor, size: Tensor, keys: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """Block ``index``'s shorter sequence: tokens (N, T, D) and sizes (N, T), given the block's attention keys
+        (N, H, T, d) and probabilities (N, H, T, T) -> (N, T', D) and (N, T')."""
         raise NotImplementedError
+
+    def logit_bias(self, index: int, size: Tensor) -> Tensor | None:
+        """A per-key bias (N, T) of block ``index``'s attention logits from the token sizes (N, T); None: none."""
+        return None
 
     def token_counts(self) -> list[tuple[int, int]]:
         """Per block, the tokens its attention and its MLP see (each block's attention sees the previous MLP's)."""
@@ -88,8 +90,8 @@ class TokenReducedViT(nn.Module):
         tokens = self.vit.tokens(x)
         size = tokens.new_ones(tokens.shape[:2])
         for index, (block, attn) in enumerate(zip(self.vit.blocks, self.attns, strict=True)):
-            out, keys, cls_attn = attend(attn, block.norm1(tokens), size.log() if self.proportional else None)
-            tokens, size = self.reduce(index, tokens + out, size, keys, cls_attn)
+            out, keys, weights = attend(attn, block.norm1(tokens), self.logit_bias(index, size))
+            tokens, size = self.reduce(index, tokens + out, size, keys, weights)
             tokens = tokens + block.mlp(block.norm2(tokens))
         return self.vit.head(self.vit.norm(tokens)[:, 0])
 

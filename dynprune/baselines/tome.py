@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from dynprune.baselines.reduce import TokenReducedViT, gather_tokens, pick_for_ratio
 from dynprune.checks import check_number
@@ -30,7 +31,7 @@ def merge_tokens(x: Tensor, size: Tensor, metric: Tensor, r: int) -> tuple[Tenso
     B tokens, each the size-weighted mean of itself and what merged into it.
     """
     with torch.no_grad():
-        unit = metric / metric.norm(dim=-1, keepdim=True)
+        unit = F.normalize(metric, dim=-1)
         scores = unit[:, ::2] @ unit[:, 1::2].transpose(-1, -2)  # (N, |A|, |B|)
         scores[:, 0] = -math.inf  # CLS (token 0, in A) never merges
         best, match = scores.max(dim=-1)
@@ -64,8 +65,6 @@ class ToMe(TokenReducedViT):
     """A ViT that merges ``r[l]`` tokens in block l (an int: the same in every block); weights are shared with the
     wrapped model. (N, C, S, S) -> logits (N, num_classes)."""
 
-    proportional = True
-
     def __init__(self, model: nn.Module, r: int | Sequence[int]) -> None:
         super().__init__(model)
         schedule = [r] * self.depth if isinstance(r, int) else list(r)
@@ -81,9 +80,14 @@ class ToMe(TokenReducedViT):
             tokens -= merges
         self.r = schedule
 
-    def reduce(self, index: int, x: Tensor, size: Tensor, keys: Tensor, cls_attn: Tensor) -> tuple[Tensor, Tensor]:
-        """Merge ``r[index]`` of the (N, T, D) tokens by key similarity -> (N, T - r, D) and sizes (N, T - r)."""
-        return (x, size) if self.r[index] == 0 else merge_tokens(x, size, keys, self.r[index])
+    def logit_bias(self, index: int, size: Tensor) -> Tensor | None:
+        """Proportional attention: log size (N, T) once an earlier block has merged (before, every size is 1)."""
+        return size.log() if any(self.r[:index]) else None
+
+    def reduce(self, index: int, x: Tensor, size: Tensor, keys: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """Merge ``r[index]`` of the (N, T, D) tokens by the similarity of their keys (N, H, T, d), averaged over
+        heads -> (N, T - r, D) and sizes (N, T - r)."""
+        return (x, size) if self.r[index] == 0 else merge_tokens(x, size, keys.mean(dim=1), self.r[index])
 
     def token_counts(self) -> list[tuple[int, int]]:
         """Per block, (tokens in attention, tokens in the MLP)."""
