@@ -15,7 +15,7 @@ from scipy import stats
 
 from dynprune.bench import FairnessError, aggregate, load_config, parse_config, run_point, welch_p, write_outputs
 from dynprune.bench.cli import bench_main, export_sweep, select
-from dynprune.bench.config import BenchConfigError, Point
+from dynprune.bench.config import BenchConfig, BenchConfigError, Point
 from dynprune.bench.run import check_flops, search_width
 from dynprune.bench.table import check_runs
 from dynprune.entry import main as entry_main
@@ -227,6 +227,31 @@ def test_ci_config_runs_end_to_end(tmp_path: Path) -> None:
     before = (tmp_path / "runs" / "thin_R4_s0" / "result.json").stat().st_mtime_ns
     run_point(cfg, cfg.point("thin_R4_s0"), tmp_path / "runs")  # finished: never rerun
     assert (tmp_path / "runs" / "thin_R4_s0" / "result.json").stat().st_mtime_ns == before
+    _check_latency(cfg, tmp_path / "runs", tmp_path / "out", rejected)
+
+
+def _check_latency(cfg: BenchConfig, root: Path, out: Path, rejected: set[str]) -> None:
+    """``--latency`` times saved networks, rebuilds a static/thin architecture without one, refuses to guess a
+    dynamic network without one, and the table carries the speedups (values not asserted: machine-dependent)."""
+    from dynprune.bench.latency import LATENCY, measure_point
+
+    dynamic = next(p for p in cfg.points() if p.kind == "dynamic" and p.id not in rejected)
+    (root / "thin_R4_s1" / "model.pt").unlink()
+    quick = {"batches": (1, 4), "images": 4, "rounds": 1, "min_run_time": 0.01}
+    for point_id, source in (("static-l1_R4_s0", "saved"), ("thin_R4_s1", "rebuilt"), (dynamic.id, "saved")):
+        lat = measure_point(cfg, cfg.point(point_id), root, **quick)
+        assert lat is not None and lat["source"] == source
+        assert json.loads((root / point_id / LATENCY).read_text()) == lat
+        assert lat["b1"]["speedup"] > 0 and lat["b4"]["of_theoretical"] * cfg.point(point_id).ratio == pytest.approx(
+            lat["b4"]["speedup"], rel=0.05)  # theory = 1 / FLOPs ratio, within the 3% of 1/R
+    (root / dynamic.id / "model.pt").unlink()
+    assert measure_point(cfg, dynamic, root, **quick) is None  # its gates decide its time: never rebuilt
+    with pytest.raises(ValueError, match="exceed"):
+        measure_point(cfg, cfg.point("thin_R4_s0"), root, batches=(1, 64), images=4)
+    _, rows = write_outputs(cfg, root, out)
+    timed = {r["method"]: r for r in rows if r["n_timed"]}
+    assert timed["static-l1"]["speedup_b1"] > 0 and timed["thin"]["latency_source"] == "rebuilt"
+    assert "speedup b1 (of theory)" in Path(out / f"{cfg.stem()}.md").read_text()
 
 
 def test_dense_models_of_different_seeds_start_from_different_weights(tmp_path: Path,

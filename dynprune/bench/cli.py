@@ -108,6 +108,9 @@ def bench_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dry-run", action="store_true", help="list the points still to run, run nothing")
     parser.add_argument("--table", action="store_true", help="only rebuild the table from the finished points")
     parser.add_argument("--export-sweep", default=None, metavar="FILE", help="write the points as a wandb sweep YAML")
+    parser.add_argument("--latency", action="store_true",
+                        help="time the finished points (compiled, against their seed's dense model, batch 1 and 64) "
+                             "not yet timed, then rebuild the table; run on a quiet machine")
     parser.add_argument("--point", default=None, help="run this one point in this process (what each job runs)")
     parser.add_argument("--accelerator", choices=("cpu", "gpu", "auto"), default=None,
                         help="override the config's accelerator (not part of a point's spec: results are reused)")
@@ -128,7 +131,13 @@ def bench_main(argv: Sequence[str] | None = None) -> None:
         points = select(cfg.points(), args.only)
     except BenchConfigError as err:
         parser.error(str(err))
-    if args.table:
+    if args.latency:
+        from dynprune.bench.latency import measure_all
+
+        untimed = measure_all(cfg, points, root)
+        if untimed:
+            print(f"not timed (dynamic points finished before models were saved; rerun them): {', '.join(untimed)}")
+    if args.table or args.latency:
         stem, rows = write_outputs(cfg, root, args.out)
         print(f"wrote {stem}.md ({len(rows)} rows)")
         return

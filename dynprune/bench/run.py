@@ -39,6 +39,7 @@ from dynprune.task import QUIET
 RESULT = "result.json"
 REJECTED = "rejected.json"
 DENSE_CKPT = "dense.ckpt"
+MODEL = "model.pt"  # the trained network of a point (pickled nn.Module, gates included): what latency times
 
 
 def device_name(accelerator: str) -> str:
@@ -290,6 +291,13 @@ def _record(cfg: BenchConfig, point: Point, root: Path, result: dict[str, Any]) 
     return record
 
 
+def save_model(model: nn.Module, path: Path) -> None:
+    """Pickle a trained network (on the CPU, gates included) atomically, for :mod:`dynprune.bench.latency`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(model.cpu(), tmp)
+    os.replace(tmp, path)
+
+
 def run_point(cfg: BenchConfig, point: Point, root: str | os.PathLike[str]) -> dict[str, Any]:
     """Run ``point`` unless it already finished with this spec; returns its result record."""
     root = Path(root)
@@ -320,6 +328,7 @@ def run_point(cfg: BenchConfig, point: Point, root: str | os.PathLike[str]) -> d
                         "architecture")
         result = fit_and_evaluate(cfg, module, dm, cfg.own_epochs(arm), out, full)
         check_flops(point, result["val"]["flops_ratio"], cfg.flops_tolerance, "validation mean")
+        save_model(module.model, out / MODEL)
     except FairnessError as err:
         write_json(out / REJECTED, {"point": point.id, "reason": str(err), "chosen": chosen})
         raise

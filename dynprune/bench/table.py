@@ -47,10 +47,33 @@ def collect_runs(cfg: BenchConfig, root: Path) -> list[dict[str, Any]]:
                                                "device", "threads", "teacher", "teacher_digest", "checkpoint_digest",
                                                "chosen", "fit_seconds", "code")}
             line["R"] = float(r)
+            line.update(_latency(root / point.id))
             line.update(split["test"])
             line.update({f"val_{k}": v for k, v in split["val"].items()})
             runs.append(line)
     return runs
+
+
+def _latency(run_dir: Path) -> dict[str, Any]:
+    """A run's measured speedups over its seed's dense model (``latency.json`` of :mod:`dynprune.bench.latency`),
+    empty when it was not timed."""
+    path = run_dir / "latency.json"
+    if not path.is_file():
+        return {}
+    lat = json.loads(path.read_text())
+    out: dict[str, Any] = {"latency_source": lat["source"], "latency_device": lat["device"],
+                           "latency_load_avg": lat["load_avg_1m"]}
+    for key, value in lat.items():
+        if key.startswith("b") and isinstance(value, dict):
+            out[f"speedup_{key}"] = value["speedup"]
+            out[f"of_theory_{key}"] = value["of_theoretical"]
+    return out
+
+
+def _median_of(group: list[dict[str, Any]], key: str) -> float | None:
+    """Median of ``key`` over the runs that have it (rounded), None when none has it."""
+    values = [r[key] for r in group if r.get(key) is not None]
+    return round(statistics.median(values), 3) if values else None
 
 
 def check_runs(cfg: BenchConfig, runs: list[dict[str, Any]]) -> None:
@@ -104,6 +127,12 @@ def aggregate(cfg: BenchConfig, runs: list[dict[str, Any]]) -> list[dict[str, An
             "p90_p10": round(p90 / p10, 4) if p10 > 0 else None,
             "class_spread": round(_mean([r["class_spread"] for r in group]), 4),
             "dynamic_frac": round(_mean([r["dynamic_frac"] for r in group]), 4),
+            "speedup_b1": _median_of(group, "speedup_b1"), "of_theory_b1": _median_of(group, "of_theory_b1"),
+            "speedup_b64": _median_of(group, "speedup_b64"),
+            "n_timed": sum(r.get("speedup_b1") is not None for r in group),
+            "latency_source": " ".join(sorted({r["latency_source"] for r in group if r.get("latency_source")})),
+            "latency_device": "; ".join(sorted({r["latency_device"] for r in group if r.get("latency_device")})),
+            "latency_load_avg": _median_of(group, "latency_load_avg"),
             "best_baseline": None, "delta_vs_best": None, "p_vs_best_baseline": None, "win": False,
             "headline_valid": len(group) >= cfg.min_seeds, "best_dynamic_by_val": False,
             "epochs": g0["epochs"], "total_epochs": g0["total_epochs"], "selected_on": _selected_on(g0["kind"]),
@@ -157,28 +186,35 @@ def aims(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Accuracy (mean +- std over seeds) against the FLOPs ratio reached, one line per method."""
+    """Accuracy (mean +- std over seeds) against the FLOPs ratio reached, one line per method; beside it,
+    against the measured batch-1 speedup over dense (median over the timed seeds) where points were timed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    timed = any(r.get("speedup_b1") is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(13 if timed else 7.5, 4.8), squeeze=False)
+    panels = [("flops_ratio", "mean FLOPs / dense FLOPs (test, gates included)", True)]
+    if timed:
+        panels.append(("speedup_b1", "measured speedup over BN-folded dense, batch 1 (compiled)", False))
     dense = [r for r in rows if r["kind"] == "dense"]
-    if dense:
-        ax.axhline(dense[0]["acc_mean"], color="gray", ls=":", label=f"dense ({dense[0]['acc_mean']:.2f})")
     styles = {"static": "s--", "thin": "^--", "slimmable": "v--", "dynamic": "o-"}
-    for method in sorted({r["method"] for r in rows if r["kind"] != "dense"}):
-        pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["flops_ratio"])
-        ax.errorbar([r["flops_ratio"] for r in pts], [r["acc_mean"] for r in pts],
-                    yerr=[r["acc_std"] or 0 for r in pts], fmt=styles[pts[0]["kind"]], capsize=3, label=method,
-                    alpha=0.85)
-    ax.set_xscale("log")
-    ax.set_xlabel("mean FLOPs / dense FLOPs (test, gates included)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    for ax, (key, label, log) in zip(axes[0], panels, strict=True):
+        if dense:
+            ax.axhline(dense[0]["acc_mean"], color="gray", ls=":", label=f"dense ({dense[0]['acc_mean']:.2f})")
+        for method in sorted({r["method"] for r in rows if r["kind"] != "dense"}):
+            pts = sorted((r for r in rows if r["method"] == method and r.get(key) is not None), key=lambda r: r[key])
+            if pts:
+                ax.errorbar([r[key] for r in pts], [r["acc_mean"] for r in pts], yerr=[r["acc_std"] or 0 for r in pts],
+                            fmt=styles[pts[0]["kind"]], capsize=3, label=method, alpha=0.85)
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(title, fontsize=9)
     save_figure(fig, path)
     plt.close(fig)
     return path
@@ -209,7 +245,12 @@ def header(cfg: BenchConfig, runs: list[dict[str, Any]]) -> str:
         "(scipy.stats.ttest_ind, equal_var=False) against the strongest baseline; `win` needs a higher mean and "
         f"p < {ALPHA}; `headline_valid` needs >= {cfg.min_seeds} seeds on both sides. Wins are bold only when "
         "headline-valid.",
-        f"- **Device:** {'; '.join(devices)}.", ""])
+        f"- **Device:** {'; '.join(devices)}.",
+        "- **Speed:** `speedup b1` / `b64`: the trained network compiled for inference (BN folded; dynamic: only "
+        "the kept compute runs) against the BN-folded dense model of its seed, on the same test images, "
+        "interleaved rounds, median over the timed seeds (`dynprune bench --latency`); `(of theory)` divides by "
+        "1 / FLOPs ratio. Timed on the device of the runs' `latency_device` column in the csv, at "
+        f"{cfg.threads} thread(s).", ""])
 
 
 def _cell(value: Any, spec: str = ".2f") -> str:
@@ -238,7 +279,10 @@ def markdown_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
             "test acc": f"{r['acc_mean']:.2f} ± {_cell(r['acc_std'])}", "val acc": f"{r['val_acc_mean']:.2f}",
             "FLOPs ratio": f"{r['flops_ratio']:.4f}", "achieved R": f"{r['achieved_R']:.2f}",
             "p90/p10": _cell(r["p90_p10"], ".3f"), "class spread": _cell(r["class_spread"], ".3f"),
-            "dyn. units": _cell(r["dynamic_frac"], ".3f"), "vs best baseline": r["best_baseline"] or "–",
+            "dyn. units": _cell(r["dynamic_frac"], ".3f"),
+            "speedup b1 (of theory)": "–" if r["speedup_b1"] is None else
+            f"{r['speedup_b1']:.2f}x ({r['of_theory_b1']:.2f})", "speedup b64": _cell(r["speedup_b64"], ".2f"),
+            "vs best baseline": r["best_baseline"] or "–",
             "Δ pt": _cell(r["delta_vs_best"], "+.2f"), "p (Welch)": _cell(r["p_vs_best_baseline"], ".3g"),
             "win": "yes" if r["win"] else "", "headline": "yes" if r["headline_valid"] else "no",
             "epochs (own/total)": f"{r['epochs']}/{r['total_epochs']}", "note": _note(r)})
@@ -266,5 +310,6 @@ def write_outputs(cfg: BenchConfig, root: str | Path, out: str | Path) -> tuple[
                  f"`dynprune bench {cfg.path} --root {root.parent}`.\n")
     atomic_write(f"{stem}.md", lambda f: f.write("\n".join(parts)))
     if rows:
-        pareto_plot(rows, Path(f"{stem}.png"), f"{cfg.backbone}, {cfg.protocol}: accuracy vs FLOPs (mean +- std)")
+        title = f"{cfg.backbone}, {cfg.protocol}: accuracy vs FLOPs and vs measured speed (mean +- std)"
+        pareto_plot(rows, Path(f"{stem}.png"), title)
     return stem, rows
