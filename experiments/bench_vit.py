@@ -1,0 +1,184 @@
+"""ViT on Fashion-MNIST at ~2x and ~3x fewer FLOPs, in one run: ToMe and EViT top-k off the shelf on a dense ViT,
+EViT fine-tuned, and thinner and shallower ViTs trained from scratch for the same epochs; accuracy, FLOPs
+(FlopCounterMode) and measured CPU latency at batch 1 and 64 (interleaved, torch.utils.benchmark) against the dense
+ViT. The learned token-gating arm (``granularity: token``) has a row per ratio; it runs once that granularity is
+registered (it was not on main when this script was written, so its rows then say so).
+
+Writes ``<out>/bench_vit.{csv,md}``; the md names the device, thread count, load average and exact command.
+
+    nice -n 10 python experiments/bench_vit.py     # ~15-20 min on a loaded 2-core CPU (1 thread)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+
+from dynprune.backbones.vit import VisionTransformer
+from dynprune.baselines import apply_evit, apply_tome, pick_evit_keep_rate, pick_for_ratio, pick_tome_schedule
+from dynprune.bench.run import code_version, device_name
+from dynprune.data import FASHION_MNIST_DIR, FashionMNISTDataModule
+from dynprune.flops import count_flops
+from dynprune.granularity import list_granularities
+from dynprune.io import atomic_write, to_markdown, write_csv
+from dynprune.static import accuracy, compare_latency, finetune
+
+SHAPE = (1, 28, 28)
+DENSE = {"num_classes": 10, "in_chans": 1, "input_size": 28, "patch_size": 4, "dim": 96, "depth": 6, "heads": 3,
+         "mlp_ratio": 4.0, "attention": "explicit"}
+"""configs/fmnist_vit.yaml's backbone (``vit`` at its defaults), spelt out so thin and shallow variants change one
+field."""
+
+
+def train(build: Callable[[], nn.Module], dm: FashionMNISTDataModule, epochs: int, lr: float, seed: int) -> nn.Module:
+    """The model ``build()`` makes after seeding, trained as configs/fmnist_vit.yaml trains the dense ViT
+    (GatedClassifier with gate null, Adam, weight decay 5e-5, cosine over the epochs, gradients clipped at norm 1);
+    returned in eval mode."""
+    L.seed_everything(seed, verbose=False)
+    model = build()
+    model.input_shape = SHAPE
+    return finetune(model, dm, epochs, lr, optimizer="adam", weight_decay=5e-5, trainer={"gradient_clip_val": 1.0})
+
+
+LR_CHOICE = ("Adam's lr, chosen on the validation split (first 8000 training images, 1600 held out) by 300-step "
+             "probes of the dense ViT at batch 32 (1 thread): 3e-4 57.4%%, 1e-3 48.4%%, 3e-3 33.9%% accuracy")
+
+
+def loads() -> str:
+    """The 1, 5 and 15 minute load averages (``uptime``)."""
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[2.0, 3.0], help="target FLOPs reductions")
+    parser.add_argument("--train-subset", type=int, default=8000, help="first N training images (0 = all 60k)")
+    parser.add_argument("--val-size", type=int, default=1600, help="held out of the training subset")
+    parser.add_argument("--test-subset", type=int, default=5000, help="first N test images (0 = all 10k)")
+    parser.add_argument("--epochs", type=int, default=4, help="dense training epochs")
+    parser.add_argument("--finetune-epochs", type=int, default=1,
+                        help="EViT fine-tuning epochs (thin and shallow arms train epochs + this, from scratch)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-4, help=LR_CHOICE)
+    parser.add_argument("--finetune-lr", type=float, default=1e-4)
+    parser.add_argument("--tol", type=float, default=0.03, help="relative FLOPs tolerance of every arm at 1/R")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved latency rounds (minimum kept)")
+    parser.add_argument("--min-run-time", type=float, default=0.3, help="seconds per latency measurement")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", default=FASHION_MNIST_DIR)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    dm = FashionMNISTDataModule(args.data_dir, batch_size=args.batch_size, val_size=args.val_size,
+                                train_subset=args.train_subset, test_subset=args.test_subset, seed=args.seed)
+    total_epochs = args.epochs + args.finetune_epochs
+
+    dense = train(partial(VisionTransformer, **DENSE), dm, args.epochs, args.lr, args.seed)
+    dense_flops = count_flops(dense, SHAPE)[0]
+    arms: list[dict] = [{"R": 1.0, "arm": "dense", "setting": "dim 96, depth 6", "epochs": args.epochs,
+                         "model": dense}]
+
+    def from_scratch(name: str, field: str, values: range, ratio: float) -> dict:
+        """A ViT differing from the dense one in ``field``, FLOPs-matched to ``ratio``, trained ``total_epochs``."""
+        build: Callable[[int], nn.Module] = lambda v: VisionTransformer(**{**DENSE, field: v})  # noqa: E731
+        value, _ = pick_for_ratio(list(values), build, dense, SHAPE, ratio, args.tol)
+        model = train(partial(build, value), dm, total_epochs, args.lr, args.seed)
+        return {"R": ratio, "arm": name, "setting": f"{field} {value}", "epochs": total_epochs, "model": model}
+
+    for ratio in args.ratios:
+        schedule, _ = pick_tome_schedule(dense, ratio, args.tol)
+        rate, _ = pick_evit_keep_rate(dense, ratio, tol=args.tol)
+        evit_ft = train(partial(apply_evit, copy.deepcopy(dense), rate), dm, args.finetune_epochs, args.finetune_lr,
+                        args.seed)
+        evit_setting = f"keep {rate:.3f} at blocks {list(evit_ft.locations)}"
+        arms += [
+            {"R": ratio, "arm": "ToMe (off the shelf)", "setting": f"r per block {schedule}", "epochs": args.epochs,
+             "model": apply_tome(dense, schedule)},
+            {"R": ratio, "arm": "EViT (off the shelf)", "setting": evit_setting, "epochs": args.epochs,
+             "model": apply_evit(dense, rate)},
+            {"R": ratio, "arm": "EViT (fine-tuned)", "setting": f"{evit_setting}, lr {args.finetune_lr:g}",
+             "epochs": total_epochs, "model": evit_ft},
+            from_scratch("thinner ViT (scratch)", "dim", range(DENSE["heads"], DENSE["dim"], DENSE["heads"]), ratio),
+            from_scratch("shallower ViT (scratch)", "depth", range(1, DENSE["depth"]), ratio),
+        ]
+    train_seconds = time.perf_counter() - start
+
+    for arm in arms:
+        arm["flops_M"] = count_flops(arm["model"], SHAPE)[0] / 1e6
+        arm["flops_ratio"] = dense_flops / 1e6 / arm["flops_M"]
+        arm["val_acc"] = 100 * accuracy(arm["model"], dm, "val")
+    test_start = time.perf_counter()
+    for arm in arms:  # the test split, once per arm, after everything was fixed
+        arm["test_acc"] = 100 * accuracy(arm["model"], dm, "test")
+        arm["test_drop_pt"] = arms[0]["test_acc"] - arm["test_acc"]
+    eval_seconds = time.perf_counter() - test_start
+
+    load_before = loads()
+    models = {str(i): arm["model"] for i, arm in enumerate(arms)}
+    for batch in (1, 64):
+        seconds = compare_latency(models, SHAPE, args.repeats, args.min_run_time, batch, args.threads)
+        for i, arm in enumerate(arms):
+            arm[f"ms_b{batch}"] = 1e3 * seconds[str(i)]
+            arm[f"speedup_b{batch}"] = seconds["0"] / seconds[str(i)]
+            arm[f"speedup_b{batch}/flops_ratio"] = arm[f"speedup_b{batch}"] / arm["flops_ratio"]
+    load_after = loads()
+
+    token_state = "registered" if "token" in list_granularities() else "not on main"
+    rows = [{k: v for k, v in arm.items() if k != "model"} for arm in arms]
+    rows += [{"R": ratio, "arm": "token gating (learned)", "setting": f"slot, not run (granularity 'token' "
+              f"{token_state} at run time)"} for ratio in args.ratios]
+    rows.sort(key=lambda r: r["R"])
+    stem = args.out / "bench_vit"
+    write_csv(f"{stem}.csv", [{**r, "device": device_name("cpu")} for r in rows])
+    command = shlex.join(["python", "experiments/bench_vit.py", *(sys.argv[1:] if argv is None else argv)])
+    md = "\n".join([
+        "# ViT on Fashion-MNIST: token reduction vs thinner/shallower ViTs at ~2x and ~3x fewer FLOPs",
+        "",
+        to_markdown(rows),
+        f"- Device: {device_name('cpu')}; code {code_version()}; load average (1, 5, 15 min) {load_before} before "
+        f"and {load_after} after the latency rounds (a shared machine: ratios, measured in one run, are the "
+        "numbers to read).",
+        f"- Data: the first {args.train_subset} Fashion-MNIST training images, {args.val_size} of them held out "
+        f"for validation; the first {args.test_subset} test images. Seed {args.seed}, one seed: no row is a "
+        "headline result and none is bolded.",
+        f"- Dense: configs/fmnist_vit.yaml's ViT (patch 4, 49 tokens + CLS, dim 96, depth 6, 3 heads; "
+        f"{dense_flops / 1e6:.1f} MFLOPs), {args.epochs} epochs at batch {args.batch_size}, Adam lr {args.lr:g}, "
+        "weight decay 5e-5, cosine, clip 1: far from converged (a ViT learns slowly from scratch; the CPU was shared "
+        "by several jobs), so every accuracy here is that of a short budget. ToMe and EViT (off the shelf) reuse "
+        f"its weights training-free; EViT (fine-tuned) trains it {args.finetune_epochs} more epoch(s) with the "
+        f"reduction in place at lr {args.finetune_lr:g}; the thinner "
+        f"and shallower ViTs train from scratch for the same {total_epochs} epochs in total. No teacher for any arm.",
+        f"- FLOPs: FlopCounterMode on one image of each arm's own forward (merging and top-k included); every arm "
+        f"is within {100 * args.tol:g}% of 1/R (the pickers refuse otherwise). The reduction happens between a "
+        "block's attention and its MLP; EViT reduces at blocks floor(i * depth / 4), i = 1, 2, 3 (its 4, 7, 10 of "
+        "12), ToMe merges r tokens per block, capped at what a block can merge.",
+        "- Selection: every token-reduction and width/depth setting is fixed by the FLOPs target; the learning rate "
+        f"was chosen on the validation split ({LR_CHOICE.split(': ', 1)[1].replace('%%', '%')}) and applies to every "
+        "arm trained from scratch; the test accuracy was read once per arm, after everything was fixed.",
+        f"- Latency: torch.utils.benchmark, {args.threads} thread(s), the minimum over {args.repeats} interleaved "
+        f"rounds of {args.min_run_time:g} s medians per arm, batch 1 then batch 64; speedup = dense latency / arm "
+        "latency in the same run, beside its ceiling (the FLOPs ratio): speedup/flops_ratio.",
+        f"- Time: {train_seconds / 60:.1f} min of training, {eval_seconds / 60:.1f} min of testing, "
+        f"{(time.perf_counter() - start) / 60:.1f} min in all.",
+        f"- Command: `{command}`",
+        "",
+    ])
+    atomic_write(f"{stem}.md", lambda f: f.write(md))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
