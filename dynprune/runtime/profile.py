@@ -216,7 +216,8 @@ def profile_latency(
     """A :class:`LatencyTable` of a gated ``model`` (left unchanged), measured through the compiled runtime.
 
     ``input_shape`` (C, H, W) defaults to the shape ``gate_model`` traced; ``batch``: inputs per timed call;
-    ``fractions``: kept fractions of each site's units timed besides 0 and 1 (a block: executed or not);
+    ``fractions``: kept fractions of each site's units timed besides none, one unit and all (a block: executed or
+    not);
     ``rounds`` interleaved rounds of ``torch.utils.benchmark`` blocks of about ``target_s`` seconds each, the
     median kept; ``threads``: torch threads while timing (default: the current count).
     """
@@ -227,7 +228,8 @@ def profile_latency(
         raise ValueError(f"batch and rounds must be >= 1, got batch={batch}, rounds={rounds}")
     bad = [f for f in fractions if not 0 < f < 1]
     if bad:
-        raise ValueError(f"fractions are kept fractions strictly between 0 and 1 (0 and 1 are always timed), got {bad}")
+        raise ValueError(f"fractions are kept fractions strictly between 0 and 1 (none, one unit and all are always "
+                         f"timed), got {bad}")
     per_position = [n for n, s in info.sites.items() if s.layout.per_position]
     if per_position:
         raise NotImplementedError(f"profile_latency times one decision set per input; sites {per_position} decide "
