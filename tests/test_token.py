@@ -19,6 +19,7 @@ from dynprune.cli import cli_main
 from dynprune.granularity import create_granularity
 from dynprune.granularity.token import keep_ratio_for
 from dynprune.runtime import compile_for_inference
+from dynprune.runtime.dispatch import Bucket, Plan
 from dynprune.runtime.tokens import TokenStages
 
 ROOT = Path(__file__).parent.parent
@@ -197,6 +198,63 @@ def test_the_compiled_model_removes_dropped_tokens(attention: str, runtime: str)
     assert_close_rounding(compiled(x), model(x), depth=weight_depth(model))
     kept = dp.collect_masks(model)["blocks.3"][:, :, 0].sum(1)
     assert kept[1] == 1 and len(set(kept.tolist())) > 2
+
+
+class MeanPoolViT(nn.Module):
+    """The tiny ViT read out by the mean of its final tokens (every token reaches the logits)."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+        self.input_shape = vit.input_shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.vit.tokens(x)
+        for block in self.vit.blocks:
+            tokens = block(tokens)
+        return self.vit.head(self.vit.norm(tokens).mean(dim=1))
+
+
+def mixed_gates(model: nn.Module) -> None:
+    """Gate biases spread so the gates' own decisions drop different tokens per input."""
+    with torch.no_grad():
+        for gate in dp.gates_of(model).values():
+            gate.fc2.bias.normal_(0, 1.0, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("readout", ["cls", "mean"])
+def test_both_compiled_paths_give_the_masked_models_output(readout: str) -> None:
+    """Thin (tokens removed) and masked (full sequence, keep mask) paths, own and forced mixed decisions, batch 1
+    and 6; a mean-pooling readout is detected at compile time and takes the masked path on both."""
+    vit = tiny_vit()
+    model = dp.gate_model(MeanPoolViT(vit) if readout == "mean" else vit, "sigmoid", granularity="token",
+                          where=[f"{'vit.' if readout == 'mean' else ''}blocks.{i}" for i in (1, 3)])
+    mixed_gates(model)
+    compiled = compile_for_inference(model, dispatch=())
+    stages = next(m for m in compiled.net.modules() if isinstance(m, TokenStages))
+    assert stages.reads_all is (readout == "mean")
+    x = torch.randn(6, 1, 28, 28)
+    forced = random_keeps(model, 6, seed=5)
+    forced[next(iter(forced))][1] = 0.0  # one input keeps the CLS token alone
+    for path in ("thin", "masked"):
+        compiled.pin(path)
+        for n in (1, 6):
+            for decisions in (dict.fromkeys(forced), {k: v[:n] for k, v in forced.items()}):
+                force([model, compiled], decisions)
+                assert_close_rounding(compiled(x[:n]), model(x[:n]), depth=weight_depth(model))
+    assert stages.masked  # the last call took the masked path
+
+
+def test_the_dispatch_plan_routes_each_batch_size_to_its_path() -> None:
+    model = token_vit(where=["blocks.1", "blocks.3"])
+    mixed_gates(model)
+    compiled = compile_for_inference(model, dispatch=())
+    stages = compiled.net.blocks[1]
+    compiled.plan = Plan({1: Bucket(1, thin_ms=2.0, masked_ms=1.0), 8: Bucket(8, thin_ms=1.0, masked_ms=2.0)})
+    x = torch.randn(8, 1, 28, 28)
+    for batch, masked in ((1, True), (8, False), (2, True), (6, False)):
+        assert_close_rounding(compiled(x[:batch]), model(x[:batch]), depth=weight_depth(model))
+        assert stages.masked is masked
 
 
 def test_flopcountermode_over_the_compiled_model_counts_the_kept_tokens_and_the_gates_on_them() -> None:

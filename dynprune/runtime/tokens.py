@@ -13,6 +13,17 @@ the loop at batch 8 and 64 (the loop pays per-input dispatch that short sequence
 batch 2), and at batch 64 groups beat one padded batch, most when half of the inputs keep every token and half the
 CLS token alone. The output keeps each input's tokens in their original order, the CLS token first, padded after
 (so a model that reads the CLS token gives the masked model's output; ``compile_for_inference`` checks it).
+
+The masked path (``set_masked(True)``, see :mod:`dynprune.runtime.dispatch`) runs every block on the full sequence
+with the cumulative keep mask, as the masked model does, and outputs every token in its original position (a
+dropped token holds what the masked model holds there: it still attends to the kept tokens and itself). The
+dispatch takes it where dropping tokens does not pay (e.g. batch 1 of a small model, where the gathers cost more
+than the blocks save).
+
+Readouts: the first call of the compiled model (its check in ``compile_for_inference``) probes whether the network
+after the chain reads any token but the CLS tokens (it perturbs them and compares the outputs). If it does (e.g.
+mean pooling), the chain always takes the masked path: in the masked model a dropped token keeps attending to every
+kept token, so its exact output costs a full sequence, and the thin path would save nothing.
 """
 
 from __future__ import annotations
@@ -42,7 +53,8 @@ def with_cls(keep: Tensor, cls_tokens: int) -> Tensor:
 
 class TokenStages(nn.Module):
     """A chain of transformer blocks run on the tokens each input keeps: (N, T, D) -> (N, T', D), T' the most
-    tokens any input keeps after the last site (each input's kept tokens first, in order; padding after).
+    tokens any input keeps after the last site (each input's kept tokens first, in order; padding after); on the
+    masked path, or when the readout reads more than the CLS tokens, (N, T, D) as the masked model.
 
     Args:
         blocks: the chain's blocks, in call order (each ``block(x, keep=None)``).
@@ -59,11 +71,34 @@ class TokenStages(nn.Module):
         self.gates = nn.ModuleDict({str(i): g for i, g in gates.items()})
         self.inline = {i: se_gate(g) for i, g in gates.items()}  # stage -> its gate's SE net may be inlined
         self.cls_tokens, self.batch_runtime = cls_tokens, batch_runtime
+        self.masked = False
+        self.reads_all: bool | None = None
+        """Whether the readout reads tokens other than the CLS tokens (None: not probed yet; masked path until)."""
+
+    def set_masked(self, on: bool) -> None:
+        """Take the masked path (``on``: every token through every block with the keep mask, in original positions)
+        or the thin one (the dropped tokens removed; the masked path regardless where the readout reads them)."""
+        self.masked = on
 
     def forward(self, x: Tensor) -> Tensor:
-        """(N, T, D) -> (N, T', D): the blocks run on the kept tokens only."""
+        """(N, T, D) -> (N, T', D): the blocks run on the kept tokens only (thin path, CLS-only readout), or
+        (N, T, D) on every token with the keep mask (masked path)."""
+        rows = torch.arange(len(x), device=x.device)
         index = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-        return self._run(x, index, None, torch.arange(len(x), device=x.device), 0, fresh=True)
+        if self.masked or self.reads_all is not False:
+            return self._masked(x, index, rows)
+        return self._run(x, index, None, rows, 0, fresh=True)
+
+    def _masked(self, x: Tensor, index: Tensor, rows: Tensor) -> Tensor:
+        """(N, T, D) -> (N, T, D) as the masked model: each block on every token, the dropped ones (the cumulative
+        keep mask) masked out of attention as keys; no mask while every token is kept."""
+        keep = None
+        for i, block in enumerate(self.blocks):
+            if i in self.inline:
+                decided = self._decide(i, x, index, None, rows)
+                keep = decided if keep is None else keep & decided
+            x = block(x) if keep is None or bool(keep.all()) else block(x, keep=keep)
+        return x
 
     def _decide(self, i: int, x: Tensor, index: Tensor, valid: Tensor | None, rows: Tensor) -> Tensor:
         """Kept tokens (N, T) as bools at stage ``i``: its gate's hard decisions on ``x``, or its forced decisions
@@ -144,3 +179,31 @@ class TokenExecutor(Executor):
             set_submodule(net, blocks[0], stages)
             for block in blocks[1:]:
                 set_submodule(net, block, nn.Identity())
+        probe = ReadoutProbe([m for m in net.modules() if isinstance(m, TokenStages)])
+        probe.handle = net.register_forward_pre_hook(probe)
+
+
+class ReadoutProbe:
+    """One-shot forward pre-hook of a compiled network: on its first call, sets each :class:`TokenStages`'s
+    ``reads_all`` by whether adding 1 to the chain's non-CLS outputs changes the network's output."""
+
+    def __init__(self, stages: list[TokenStages]) -> None:
+        self.stages = stages
+        self.handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def __call__(self, net: nn.Module, args: tuple[Tensor, ...]) -> None:
+        self.handle.remove()
+        for stages in self.stages:
+            stages.reads_all = None  # masked path: every token in its original position
+        base = net(*args)
+        found = []
+        for stages in self.stages:
+            cls = stages.cls_tokens
+            shift = stages.register_forward_hook(lambda _m, _a, out, cls=cls: torch.cat([out[:, :cls],
+                                                                                         out[:, cls:] + 1], 1))
+            try:
+                found.append(not torch.equal(net(*args), base))
+            finally:
+                shift.remove()
+        for stages, reads in zip(self.stages, found, strict=True):
+            stages.reads_all = reads
