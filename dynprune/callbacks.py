@@ -39,7 +39,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"FLOPs report ({report['stage']}, {report['inputs']} inputs; FLOPs = 2 x MACs, per input)",
         f"  dense backbone : {report['dense_flops'] / 1e6:10.3f} MFLOPs",
-        f"  gates          : {report['gate_flops'] / 1e6:10.3f} MFLOPs (not in the ratios below)",
+        f"  gates          : {report['gate_flops'] / 1e6:10.3f} MFLOPs (mean per input; not in the ratios below)",
         f"  effective mean : {s['flops_mean'] / 1e6:10.3f} MFLOPs  ({s['flops_mean_ratio']:.1%} of dense,"
         f" {s['flops_saved']:.1%} saved)",
         f"  p10 / p50 / p90: {s['flops_p10'] / 1e6:.3f} / {s['flops_p50'] / 1e6:.3f} / {s['flops_p90'] / 1e6:.3f}"
@@ -165,12 +165,13 @@ class FlopsCallback(L.Callback):
         target = hparams.get("target") if masks else None
         info = getattr(getattr(pl_module, "model", None), "dynprune", None)
         sections = report_sections(info.sites, masks) if info is not None else {}  # each granularity's own
+        gates = profile.gates({n: m.float() for n, m in masks.items()}).mean().item() if masks else profile.gate_flops
         missed = target is not None and abs(summary["flops_mean_ratio"] - target) > TARGET_TOLERANCE
         layers = [{"layer": lay.name, "gated": lay.gated, "keep": keep.get(lay.name),
                    "dense_flops": lay.dense, "effective_flops": layer_eff.get(lay.name, lay.dense)}
                   for lay in profile.layers]
         report = {"stage": stage, "inputs": int(flops.numel()), "dense_flops": profile.dense_total,
-                  "gate_flops": profile.gate_flops, "summary": summary, "layers": layers,
+                  "gate_flops": gates, "summary": summary, "layers": layers,
                   "epoch": trainer.current_epoch, "target": target, "target_missed": missed,
                   "dependence": dependence, "sections": sections}
         self.reports[stage] = report

@@ -72,6 +72,8 @@ class FlopsSite(Protocol):
 
     def flops_terms(self, mask: Tensor) -> Any: ...  # a dynprune.granularity.FlopsTerms
 
+    def gate_reads(self, masks: dict[str, Tensor]) -> Tensor | None: ...
+
 
 @dataclass
 class LayerFlops:
@@ -101,9 +103,12 @@ class FlopsProfile:
     dense_total: int
     layers: list[LayerFlops]
     gate_flops: int = 0
+    """The gates' own FLOPs when each reads its whole input (what the masked model runs)."""
     sites: dict[str, FlopsSite] = field(default_factory=dict)
     dependents: dict[str, list[str]] = field(default_factory=dict)
     modules: dict[str, int] = field(default_factory=dict)
+    site_gates: dict[str, int] = field(default_factory=dict)
+    """{site: its gate's FLOPs on its whole input} (part of ``gate_flops``)."""
     other: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -199,6 +204,17 @@ class FlopsProfile:
     def effective(self, masks: dict[str, Tensor]) -> Tensor:
         """Effective backbone FLOPs per input (N,), excluding the gates' own FLOPs."""
         return self.total(self.per_layer(masks))
+
+    def gates(self, masks: dict[str, Tensor]) -> Tensor:
+        """The gates' own FLOPs per input (N,): each site's gate on the part of its input it reads (e.g. a token
+        gate on the tokens still kept, as the compiled model runs it), the rest of ``gate_flops`` as counted."""
+        first = next(iter(masks.values()))
+        total = torch.full((first.shape[0],), float(self.gate_flops), device=first.device)
+        for name, flops in self.site_gates.items():
+            reads = self.sites[name].gate_reads(masks)
+            if reads is not None:
+                total = total - flops * (1 - reads)
+        return total
 
     def ratio(self, masks: dict[str, Tensor]) -> Tensor:
         """Effective backbone FLOPs / dense backbone FLOPs, per input (N,)."""

@@ -195,8 +195,9 @@ def gate_model(
     order = {n: i.order for n, i in trace.modules.items()}
     sites = dict(sorted(sites.items(), key=lambda kv: order.get(kv[0], -1)))
     profile = dense.with_sites(sites, {n: s.units for n, s in sites.items()})
-    gated_total, _ = count_flops(model, example)
+    gated_total, per_module = count_flops(model, example)
     profile.gate_flops = gated_total - profile.dense_total
+    profile.site_gates = {n: per_module.get(s.gate_path, 0) for n, s in sites.items()}
     bypassed = [n for n, s in sites.items() if s.owner.skips_when_closed(s, trace.layers)]
     info = GatingInfo(sites, trace.layers, trace.modules, profile, switch, bypassed, skipped, example)
     model.dynprune = info

@@ -73,7 +73,8 @@ class LatencyReport(L.Callback):
         gated = copy.deepcopy(pl_module.model).cpu().eval()
         gated(images)  # the decisions these images get: their effective FLOPs, plus the gates' own
         profile = pl_module.profile
-        ratio = (profile.effective(collect_masks(gated)).mean().item() + profile.gate_flops) / profile.dense_total
+        masks = collect_masks(gated)
+        ratio = (profile.effective(masks) + profile.gates(masks)).mean().item() / profile.dense_total
         threads = torch.get_num_threads()
         torch.set_num_threads(self.threads)  # the path is chosen at the thread count that is timed
         try:

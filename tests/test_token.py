@@ -258,8 +258,9 @@ def test_the_dispatch_plan_routes_each_batch_size_to_its_path() -> None:
 
 
 def test_flopcountermode_over_the_compiled_model_counts_the_kept_tokens_and_the_gates_on_them() -> None:
-    """Batch 1, own decisions: the compiled count is the reported effective FLOPs plus each gate's FLOPs per token
-    times the tokens it reads (all of them at the first site, the ones kept so far at the next)."""
+    """Batch 1, own decisions: the compiled count is the reported effective FLOPs plus the reported gate FLOPs,
+    each gate's FLOPs per token times the tokens it reads (all of them at the first site, the ones kept so far at
+    the next)."""
     model = token_vit(where=["blocks.1", "blocks.3"])
     with torch.no_grad():
         for i, gate in enumerate(dp.gates_of(model).values()):
@@ -276,6 +277,7 @@ def test_flopcountermode_over_the_compiled_model_counts_the_kept_tokens_and_the_
         compiled(x)
     expected = model.dynprune.flops.effective(masks) + per_token * read
     assert counter.get_total_flops() == pytest.approx(float(expected), rel=1e-9)
+    assert float(model.dynprune.flops.gates(masks)) == pytest.approx(float(per_token * read), rel=1e-9)
 
 
 @pytest.mark.slow

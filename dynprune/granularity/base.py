@@ -121,6 +121,10 @@ class Site:
         """The decisions (N, units) that take effect (e.g. a width unit only when the narrower ones are on)."""
         return self.owner.effective(self, decisions)
 
+    def gate_reads(self, masks: dict[str, Tensor]) -> Tensor | None:
+        """The fraction of its input (N,) the site's gate reads, given every site's decisions (None: all of it)."""
+        return self.owner.gate_reads(self, masks)
+
 
 @dataclass
 class TermBatch:
@@ -182,6 +186,11 @@ class Granularity(ABC):
     def effective(self, site: Site, decisions: Tensor) -> Tensor:
         """The decisions that take effect; every unit acts on its own unless a granularity nests them."""
         return decisions
+
+    def gate_reads(self, site: Site, masks: dict[str, Tensor]) -> Tensor | None:
+        """The fraction of its input (N,) the site's gate reads, from the decisions of every site ``masks``
+        (e.g. only the tokens an earlier site kept); None (the default): all of it."""
+        return None
 
     def skips_when_closed(self, site: Site, layers: dict[str, LayerInfo]) -> bool:
         """Whether every unit off skips work (a residual branch, a block, a narrowest width) instead of

@@ -251,6 +251,13 @@ class TokenGranularity(ModuleGranularity):
         """The kept tokens (N, T): for the input-dependence report, the units of a token site are its tokens."""
         return decisions.flatten(1)
 
+    def gate_reads(self, site: Site, masks: dict[str, Tensor]) -> Tensor | None:
+        """The fraction of the tokens (N,) the site's gate reads: those the chain's previous site kept (the
+        compiled model runs it on them only); None at the first site (all of them)."""
+        names = [b for b in site.chain.blocks if b in site.chain.sites]
+        at = names.index(site.name)
+        return masks[names[at - 1]].flatten(1).mean(dim=1) if at else None
+
     def skips_when_closed(self, site: Site, layers: dict[str, LayerInfo]) -> bool:
         """Every decision off keeps the CLS token alone: less work, never a cut network."""
         return True
@@ -317,7 +324,7 @@ def keep_ratio_for(model: nn.Module, ratio: float, rel_tol: float = 0.03) -> flo
             mask = torch.zeros(1, tokens, 1)
             mask[:, :cls + round(r ** s * (tokens - cls))] = 1.0
             masks[site.name] = mask
-        return (float(info.flops.effective(masks)) + info.flops.gate_flops) / info.flops.dense_total
+        return float(info.flops.effective(masks) + info.flops.gates(masks)) / info.flops.dense_total
 
     low, high = 0.0, 1.0  # flops(r) grows with r
     for _ in range(40):

@@ -103,11 +103,13 @@ class TokenStages(nn.Module):
     def _decide(self, i: int, x: Tensor, index: Tensor, valid: Tensor | None, rows: Tensor) -> Tensor:
         """Kept tokens (N, T) as bools at stage ``i``: its gate's hard decisions on ``x``, or its forced decisions
         (one row per input, or one for all) read at the original positions ``index`` (N, T) of the original inputs
-        ``rows`` (N,); the CLS tokens kept, padding dropped."""
+        ``rows`` (N,); the CLS tokens kept, padding dropped. A forced gate still runs its network, as
+        ``Gate.forward`` does: forcing changes what it decides, not what it costs."""
         gate = self.gates[str(i)]
         if gate.forced is None:
             keep = decide(gate, x, self.inline[i])[0][..., 0]
         else:
+            gate.logits(x)
             forced = gate.forced[..., 0]  # (), (N,) or (N or 1, T_original)
             forced = forced.reshape(-1, 1) if forced.dim() < 2 else forced
             forced = forced[rows] if len(forced) > 1 else forced.expand(len(x), -1)
