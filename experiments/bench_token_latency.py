@@ -6,9 +6,12 @@ layer's bias) so that each keeps ``--keep`` of the patch tokens still present on
 from the features (so inputs keep different numbers of tokens, as a trained model's do). Arms, interleaved:
 
 - ``dense``: ``compile_for_inference`` of the ungated ViT (the baseline of every speedup);
-- ``token pad`` / ``token group`` / ``token loop``: the compiled token-gated ViT, inputs with different keep counts
-  padded to the longest and masked, sorted by count and padded per group of 16, or run one at a time (one arm at
-  batch 1, where all gather);
+- ``token pad`` / ``token group`` / ``token loop``: the compiled token-gated ViT pinned to its thin path (dropped
+  tokens removed), inputs with different keep counts padded to the longest and masked, sorted by count and padded
+  per group of 16, or run one at a time (one arm, ``token thin``, at batch 1, where all gather);
+- ``token masked``: pinned to its masked path (every token through every block with the keep mask);
+- ``token dispatch``: what a user runs, the default runtime (``group``) dispatched per call by the plan
+  ``compile_for_inference`` measured at batch 1, 8 and 64 on the calibration inputs (recorded in the MD);
 - ``skewed``: batches of 2, 8 and 64 with half of the inputs keeping every token and half only the CLS token (forced
   decisions, gates idle): where padding wastes most, to choose the default runtime.
 
@@ -120,7 +123,11 @@ def main() -> None:
         torch.manual_seed(1)  # the same gates for both runtimes
         model = dp.gate_model(copy.deepcopy(dense), "sigmoid", granularity={"token": {"batch_runtime": runtime}})
         fractions = calibrate(model, torch.randn(256, *SHAPE, generator=torch.Generator().manual_seed(2)), args.keep)
-        compiled[runtime] = compile_for_inference(model)
+        compiled[runtime] = compile_for_inference(model, dispatch=()).pin("thin")
+        if runtime == "group":
+            masked = compile_for_inference(model, dispatch=()).pin("masked")
+            auto = compile_for_inference(model, dispatch=(1, 8, 64), example=torch.randn(
+                256, *SHAPE, generator=torch.Generator().manual_seed(3)))
     sites = list(compiled["pad"].site_gates)
     dense_c = compile_for_inference(dense, SHAPE)
     dense_flops = flops(dense_c, torch.zeros(1, *SHAPE))
@@ -140,12 +147,15 @@ def main() -> None:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             run_forced(compiled["loop"], forced, x)  # each input's kept tokens only
         per_input = counter.get_total_flops() / batch
-        for runtime in BATCH_RUNTIMES if batch > GROUP else ("pad", "loop") if batch > 1 else ("pad",):
-            label = f"{case}token {runtime}" if batch > 1 else "token"
-            arms[(batch, label)] = lambda m=compiled[runtime], f=forced, x=x: run_forced(m, f, x)
+        runtimes = BATCH_RUNTIMES if batch > GROUP else ("pad", "loop") if batch > 1 else ("pad",)
+        runs = {f"token {r}" if batch > 1 else "token thin": compiled[r] for r in runtimes}
+        runs.update({"token masked": masked, "token dispatch": auto})
+        for name, model in runs.items():
+            label = f"{case}{name}"
+            arms[(batch, label)] = lambda m=model, f=forced, x=x: run_forced(m, f, x)
             theory[(batch, label)] = dense_flops / per_input
             with FlopCounterMode(display=False) as counter, torch.no_grad():
-                run_forced(compiled[runtime], forced, x)
+                run_forced(model, forced, x)
             executed[(batch, label)] = dense_flops * batch / counter.get_total_flops()
     load_before = load()
     times = paired_times(arms, args.rounds)
@@ -154,7 +164,9 @@ def main() -> None:
     for (batch, label), ms in times.items():
         base = times[(batch, "skewed dense" if label.startswith("skewed") else "dense")]
         speedup = statistics.median(b / t for b, t in zip(base, ms, strict=True))
-        rows.append({"batch": batch, "arm": label, "ms": round(statistics.median(ms), 4),
+        path = auto.plan.path(batch) if label.endswith("dispatch") else "masked" if "masked" in label else (
+            "" if label.endswith("dense") else "thin")
+        rows.append({"batch": batch, "arm": label, "path": path, "ms": round(statistics.median(ms), 4),
                      "ms_per_input": round(statistics.median(ms) / batch, 4), "speedup": round(speedup, 3),
                      "theoretical": round(theory[(batch, label)], 3),
                      "achieved_over_theoretical": round(speedup / theory[(batch, label)], 3),
@@ -169,8 +181,13 @@ def main() -> None:
     stem = Path(args.out or RESULTS / ("token_latency" + (f"_dim{dim}" if dim != 96 else "")))
     write_csv(f"{stem}.csv", rows)
     table = to_markdown([{k: v for k, v in r.items() if not k.startswith("load")} for r in rows])
-    atomic_write(f"{stem}.md", lambda f: f.write(f"# Token gating: measured latency\n\n{header}\n\n{table}"))
+    plan = to_markdown([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+                        for r in auto.plan.rows()])
+    atomic_write(f"{stem}.md", lambda f: f.write(f"# Token gating: measured latency\n\n{header}\n\n{table}\n"
+                                                 f"\n## Dispatch plan of `token dispatch` (measured at compile time, "
+                                                 f"1 thread)\n\n{plan}"))
     print(header)
+    print(auto.plan)
     print(table)
 
 

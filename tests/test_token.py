@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dynprune as dp
 from dynprune.backbones import create
-from dynprune.backbones.vit import Block
+from dynprune.backbones.vit import Block, attention_allowed
 from dynprune.cli import cli_main
 from dynprune.granularity import create_granularity
 from dynprune.granularity.token import keep_ratio_for
@@ -151,14 +151,18 @@ def test_dropped_tokens_are_masked_out_of_attention_in_training_not_zeroed() -> 
 
 @pytest.mark.parametrize("attention", ["explicit", "torch"])
 def test_a_bool_keep_mask_masks_the_same_keys_as_the_float_one(attention: str) -> None:
-    """The runtime passes bool masks (masked before the softmax); training passes floats (DynamicViT's policy)."""
+    """The runtime passes bool masks (masked before the softmax; or attention_allowed's (N, 1, T, T) of them, made
+    once for several blocks); training passes floats (DynamicViT's policy)."""
     torch.manual_seed(0)
     block = Block(24, 3, 4.0, attention).eval()
     x = torch.randn(3, 9, 24)
     keep = torch.rand(3, 9) < 0.5
     keep[:, 0] = True
     assert_close_rounding(block(x, keep=keep), block(x, keep=keep.float()), depth=6)
+    assert torch.equal(block(x, keep=attention_allowed(keep)), block(x, keep=keep))
     assert not torch.allclose(block(x, keep=keep), block(x))
+    with pytest.raises(ValueError, match="keep mask has shape"):
+        block(x, keep=attention_allowed(keep).float())
 
 
 def test_the_ratio_loss_pulls_each_sites_kept_fraction_to_its_target() -> None:

@@ -63,15 +63,18 @@ def attention_policy(keep: Tensor) -> Tensor:
 
 
 def _check_keep(keep: Tensor, x: Tensor) -> None:
-    if keep.shape != x.shape[:2]:
-        raise ValueError(f"keep mask has shape {tuple(keep.shape)}; expected (N, T) = {tuple(x.shape[:2])}")
+    n, t = x.shape[:2]
+    if keep.shape != (n, t) and not (keep.dtype == torch.bool and keep.shape == (n, 1, t, t)):
+        raise ValueError(f"keep mask has shape {tuple(keep.shape)}; expected (N, T) = {(n, t)}, or bools "
+                         f"(N, 1, T, T) = {(n, 1, t, t)} (attention_allowed's)")
 
 
 class Attention(nn.Module):
     """Multi-head self-attention with separate ``q``, ``k``, ``v`` and ``proj`` layers: (N, T, D) -> (N, T, D).
 
     ``keep`` (N, T) in [0, 1] re-weights keys as DynamicViT's softmax with policy does (0: masked out of every
-    other token's attention; differentiable in ``keep``); a bool ``keep`` masks the same keys out before the
+    other token's attention; differentiable in ``keep``); a bool ``keep`` (N, T), or the (N, 1, T, T) bools
+    :func:`attention_allowed` makes of it (computed once for several blocks), masks the same keys out before the
     softmax instead (the same weights in fewer passes, for inference); ``causal`` hides later positions; a ``cache``
     (:class:`KVCache`) makes ``x`` the next positions of a sequence whose earlier keys and values it holds.
     """
@@ -113,7 +116,7 @@ class Attention(nn.Module):
         if keep is not None:
             _check_keep(keep, x)
         if keep is not None and keep.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_allowed(keep), float("-inf"))
+            scores = scores.where(keep if keep.dim() == 4 else attention_allowed(keep), float("-inf"))
         weights = scores.softmax(dim=-1)
         if keep is not None and keep.dtype != torch.bool:
             weights = weights * attention_policy(keep.to(weights.dtype))
@@ -134,12 +137,15 @@ class TorchAttention(nn.Module):
         self.mha = nn.MultiheadAttention(dim, heads)
 
     def forward(self, x: Tensor, keep: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        """(N, T, D) -> (N, T, D); ``keep`` (N, T) of 0/1 or None."""
+        """(N, T, D) -> (N, T, D); ``keep`` (N, T) of 0/1, attention_allowed's (N, 1, T, T) bools, or None."""
         if cache is not None:
             raise ValueError("attention='torch' has no KV cache; use attention='explicit'")
         n, t = x.shape[:2]
         blocked = torch.zeros(n, 1, t, t, dtype=torch.bool, device=x.device)
-        if keep is not None:
+        if keep is not None and keep.dim() == 4:  # attention_allowed's (N, 1, T, T)
+            _check_keep(keep, x)
+            blocked = ~keep
+        elif keep is not None:
             _check_keep(keep, x)
             if ((keep != 0) & (keep != 1)).any():
                 raise ValueError("attention='torch' takes hard keep masks (0/1); use attention='explicit' for "
@@ -181,7 +187,8 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, round(dim * mlp_ratio))
 
     def forward(self, x: Tensor, keep: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        """(N, T, D) -> (N, T, D); ``keep`` (N, T) masks tokens out of attention (None: all kept)."""
+        """(N, T, D) -> (N, T, D); ``keep`` (N, T) (or :func:`attention_allowed`'s (N, 1, T, T)) masks tokens out
+        of attention (None: all kept)."""
         x = x + self.attn(self.norm1(x), keep, cache)
         return x + self.mlp(self.norm2(x))
 

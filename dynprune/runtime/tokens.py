@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from dynprune.backbones.vit import attention_allowed
 from dynprune.gates.base import Gate
 from dynprune.runtime.decide import decide, se_gate
 from dynprune.runtime.executor import Executor
@@ -83,24 +84,27 @@ class TokenStages(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(N, T, D) -> (N, T', D): the blocks run on the kept tokens only (thin path, CLS-only readout), or
         (N, T, D) on every token with the keep mask (masked path)."""
-        rows = torch.arange(len(x), device=x.device)
-        index = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        rows = index = None  # where each token came from: read by forced decisions only
+        if any(gate.forced is not None for gate in self.gates.values()):
+            rows = torch.arange(len(x), device=x.device)
+            index = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         if self.masked or self.reads_all is not False:
             return self._masked(x, index, rows)
         return self._run(x, index, None, rows, 0, fresh=True)
 
-    def _masked(self, x: Tensor, index: Tensor, rows: Tensor) -> Tensor:
+    def _masked(self, x: Tensor, index: Tensor | None, rows: Tensor | None) -> Tensor:
         """(N, T, D) -> (N, T, D) as the masked model: each block on every token, the dropped ones (the cumulative
-        keep mask) masked out of attention as keys; no mask while every token is kept."""
-        keep = None
+        keep mask) masked out of attention as keys (the attention mask made once per site)."""
+        keep = allowed = None
         for i, block in enumerate(self.blocks):
             if i in self.inline:
                 decided = self._decide(i, x, index, None, rows)
                 keep = decided if keep is None else keep & decided
-            x = block(x) if keep is None or bool(keep.all()) else block(x, keep=keep)
+                allowed = attention_allowed(keep)
+            x = block(x, keep=allowed)
         return x
 
-    def _decide(self, i: int, x: Tensor, index: Tensor, valid: Tensor | None, rows: Tensor) -> Tensor:
+    def _decide(self, i: int, x: Tensor, index: Tensor | None, valid: Tensor | None, rows: Tensor | None) -> Tensor:
         """Kept tokens (N, T) as bools at stage ``i``: its gate's hard decisions on ``x``, or its forced decisions
         (one row per input, or one for all) read at the original positions ``index`` (N, T) of the original inputs
         ``rows`` (N,); the CLS tokens kept, padding dropped. A forced gate still runs its network, as
@@ -117,16 +121,18 @@ class TokenStages(nn.Module):
         keep[:, :self.cls_tokens] = True
         return keep if valid is None else keep & valid
 
-    def _run(self, x: Tensor, index: Tensor, valid: Tensor | None, rows: Tensor, start: int, fresh: bool) -> Tensor:
+    def _run(self, x: Tensor, index: Tensor | None, valid: Tensor | None, rows: Tensor | None, start: int,
+             fresh: bool) -> Tensor:
         """Blocks ``start``... on tokens ``x`` (N, T, D) of the original inputs ``rows`` (N,) at original positions
-        ``index`` (N, T), ``valid`` (N, T) marking real tokens (None: all); ``fresh``: block ``start``'s gate has
-        not decided yet."""
+        ``index`` (N, T) (both None when no gate is forced), ``valid`` (N, T) marking real tokens (None: all);
+        ``fresh``: block ``start``'s gate has not decided yet."""
         for i in range(start, len(self.blocks)):
             if i in self.inline and (fresh or i > start):
                 keep = self._decide(i, x, index, valid, rows)
                 if len(x) == 1:  # one input: index the kept tokens, no bookkeeping
                     kept = keep[0].nonzero().squeeze(1)
-                    x, index = x.index_select(1, kept), index.index_select(1, kept)
+                    x = x.index_select(1, kept)
+                    index = None if index is None else index.index_select(1, kept)
                 else:
                     counts = keep.sum(dim=1)
                     size = {"pad": len(x), "group": GROUP, "loop": 1}[self.batch_runtime]
@@ -136,21 +142,22 @@ class TokenStages(nn.Module):
             x = self.blocks[i](x) if valid is None else self.blocks[i](x, keep=valid)
         return x
 
-    def _groups(self, x: Tensor, index: Tensor, keep: Tensor, counts: Tensor, rows: Tensor, i: int,
+    def _groups(self, x: Tensor, index: Tensor | None, keep: Tensor, counts: Tensor, rows: Tensor | None, i: int,
                 size: int) -> Tensor:
         """Blocks ``i``... per group of ``size`` inputs of similar kept counts (sorted), each padded to its own
         longest; the outputs back in input order, padded to the longest."""
         order = counts.argsort(descending=True, stable=True)
         outs = []
         for part in order.split(size):
-            xs, idx, valid = _gather(x[part], index[part], keep[part], counts[part])
-            outs.append(self._run(xs, idx, valid, rows[part], i, fresh=False))
+            xs, idx, valid = _gather(x[part], None if index is None else index[part], keep[part], counts[part])
+            outs.append(self._run(xs, idx, valid, None if rows is None else rows[part], i, fresh=False))
         return _stack_padded(outs)[order.argsort()]
 
 
-def _gather(x: Tensor, index: Tensor, keep: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+def _gather(x: Tensor, index: Tensor | None, keep: Tensor,
+            counts: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Each input's kept tokens first, in order, padded to the most kept: (tokens (N, T', D), their original
-    positions (N, T'), which are real (N, T'), None when every input keeps T')."""
+    positions (N, T'; None for ``index`` None), which are real (N, T'), None when every input keeps T')."""
     width = int(counts.max())
     if bool((counts == width).all()):
         order = keep.nonzero()[:, 1].view(len(x), width)
@@ -158,7 +165,8 @@ def _gather(x: Tensor, index: Tensor, keep: Tensor, counts: Tensor) -> tuple[Ten
     else:
         order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :width]
         valid = torch.arange(width, device=x.device) < counts[:, None]
-    return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1])), index.gather(1, order), valid
+    tokens = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+    return tokens, None if index is None else index.gather(1, order), valid
 
 
 def _stack_padded(rows: list[Tensor]) -> Tensor:
