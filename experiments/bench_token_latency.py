@@ -11,9 +11,9 @@ from the features (so inputs keep different numbers of tokens, as a trained mode
   per group of 16, or run one at a time (one arm, ``token thin``, at batch 1, where all gather);
 - ``token masked``: pinned to its masked path (every token through every block with the keep mask);
 - ``token dispatch``: what a user runs, the default runtime (``group``) dispatched per call by the plan
-  ``compile_for_inference`` measured at batch 1, 8 and 64 on the calibration inputs (recorded in the MD);
+  ``compile_for_inference`` measured at batch 1, 8 and 64 on 256 random inputs (recorded in the MD);
 - ``skewed``: batches of 2, 8 and 64 with half of the inputs keeping every token and half only the CLS token (forced
-  decisions, gates idle): where padding wastes most, to choose the default runtime.
+  decisions; the gates still run, as forced gates do): where padding wastes most, to choose the default runtime.
 
 ``--width-mult 4`` runs the same at dim 384 (DeiT-Small's width), where matmuls, not per-op dispatch, dominate.
 
@@ -132,7 +132,7 @@ def main() -> None:
     dense_c = compile_for_inference(dense, SHAPE)
     dense_flops = flops(dense_c, torch.zeros(1, *SHAPE))
     cases = [("", 1), ("", 64)] + [("skewed ", b) for b in (2, 8, 64)]  # skewed: half the inputs keep every token,
-    arms: dict[tuple[int, str], Callable[[], object]] = {}  # half the CLS token alone (forced, gates idle)
+    arms: dict[tuple[int, str], Callable[[], object]] = {}  # half the CLS token alone (forced)
     theory: dict[tuple[int, str], float] = {}
     executed: dict[tuple[int, str], float] = {}
     for case, batch in cases:
