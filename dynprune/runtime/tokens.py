@@ -130,9 +130,8 @@ class TokenStages(nn.Module):
             if i in self.inline and (fresh or i > start):
                 keep = self._decide(i, x, index, valid, rows)
                 if len(x) == 1:  # one input: index the kept tokens, no bookkeeping
-                    kept = keep[0].nonzero().squeeze(1)
-                    x = x.index_select(1, kept)
-                    index = None if index is None else index.index_select(1, kept)
+                    x = x[:, keep[0]]
+                    index = None if index is None else index[:, keep[0]]
                 else:
                     counts = keep.sum(dim=1)
                     size = {"pad": len(x), "group": GROUP, "loop": 1}[self.batch_runtime]
