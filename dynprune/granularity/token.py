@@ -7,7 +7,8 @@ A site is a whole residual block on tokens (N, T, D) whose forward takes a ``kee
 token dropped at one site stays dropped at every later one. A site's decisions are these cumulative keeps. Every block
 from the first site to the end of its container runs with the current mask as ``keep``: dropped tokens are masked
 out of attention as keys (the attention's policy, not zeroing), in training and evaluation alike. Compiled
-(:mod:`dynprune.runtime.tokens`), they are removed.
+(:mod:`dynprune.runtime.tokens`), they are removed, or masked as here on the masked path (taken per batch size
+where it is faster, and always when the readout reads more than the CLS tokens).
 
 FLOPs per input, with k of T tokens kept in a block of a site's span (the site's block up to the next site): its
 conv/linear layers (q, k, v, proj, fc1, fc2) scale with k / T, and its other FLOPs (attention's QK^T and AV,
