@@ -179,6 +179,10 @@ class Granularity(ABC):
     def flops_terms(self, site: Site, mask: Tensor) -> FlopsTerms:
         """How decisions (N, units) change FLOPs; see :class:`FlopsTerms`."""
 
+    def refuses_gate(self, gate: str) -> str | None:
+        """Why gate family ``gate`` cannot decide at this granularity (None: it can); checked before tracing."""
+        return None
+
     def effective(self, site: Site, decisions: Tensor) -> Tensor:
         """The decisions that take effect; every unit acts on its own unless a granularity nests them."""
         return decisions
