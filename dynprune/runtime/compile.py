@@ -250,10 +250,14 @@ def _thin_layers(net: nn.Module, gates: dict[str, Gate], narrowed: dict[str, Wid
     for info in sorted(layers.values(), key=lambda i: i.order):
         if info.name not in channel and info.name not in thin_source:
             continue
+        layer = net.get_submodule(info.name)
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            raise ValueError(f"compile_for_inference cannot thin the channels of '{info.name}': the channel runtime "
+                             f"runs Conv2d and Linear layers, not {type(layer).__name__} (a transformers Conv1D MLP "
+                             "gates and compiles at granularity 'neuron')")
         source = executors[thin_source[info.name]] if info.name in thin_source else None
         scatter = info.name not in thin_source.values()
-        executors[info.name] = ThinLayer(net.get_submodule(info.name), gates.get(info.name), source, scatter,
-                                         narrowed.get(info.name))
+        executors[info.name] = ThinLayer(layer, gates.get(info.name), source, scatter, narrowed.get(info.name))
     for name, executor in executors.items():
         set_submodule(net, name, executor)
 
