@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynprune as dp
+from dynprune.granularity.neuron import calibrate_thresholds
 
 transformers = pytest.importorskip("transformers")
 
@@ -107,6 +108,18 @@ def test_gpt2_neuron_flops_are_what_flop_counter_mode_counts_on_a_thinned_mlp() 
         reported = float(per_layer[site] + per_layer[site.replace("c_fc", "c_proj")])
         assert reported == pytest.approx(counter.get_total_flops(), rel=1e-9)
         assert reported < 0.5 * 2 * (2 * 16 * 64 * 256)
+
+
+def test_gpt2_threshold_calibration_reads_the_conv1d_weight_transposed() -> None:
+    """At full rank (gate width 2D) the calibrated gate is c_fc's own pre-activation minus the threshold."""
+    model, ids = gpt2(), torch.randint(0, 50, (4, 16))
+    dp.gate_model(model, gate="sigmoid", granularity="neuron", example=ids[:1], min_hidden=128)
+    thresholds = calibrate_thresholds(model, [ids], sparsity=0.6)
+    for name, tau in thresholds.items():
+        c_fc, gate = model.get_submodule(name), dp.gates_of(model)[name]
+        h = torch.randn(3, 64)
+        with torch.no_grad():
+            close(gate.logits(h) + tau, h @ c_fc.weight + c_fc.bias, rtol=1e-4)
 
 
 def test_gpt2_refuses_head_gates_on_fused_qkv_and_token_gates_without_a_keep_mask() -> None:
