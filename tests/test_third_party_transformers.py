@@ -92,7 +92,7 @@ def test_gpt2_conv1d_mlps_take_per_token_neuron_gates_equal_to_zeroed_units_and_
     close(compiled(ids), masked)
 
 
-def test_gpt2_neuron_flops_are_what_flop_counter_mode_counts_on_a_thinned_mlp() -> None:
+def test_gpt2_neuron_flops_are_what_flop_counter_mode_counts_on_a_thinned_mlp_and_the_compiled_model() -> None:
     model, ids = gpt2(), torch.randint(0, 50, (1, 16))
     dp.gate_model(model, gate="sigmoid", granularity="neuron", example=ids)
     gen = torch.Generator().manual_seed(1)
@@ -108,6 +108,12 @@ def test_gpt2_neuron_flops_are_what_flop_counter_mode_counts_on_a_thinned_mlp() 
         reported = float(per_layer[site] + per_layer[site.replace("c_fc", "c_proj")])
         assert reported == pytest.approx(counter.get_total_flops(), rel=1e-9)
         assert reported < 0.5 * 2 * (2 * 16 * 64 * 256)
+    # the same units for every token: the compiled model runs exactly them (its union), plus the gates
+    compiled, info = compile_with(model, masks), dp.gating_info(model)
+    with FlopCounterMode(display=False) as counter:
+        compiled(ids)
+    expected = info.flops.effective(masks).item() + info.flops.gate_flops
+    assert counter.get_total_flops() == pytest.approx(expected, rel=1e-9)
 
 
 def test_gpt2_threshold_calibration_reads_the_conv1d_weight_transposed() -> None:
