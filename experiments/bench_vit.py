@@ -24,6 +24,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import nn
+from torch.utils import benchmark
 
 from dynprune.backbones.vit import VisionTransformer
 from dynprune.baselines import apply_evit, apply_tome, pick_evit_keep_rate, pick_for_ratio, pick_tome_schedule
@@ -32,7 +33,7 @@ from dynprune.data import FASHION_MNIST_DIR, FashionMNISTDataModule
 from dynprune.flops import count_flops
 from dynprune.granularity import list_granularities
 from dynprune.io import atomic_write, to_markdown, write_csv
-from dynprune.static import accuracy, compare_latency, finetune
+from dynprune.static import accuracy, finetune
 
 SHAPE = (1, 28, 28)
 DENSE = {"num_classes": 10, "in_chans": 1, "input_size": 28, "patch_size": 4, "dim": 96, "depth": 6, "heads": 3,
@@ -55,6 +56,29 @@ LR_CHOICE = ("Adam's lr, chosen on the validation split (first 8000 training ima
              "probes of the dense ViT at batch 32 (1 thread): 3e-4 57.4%%, 1e-3 48.4%%, 3e-3 33.9%% accuracy")
 
 
+CALLS = {1: 8, 64: 1}
+"""Forwards per timed measurement at each batch size (~30 ms and ~100 ms for the dense ViT on one core)."""
+
+
+def interleaved_latency(models: dict[str, nn.Module], batch: int, rounds: int, calls: int,
+                        threads: int) -> dict[str, float]:
+    """Seconds per eval forward of a (batch, *SHAPE) input for each model: the minimum over ``rounds`` rounds, each
+    timing every model in turn for ``calls`` forwards (torch.utils.benchmark). Interleaving exposes every model to
+    the same load; on a machine shared by other jobs the least-disturbed round is the one that estimates the
+    model, not the load."""
+    x = torch.randn(batch, *SHAPE)
+    timers = {name: benchmark.Timer("with torch.no_grad(): model(x)", globals={"model": model.eval(), "x": x,
+                                                                                "torch": torch}, num_threads=threads)
+              for name, model in models.items()}
+    for timer in timers.values():
+        timer.timeit(calls)  # warm-up
+    best = dict.fromkeys(models, float("inf"))
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            best[name] = min(best[name], timer.timeit(calls).mean)
+    return best
+
+
 def loads() -> str:
     """The 1, 5 and 15 minute load averages (``uptime``)."""
     return ", ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -73,8 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=3e-4, help=LR_CHOICE)
     parser.add_argument("--finetune-lr", type=float, default=1e-4)
     parser.add_argument("--tol", type=float, default=0.03, help="relative FLOPs tolerance of every arm at 1/R")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved latency rounds (minimum kept)")
-    parser.add_argument("--min-run-time", type=float, default=0.3, help="seconds per latency measurement")
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved latency rounds (the minimum is kept)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=FASHION_MNIST_DIR)
@@ -129,12 +152,14 @@ def main(argv: list[str] | None = None) -> None:
     load_before = loads()
     models = {str(i): arm["model"] for i, arm in enumerate(arms)}
     for batch in (1, 64):
-        seconds = compare_latency(models, SHAPE, args.repeats, args.min_run_time, batch, args.threads)
+        seconds = interleaved_latency(models, batch, args.rounds, CALLS[batch], args.threads)
         for i, arm in enumerate(arms):
             arm[f"ms_b{batch}"] = 1e3 * seconds[str(i)]
             arm[f"speedup_b{batch}"] = seconds["0"] / seconds[str(i)]
             arm[f"speedup_b{batch}/flops_ratio"] = arm[f"speedup_b{batch}"] / arm["flops_ratio"]
     load_after = loads()
+    noise = ", ".join(f"R={a['R']:g}: b1 {a['ms_b1'] / b['ms_b1']:.3f}, b64 {a['ms_b64'] / b['ms_b64']:.3f}"
+                      for a, b in zip(arms, arms[1:], strict=False) if a["arm"] == "EViT (off the shelf)")
 
     token_state = "registered" if "token" in list_granularities() else "not on main"
     rows = [{k: v for k, v in arm.items() if k != "model"} for arm in arms]
@@ -168,9 +193,11 @@ def main(argv: list[str] | None = None) -> None:
         "- Selection: every token-reduction and width/depth setting is fixed by the FLOPs target; the learning rate "
         f"was chosen on the validation split ({LR_CHOICE.split(': ', 1)[1].replace('%%', '%')}) and applies to every "
         "arm trained from scratch; the test accuracy was read once per arm, after everything was fixed.",
-        f"- Latency: torch.utils.benchmark, {args.threads} thread(s), the minimum over {args.repeats} interleaved "
-        f"rounds of {args.min_run_time:g} s medians per arm, batch 1 then batch 64; speedup = dense latency / arm "
-        "latency in the same run, beside its ceiling (the FLOPs ratio): speedup/flops_ratio.",
+        f"- Latency: torch.utils.benchmark, {args.threads} thread(s), eval mode, no_grad; per arm the minimum over "
+        f"{args.rounds} interleaved rounds of the mean of {CALLS[1]} forwards at batch 1 and {CALLS[64]} at batch "
+        "64; speedup = dense latency / arm latency in the same run, beside its ceiling (the FLOPs ratio): "
+        "speedup/flops_ratio. The two EViT rows at each R run the same computation, so their latency ratio "
+        f"({noise}) shows the measurement's noise.",
         f"- Time: {train_seconds / 60:.1f} min of training, {eval_seconds / 60:.1f} min of testing, "
         f"{(time.perf_counter() - start) / 60:.1f} min in all.",
         f"- Command: `{command}`",
