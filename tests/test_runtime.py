@@ -354,3 +354,19 @@ def test_compiles_right_after_a_training_step(gate: str) -> None:
     F.cross_entropy(module(x), y).backward()
     compiled = compile_untimed(model.eval())
     _close(compiled(x), model(x))
+
+
+@pytest.mark.parametrize(("widths", "channels"), [([0.25, 0.5, 0.75, 1.0], 16), ([0.25, 0.5, 0.75, 1.0], 2),
+                                                  ([0.3, 0.6, 1.0], 7)])
+def test_width_slot_indexes_the_prefix_mask_of_each_level(widths: list[float], channels: int) -> None:
+    """A width slot's per-level mask table gives ``PrefixMask(units) != 0`` for every pattern of nested units,
+    also where several levels share a bound (2 channels at 4 widths)."""
+    from dynprune.hooks import PrefixMask
+    from dynprune.runtime.widths import WidthSlot
+
+    expander = PrefixMask(widths, channels)
+    slot = WidthSlot(expander)
+    k = len(widths) - 1
+    units = torch.tensor([[(i >> j) & 1 for j in range(k)] for i in range(2 ** k)], dtype=torch.float)
+    slot.level = (units != 0).long().cumprod(dim=1).sum(dim=1)
+    assert torch.equal(slot.mask(), expander(units) != 0)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import benchmark
 
-from dynprune.runtime.compile import CompiledModel, compile_for_inference
+from dynprune.runtime.compile import CompiledModel, _check_inputs, compile_for_inference
 
 if TYPE_CHECKING:
     from dynprune.inject import GatingInfo
@@ -216,7 +216,8 @@ def profile_latency(
     """A :class:`LatencyTable` of a gated ``model`` (left unchanged), measured through the compiled runtime.
 
     ``input_shape`` (C, H, W) defaults to the shape ``gate_model`` traced; ``batch``: inputs per timed call;
-    ``fractions``: kept fractions of each site's units timed besides 0 and 1 (a block: executed or not);
+    ``fractions``: kept fractions of each site's units timed besides none, one unit and all (a block: executed or
+    not);
     ``rounds`` interleaved rounds of ``torch.utils.benchmark`` blocks of about ``target_s`` seconds each, the
     median kept; ``threads``: torch threads while timing (default: the current count).
     """
@@ -227,7 +228,8 @@ def profile_latency(
         raise ValueError(f"batch and rounds must be >= 1, got batch={batch}, rounds={rounds}")
     bad = [f for f in fractions if not 0 < f < 1]
     if bad:
-        raise ValueError(f"fractions are kept fractions strictly between 0 and 1 (0 and 1 are always timed), got {bad}")
+        raise ValueError(f"fractions are kept fractions strictly between 0 and 1 (none, one unit and all are always "
+                         f"timed), got {bad}")
     per_position = [n for n, s in info.sites.items() if s.layout.per_position]
     if per_position:
         raise NotImplementedError(f"profile_latency times one decision set per input; sites {per_position} decide "
@@ -238,7 +240,9 @@ def profile_latency(
     torch.set_num_threads(threads)
     try:
         compiled = compile_for_inference(copy.deepcopy(model), shape, dispatch=())
-        x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)).to(next(model.parameters()))
+        param = next(model.parameters())
+        x = _check_inputs(model, shape, batch, param.device)  # floats, or token ids for a model of token ids
+        x = x.to(param.dtype) if x.is_floating_point() else x
         return _measure(compiled, info, x, fractions, rounds, target_s, threads)
     finally:
         torch.set_num_threads(previous)
@@ -248,7 +252,8 @@ def _measure(compiled: CompiledModel, info: GatingInfo, x: Tensor, fractions: Se
              target_s: float, threads: int) -> LatencyTable:
     """Capture each scope's input with every unit kept, then time the grid in interleaved rounds."""
     gates = compiled.site_gates
-    full = {name: torch.ones(site.units, dtype=x.dtype, device=x.device) for name, site in info.sites.items()}
+    dtype = next(compiled.parameters()).dtype
+    full = {name: torch.ones(site.units, dtype=dtype, device=x.device) for name, site in info.sites.items()}
     for name, gate in gates.items():
         gate.force(full[name])
     scopes = {name: _scope([name, *info.flops.dependents.get(name, [])]) for name in info.sites}
@@ -287,7 +292,7 @@ def _measure(compiled: CompiledModel, info: GatingInfo, x: Tensor, fractions: Se
         for other, gate in gates.items():
             gate.force(full[other])
         if name:
-            gates[name].force((prefix[name] < k).to(x.dtype))
+            gates[name].force((prefix[name] < k).to(dtype))
 
     numbers = {}
     for key in keys:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from dynprune.gates.base import Gate
@@ -37,25 +38,32 @@ class WidthBlock(Wrapper):
         """(N, ...) -> the block's output with its layers narrowed to the chosen widths (further arguments
         passed on)."""
         units, _ = decide(self.gate, self.gate.pool(x), self.se_gate)
+        level = (units != 0).long().cumprod(dim=1).sum(dim=1)  # (N,): leading units on = the width chosen
         for slot in self.slots:
-            slot.units = units
+            slot.level = level
         return self.block(x, *args, **kwargs)
 
 
 class WidthSlot(nn.Module):
-    """Takes a gate's place in a ThinLayer: its decisions are the prefix mask (N, C) of the units that the
-    enclosing :class:`WidthBlock` decided for this forward pass (the layer's own input is not used)."""
+    """Takes a gate's place in a ThinLayer: its decisions are the prefix mask (N, C) of the width that the enclosing
+    :class:`WidthBlock` decided for this forward pass (the layer's own input is not used).
+
+    The mask of each width level (how many of the block's nested units are on, 0..K-1) is computed once from the
+    site's :class:`~dynprune.hooks.PrefixMask`; a call indexes it (what ``PrefixMask(units) != 0`` gives).
+    """
 
     def __init__(self, expander: PrefixMask) -> None:
         super().__init__()
         self.expander = expander
-        self.units: Tensor | None = None
+        self.register_buffer("table", expander.group[None, :] <= torch.arange(int(expander.group.max()) + 1)[:, None],
+                             persistent=False)
+        self.level: Tensor | None = None
 
     def mask(self) -> Tensor:
-        """The prefix mask (N, C) of the block's units, as bools."""
-        if self.units is None:
+        """The prefix mask (N, C) of the block's chosen widths, as bools."""
+        if self.level is None:
             raise RuntimeError("a width slot runs only inside its WidthBlock, which decides the widths first")
-        return self.expander(self.units.float()) != 0
+        return self.table[self.level.clamp(max=len(self.table) - 1)]  # levels past the last group keep every channel
 
 
 class NestedSlots(nn.Module):
