@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import shlex
 import sys
@@ -33,6 +32,7 @@ from dynprune.baselines import apply_evit, apply_tome, pick_evit_keep_rate, pick
 from dynprune.bench.run import code_version, device_name
 from dynprune.data import FASHION_MNIST_DIR, FashionMNISTDataModule
 from dynprune.flops import count_flops
+from dynprune.granularity.token import keep_ratio_for
 from dynprune.io import atomic_write, to_markdown, write_csv
 from dynprune.runtime import compile_for_inference
 from dynprune.static import accuracy, finetune
@@ -66,51 +66,28 @@ CALLS = {1: 8, 64: 1}
 """Forwards per timed measurement at each batch size (~30 ms and ~100 ms for the dense ViT on one core)."""
 
 
-class Truncated(nn.Module):
-    """The dense ViT run on the first ``kept[l]`` tokens from block l on: the executed FLOPs of a token-gated ViT
-    that keeps that many tokens (gates aside), for picking its keep ratio. (N, C, S, S) -> logits."""
-
-    def __init__(self, vit: VisionTransformer, kept: list[int]) -> None:
-        super().__init__()
-        self.vit, self.kept = vit, kept
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, S, S) -> logits (N, num_classes)."""
-        tokens = self.vit.tokens(x)
-        for block, kept in zip(self.vit.blocks, self.kept, strict=True):
-            tokens = block(tokens[:, :kept])
-        return self.vit.head(self.vit.norm(tokens)[:, 0])
-
-
-def token_arm(dense: VisionTransformer, dm: FashionMNISTDataModule, ratio: float, args: argparse.Namespace,
-              sites: tuple[int, ...]) -> dict:
+def token_arm(dense: VisionTransformer, dm: FashionMNISTDataModule, ratio: float, args: argparse.Namespace) -> dict:
     """Learned token gating (``gate_model(..., "sigmoid", granularity="token")``, DynamicViT's geometric keep
-    schedule at its default blocks) warm-started from the dense ViT and fine-tuned as EViT is; keep ratio picked so
-    that the dense ViT cut to those token counts has 1/``ratio`` of its FLOPs. Measured on the compiled model."""
-    patches = dense.num_tokens - 1
+    schedule at its default blocks) warm-started from the dense ViT and fine-tuned as EViT is, its keep ratio the one
+    whose schedule costs 1/``ratio`` of the dense FLOPs (``keep_ratio_for``). Measured on the compiled model."""
+    def gated(keep_ratio: float = 0.7) -> nn.Module:
+        return dp.gate_model(copy.deepcopy(dense), "sigmoid", granularity={"token": {"keep_ratio": keep_ratio}},
+                             input_shape=SHAPE)
 
-    def kept(rho: float) -> list[int]:
-        counts, current = [], dense.num_tokens
-        for block in range(len(dense.blocks)):
-            if block in sites:
-                current = 1 + math.ceil(patches * rho ** (sites.index(block) + 1))
-            counts.append(current)
-        return counts
-
-    rho, _ = pick_for_ratio([k / 100 for k in range(5, 101)], lambda r: Truncated(dense, kept(r)), dense, SHAPE,
-                            ratio, args.tol)
-    gated = dp.gate_model(copy.deepcopy(dense), "sigmoid", granularity={"token": {"keep_ratio": rho}},
-                          input_shape=SHAPE)
-    model = train(lambda: gated, dm, args.finetune_epochs, args.finetune_lr, args.seed, gate_lr=args.token_gate_lr)
+    rho = keep_ratio_for(gated(), ratio, args.tol)
+    model = train(partial(gated, rho), dm, args.finetune_epochs, args.finetune_lr, args.seed,
+                  gate_lr=args.token_gate_lr)
+    sites = [name.split(".")[1] for name in model.dynprune.sites]
     compiled = compile_for_inference(model, SHAPE)
     images = dm.val_set.tensors[0][:FLOPS_IMAGES]
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         for image in images:
             compiled(image[None])
-    return {"R": ratio, "arm": "token gating (learned)", "setting": f"keep_ratio {rho:g} at blocks {list(sites)}, "
-            f"lr {args.finetune_lr:g}, gate lr {args.token_gate_lr:g}", "epochs": args.epochs + args.finetune_epochs,
-            "model": model,
-            "timed": compiled, "flops_M": counter.get_total_flops() / len(images) / 1e6}
+    setting = (f"keep_ratio {rho:.3f} at blocks [{', '.join(sites)}], lr {args.finetune_lr:g}, "
+               f"gate lr {args.token_gate_lr:g}")
+    return {"R": ratio, "arm": "token gating (learned)", "setting": setting,
+            "epochs": args.epochs + args.finetune_epochs, "model": model, "timed": compiled,
+            "flops_M": counter.get_total_flops() / len(images) / 1e6}
 
 
 def interleaved_latency(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, calls: int,
@@ -190,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
              "epochs": total_epochs, "model": evit_ft},
             from_scratch("thinner ViT (scratch)", "dim", range(DENSE["heads"], DENSE["dim"], DENSE["heads"]), ratio),
             from_scratch("shallower ViT (scratch)", "depth", range(1, DENSE["depth"]), ratio),
-            token_arm(dense, dm, ratio, args, evit_ft.locations),
+            token_arm(dense, dm, ratio, args),
         ]
     train_seconds = time.perf_counter() - start
 
