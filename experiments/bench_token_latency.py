@@ -15,9 +15,11 @@ from the features (so inputs keep different numbers of tokens, as a trained mode
 ``--width-mult 4`` runs the same at dim 384 (DeiT-Small's width), where matmuls, not per-op dispatch, dominate.
 
 Theoretical speedup = dense FLOPs / the compiled model's FlopCounterMode FLOPs per input (gates included, padding
-excluded); achieved / theoretical = measured speedup / theoretical. Times are medians of ``torch.utils.benchmark``
-``blocked_autorange`` at 1 thread; each repeat measures every arm in turn and the fastest median of ``--repeats``
-is kept (a load spike on a shared machine hits all arms alike). The load average is recorded before and after.
+excluded); achieved / theoretical = measured speedup / theoretical; executed = dense FLOPs / the FLOPs the arm
+runs (padding included). Timing: ``torch.utils.benchmark`` at 1 thread, ``--rounds`` rounds each timing every arm
+in turn for ~0.1 s (see :func:`paired_times`); a speedup is the median over rounds of the ratio to the dense arm
+of the same round, so load that drifts between rounds on a shared machine cancels. The load average is recorded
+before and after.
 
     python experiments/bench_token_latency.py                  # experiments/results/token_latency.{csv,md}
     python experiments/bench_token_latency.py --width-mult 4   # ... token_latency_dim384.{csv,md}
@@ -29,8 +31,10 @@ import argparse
 import copy
 import os
 import platform
+import statistics
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -79,10 +83,20 @@ def run_forced(model: nn.Module, decisions: dict[str, Tensor] | None, x: Tensor)
             model.site_gates[name].force(None)
 
 
-def median_ms(fn: Callable[[], object]) -> float:
-    """Median time of ``fn()`` in ms, one thread."""
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=1)
-    return timer.blocked_autorange(min_run_time=0.25).median * 1e3
+def paired_times(arms: dict[Any, Callable[[], object]], rounds: int, seconds: float = 0.1) -> dict[Any, list[float]]:
+    """Per arm, its time per call (ms) in each of ``rounds`` rounds; a round times every arm in turn for about
+    ``seconds`` each (call counts fixed once from ``blocked_autorange``), so arms compared within a round shared
+    the machine's load of that moment."""
+    calls = {}
+    for key, fn in arms.items():
+        once = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=1).blocked_autorange(min_run_time=0.2)
+        calls[key] = max(1, round(seconds / once.median))
+    times: dict[Any, list[float]] = {key: [] for key in arms}
+    for _ in range(rounds):
+        for key, fn in arms.items():
+            timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=1)
+            times[key].append(timer.timeit(calls[key]).mean * 1e3)
+    return times
 
 
 def load() -> str:
@@ -93,7 +107,7 @@ def load() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", type=float, default=0.7, help="kept fraction of present tokens at each site")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--width-mult", type=float, default=1.0, help="ViT width multiplier (dim 96 x it)")
     parser.add_argument("--out", default=None, help="output stem (default: results/token_latency[_dim<D>])")
     args = parser.parse_args()
@@ -134,26 +148,24 @@ def main() -> None:
                 run_forced(compiled[runtime], forced, x)
             executed[(batch, label)] = dense_flops * batch / counter.get_total_flops()
     load_before = load()
-    best: dict[tuple[int, str], float] = {}
-    for _ in range(args.repeats):
-        for key, fn in arms.items():
-            best[key] = min(best.get(key, float("inf")), median_ms(fn))
+    times = paired_times(arms, args.rounds)
     load_after = load()
     rows = []
-    for (batch, label), ms in best.items():
-        base = best[(batch, "skewed dense" if label.startswith("skewed") else "dense")]
-        speedup = base / ms
-        rows.append({"batch": batch, "arm": label, "ms": round(ms, 4), "ms_per_input": round(ms / batch, 4),
-                     "speedup": round(speedup, 3), "theoretical": round(theory[(batch, label)], 3),
+    for (batch, label), ms in times.items():
+        base = times[(batch, "skewed dense" if label.startswith("skewed") else "dense")]
+        speedup = statistics.median(b / t for b, t in zip(base, ms, strict=True))
+        rows.append({"batch": batch, "arm": label, "ms": round(statistics.median(ms), 4),
+                     "ms_per_input": round(statistics.median(ms) / batch, 4), "speedup": round(speedup, 3),
+                     "theoretical": round(theory[(batch, label)], 3),
                      "achieved_over_theoretical": round(speedup / theory[(batch, label)], 3),
                      "executed_flops_speedup": round(executed[(batch, label)], 3), "threads": 1,
                      "load_before": load_before, "load_after": load_after})
     header = (f"Compiled token-gated ViT (patch 4, dim {dim}, depth 6; token sites before blocks 1, 3, 4, each keeping "
               f"{args.keep} of the present patch tokens: kept fractions {[round(f, 3) for f in fractions]}) vs the "
               f"dense ViT, untrained weights. CPU: {platform.processor() or platform.machine()}, torch "
-              f"{torch.__version__}, 1 thread, fastest of {args.repeats} interleaved medians. `skewed`: half the "
-              f"inputs keep every token, half the CLS token alone. Load average (uptime) before: {load_before}; "
-              f"after: {load_after}.")
+              f"{torch.__version__}, 1 thread; ms: median over {args.rounds} interleaved rounds, speedup: median of "
+              f"the per-round ratios to dense. `skewed`: half the inputs keep every token, half the CLS token alone. "
+              f"Load average (uptime) before: {load_before}; after: {load_after}.")
     stem = Path(args.out or RESULTS / ("token_latency" + (f"_dim{dim}" if dim != 96 else "")))
     write_csv(f"{stem}.csv", rows)
     table = to_markdown([{k: v for k, v in r.items() if not k.startswith("load")} for r in rows])

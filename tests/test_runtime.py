@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_rounding, weight_depth
+from conftest import Acceptance, assert_close_rounding, weight_depth
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -47,13 +47,19 @@ def _randomise(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def _backbone(name: str) -> nn.Module:
+    return dp.backbones.create(name, num_classes=10, in_chans=SHAPE[0], input_size=SHAPE[1])
+
+
 def _gated(backbone: str, gate: str, granularity: str) -> nn.Module:
-    net = dp.backbones.create(backbone, num_classes=10, in_chans=SHAPE[0], input_size=SHAPE[1])
-    try:
-        model = dp.gate_model(net, gate=gate, granularity=granularity)
-    except ValueError as err:  # e.g. a net without residual blocks has nothing to gate per block
-        pytest.skip(f"{backbone} has no {granularity} sites: {err}")
-    return _randomise(model)
+    return _randomise(dp.gate_model(_backbone(backbone), gate=gate, granularity=granularity))
+
+
+# Only what gate_model accepts is compiled; what it refuses (a net without residual blocks has no block sites, a CNN
+# no tokens) is checked to be refused, by name, in test_refusals_name_the_granularity.
+ACCEPTANCE = Acceptance({name: functools.partial(_backbone, name) for name in dp.list_backbones()})
+ACCEPTED, REFUSED = ACCEPTANCE.split([(b, gate, g) for b in dp.list_backbones() for gate in dp.list_gates()
+                                      for g in GRANULARITIES])
 
 
 def _force(models: list[nn.Module], decisions: dict[str, Tensor]) -> None:
@@ -102,9 +108,7 @@ def test_dense_model_folds_batchnorm_and_keeps_outputs(backbone: str) -> None:
     assert not any(isinstance(m, nn.BatchNorm2d) for m in compiled.modules())
 
 
-@pytest.mark.parametrize("granularity", GRANULARITIES)
-@pytest.mark.parametrize("gate", dp.list_gates())
-@pytest.mark.parametrize("backbone", dp.list_backbones())
+@pytest.mark.parametrize(("backbone", "gate", "granularity"), ACCEPTED)
 def test_compiled_equals_masked(backbone: str, gate: str, granularity: str) -> None:
     model = _gated(backbone, gate, granularity)
     if granularity not in compilable():  # a granularity the runtime cannot execute yet must say so
@@ -118,6 +122,14 @@ def test_compiled_equals_masked(backbone: str, gate: str, granularity: str) -> N
         _force([model, compiled], _mixed(model, batch, seed=batch))
         _close(compiled(x), model(x))
         _force([model, compiled], {n: None for n in compiled.site_gates})
+
+
+def test_refusals_name_the_granularity() -> None:
+    """Each combination gate_model refuses (listed once per reason) raises a ValueError naming the granularity."""
+    assert REFUSED
+    for backbone, gate, granularity in REFUSED:
+        with pytest.raises(ValueError, match=f"granularity '{granularity}'"):
+            dp.gate_model(_backbone(backbone), gate=gate, granularity=granularity)
 
 
 class InvertedResidual(nn.Module):
@@ -185,8 +197,9 @@ def _flops(model: nn.Module, x: Tensor) -> int:
 
 # Neuron sites run the union of their tokens' units when an input has several tokens: that count is checked
 # in tests/test_neuron_runtime.py (and the per-token count at a single token).
-@pytest.mark.parametrize("granularity", [g for g in compilable() if g != "neuron"])
-@pytest.mark.parametrize("backbone", dp.list_backbones())
+@pytest.mark.parametrize(("backbone", "granularity"),
+                         [(b, g) for b in dp.list_backbones() for g in compilable()
+                          if g != "neuron" and ACCEPTANCE.refusal(b, "sigmoid", g) is None])
 def test_nothing_is_simulated(backbone: str, granularity: str) -> None:
     """FlopCounterMode over the compiled model at batch 1 counts the reported effective FLOPs of that input plus
     the gates' own FLOPs (at most their dense count: a token gate reads only the tokens still kept): the runtime

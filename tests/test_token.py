@@ -17,6 +17,7 @@ from dynprune.backbones import create
 from dynprune.backbones.vit import Block
 from dynprune.cli import cli_main
 from dynprune.granularity import create_granularity
+from dynprune.granularity.token import keep_ratio_for
 from dynprune.runtime import compile_for_inference
 from dynprune.runtime.tokens import TokenStages
 
@@ -69,7 +70,7 @@ def test_sites_default_to_dynamicvits_depths_and_refuse_what_cannot_drop_tokens(
     assert [s.target for s in model.dynprune.sites.values()] == pytest.approx([0.7, 0.49, 0.343], rel=1e-12)
     with pytest.raises(ValueError, match="cannot gate 'blocks.0.attn' at granularity 'token': it contains no residual"):
         token_vit(where=["blocks.0.attn"])
-    with pytest.raises(ValueError, match="gate 'policy' cannot decide tokens"):
+    with pytest.raises(ValueError, match="gate .policy. cannot decide at granularity .token."):
         token_vit(gate="policy")
     with pytest.raises(ValueError, match=r"keep_ratios \[0.5\] has 1 entries; 'blocks.2' is token site 2"):
         token_vit(where=["blocks.1", "blocks.2"], keep_ratios=[0.5])
@@ -228,3 +229,18 @@ def test_the_shipped_config_trains_end_to_end(tmp_path: Path) -> None:
                     f"--trainer.default_root_dir={tmp_path}", "--test_after_fit=false"])
     assert cli.trainer.state.finished and "train/token_ratio" in cli.trainer.callback_metrics
     assert list(cli.model.model.dynprune.sites) == ["blocks.1", "blocks.2"]
+
+
+@pytest.mark.parametrize("ratio", [2.0, 3.0])
+def test_keep_ratio_for_matches_a_flops_reduction(ratio: float) -> None:
+    model = dp.gate_model(create("vit", num_classes=10, in_chans=1, input_size=28, width_mult=0.25), "sigmoid",
+                          granularity="token")
+    rho = keep_ratio_for(model, ratio)
+    info = model.dynprune
+    masks = {}
+    for s, name in enumerate(info.sites, start=1):  # the schedule's kept tokens, CLS first
+        masks[name] = (torch.arange(50) < 1 + round(rho ** s * 49)).float().view(1, 50, 1)
+    flops = (float(info.flops.effective(masks)) + info.flops.gate_flops) / info.flops.dense_total
+    assert flops == pytest.approx(1 / ratio, rel=0.03) and 0 < rho < 1
+    with pytest.raises(ValueError, match="no keep_ratio brings the FLOPs within 3% of 1/50"):
+        keep_ratio_for(model, 50.0)

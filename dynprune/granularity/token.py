@@ -193,12 +193,14 @@ class TokenGranularity(ModuleGranularity):
         picks = sorted({len(blocks) * k // 4 for k in (1, 2, 3)} - {0})
         return [blocks[i] for i in picks]
 
+    def refuses_gate(self, gate: str) -> str | None:
+        if GATES.get(gate).training_loss is not Gate.training_loss:
+            return ("its own training term scores the decisions it sampled, while a token site's decisions are "
+                    "multiplied through depth")
+        return None
+
     def attach(self, model: nn.Module, trace: Trace, name: str, gate: str, gate_kwargs: dict[str, float],
                switch: HookSwitch) -> Site:
-        family = GATES.get(gate)
-        if family.training_loss is not Gate.training_loss:
-            raise ValueError(f"gate '{gate}' cannot decide tokens: its own training term scores the decisions it "
-                             "sampled, while a token site's decisions are multiplied through depth")
         chain = self._chain(model, trace, name, switch)
         index = len(chain.sites)
         if self.keep_ratios is not None and index >= len(self.keep_ratios):
@@ -296,3 +298,35 @@ def token_cost(model: nn.Module, trace: Trace, name: str, switch: HookSwitch) ->
         raise ValueError(f"cannot gate tokens at '{name}': its FLOPs outside conv/linear layers are not a k + b k^2 "
                          f"in its k tokens ({f_full} at {tokens}, {f_half} at {half}, {f_one} at 1)")
     return TokenCost(linear, quadratic, tokens)
+
+
+def keep_ratio_for(model: nn.Module, ratio: float, rel_tol: float = 0.03) -> float:
+    """The geometric ``keep_ratio`` r whose schedule (the first round(r^s x P) of the P patch tokens kept at the s-th
+    token site) brings the FLOPs per input of ``model``, gated at granularity ``token`` only, to 1 / ``ratio`` of
+    dense (its gates' dense FLOPs included): for arms matched in FLOPs. ValueError where no r lands within
+    ``rel_tol`` (relative)."""
+    info = getattr(model, "dynprune", None)
+    if info is None or {s.granularity for s in info.sites.values()} != {"token"}:
+        raise ValueError("keep_ratio_for needs a model gated at granularity 'token' only (dynprune.gate_model)")
+    if ratio < 1:
+        raise ValueError(f"ratio is a FLOPs reduction >= 1, got {ratio}")
+    sites = list(info.sites.values())
+    tokens, cls = sites[0].chain.costs[sites[0].name].tokens, sites[0].chain.cls_tokens
+
+    def flops(r: float) -> float:
+        masks = {}
+        for s, site in enumerate(sites, start=1):
+            mask = torch.zeros(1, tokens, 1)
+            mask[:, :cls + round(r ** s * (tokens - cls))] = 1.0
+            masks[site.name] = mask
+        return (float(info.flops.effective(masks)) + info.flops.gate_flops) / info.flops.dense_total
+
+    low, high = 0.0, 1.0  # flops(r) grows with r
+    for _ in range(40):
+        mid = (low + high) / 2
+        low, high = (mid, high) if flops(mid) < 1 / ratio else (low, mid)
+    best = min((low, high), key=lambda r: abs(flops(r) * ratio - 1))
+    if abs(flops(best) * ratio - 1) > rel_tol:
+        raise ValueError(f"no keep_ratio brings the FLOPs within {rel_tol:.0%} of 1/{ratio:g} of dense (closest: "
+                         f"{flops(best):.3f} at keep_ratio {best:.3f})")
+    return best
