@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import functools
 import importlib.util
@@ -409,3 +410,18 @@ def test_build_checks_leave_no_packs_behind() -> None:
     assert layers and all(not m.packs and m.cached == 0 for m in layers)
     compiled(torch.randn(1, *SHAPE))
     assert any(m.packs for m in layers)
+
+
+def test_gate_rules_follow_their_own_gate_weights() -> None:
+    """A compiled gate's rule reads its gate's weights in place (an in-place edit takes effect), and a deep copy's
+    rules read the copy's gates, not the original's."""
+    compiled = compile_untimed(_gated("resnet20", "sigmoid", "channel"))
+    twin = copy.deepcopy(compiled)
+    x = torch.randn(2, *SHAPE)
+    expected = twin(x)
+    _close(compiled(x), expected)
+    with torch.no_grad():
+        for gate in compiled.site_gates.values():
+            gate.fc2.bias.fill_(-1e4)  # every gated channel off in the original only
+    assert not torch.allclose(compiled(x), expected)
+    assert torch.equal(twin(x), expected)
