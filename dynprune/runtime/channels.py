@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynprune.gates.base import Gate
-from dynprune.hooks import apply_mask
 from dynprune.runtime.decide import HardRule, decide, se_gate
 from dynprune.runtime.widths import NestedSlots, WidthSlot
 from dynprune.runtime.wrap import Wrapper
@@ -216,8 +215,10 @@ class ThinLayer(Wrapper):
             index, bias = pack.fill
             full = bias.view(1, -1, 1, 1).expand(out.shape[0], -1, *out.shape[2:]).contiguous()
             out = full.index_copy_(1, index, out)
-        if scale is not None:
-            out = apply_mask(out, scale.to(out.dtype), self.dim)
+        if scale is not None:  # ``out`` is this call's own tensor: masked in place, no copy of the output
+            shape = [1] * out.dim()
+            shape[0], shape[self.dim % out.dim()] = scale.shape
+            out = out.mul_(scale.to(out.dtype).reshape(shape))
         rows = pack.rows
         if self.scatter and rows is not None:
             full_shape = list(out.shape)
