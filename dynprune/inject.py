@@ -127,6 +127,68 @@ def gates_disabled(model: nn.Module) -> Iterator[nn.Module]:
         info.switch.enabled = previous
 
 
+@dataclass
+class Plan:
+    """What ``gate_model`` would do, decided before anything is added (see :func:`plan_sites`)."""
+
+    granularity: Granularity
+    trace: Trace
+    example: Tensor
+    """One input (1, ...) the model is traced and counted with."""
+    sites: list[str]
+    """Module paths that would be gated, in call order."""
+    skipped: dict[str, str]
+    """{candidate left out: why}."""
+    existing: GatingInfo | None
+
+
+def plan_sites(
+    model: nn.Module,
+    gate: str = "sigmoid",
+    granularity: str | Granularity = "channel",
+    where: Sequence[str] | None = None,
+    input_shape: Sequence[int] | None = None,
+    skip_first: bool = True,
+    skip_last: bool = True,
+    example: Tensor | None = None,
+    **gate_kwargs: float,
+) -> Plan:
+    """A dry run of :func:`gate_model` with the same arguments: the sites it would gate, without touching the
+    model; raises the ValueError ``gate_model`` would raise (naming the granularity) where it would refuse."""
+    resolved = list(resolve(granularity).values())
+    if len(resolved) != 1:
+        raise ValueError(f"gate_model takes one granularity, got {[g.name for g in resolved]}: call it once per "
+                         "granularity")
+    gran = resolved[0]
+    misplaced = sorted(set(gate_kwargs) & set(gran.options()))
+    if misplaced:
+        raise ValueError(f"{misplaced} are options of granularity '{gran.name}', not of gate '{gate}': pass "
+                         f"granularity={{'{gran.name}': {{{', '.join(repr(k) + ': ...' for k in misplaced)}}}}} "
+                         f"(gate_model: a {type(gran).__name__} instance)")
+    if reason := gran.refuses_gate(gate):
+        raise ValueError(f"gate '{gate}' cannot decide at granularity '{gran.name}': {reason}")
+    existing = getattr(model, "dynprune", None)
+    if existing is not None and not isinstance(existing, GatingInfo):
+        raise ValueError("model has a `dynprune` attribute that dynprune did not set")
+    if existing is not None and gran.name in existing.granularities:
+        raise ValueError(f"model is already gated at granularity '{gran.name}' (it has a `dynprune` attribute)")
+    shape = _input_shape(model, input_shape, example)
+    device = _check_dtype(model)
+    example = example_input(example if example is not None else shape, device)
+    with gates_disabled(model):
+        try:
+            trace = trace_model(model, example)
+        except (RuntimeError, IndexError, ValueError, TypeError) as err:
+            raise ValueError(f"model does not accept input of shape (N, {', '.join(map(str, shape))}) and dtype "
+                             f"{example.dtype}: "
+                             f"{err}") from err
+    names, skipped = _select(gran, trace, where, skip_first, skip_last)
+    if not names:
+        raise ValueError(f"nothing to gate at granularity '{gran.name}' (where={where}); "
+                         f"not eligible: {skipped or list(trace.layers)}")
+    return Plan(gran, trace, example, names, skipped, existing)
+
+
 def gate_model(
     model: nn.Module,
     gate: str = "sigmoid",
@@ -156,35 +218,9 @@ def gate_model(
     Returns:
         the same model, with ``model.dynprune`` (:class:`GatingInfo`) attached.
     """
-    resolved = list(resolve(granularity).values())
-    if len(resolved) != 1:
-        raise ValueError(f"gate_model takes one granularity, got {[g.name for g in resolved]}: call it once per "
-                         "granularity")
-    gran = resolved[0]
-    misplaced = sorted(set(gate_kwargs) & set(gran.options()))
-    if misplaced:
-        raise ValueError(f"{misplaced} are options of granularity '{gran.name}', not of gate '{gate}': pass "
-                         f"granularity={{'{gran.name}': {{{', '.join(repr(k) + ': ...' for k in misplaced)}}}}} "
-                         f"(gate_model: a {type(gran).__name__} instance)")
-    existing = getattr(model, "dynprune", None)
-    if existing is not None and not isinstance(existing, GatingInfo):
-        raise ValueError("model has a `dynprune` attribute that dynprune did not set")
-    if existing is not None and gran.name in existing.granularities:
-        raise ValueError(f"model is already gated at granularity '{gran.name}' (it has a `dynprune` attribute)")
-    shape = _input_shape(model, input_shape, example)
-    device = _check_dtype(model)
-    example = example_input(example if example is not None else shape, device)
-    with gates_disabled(model):
-        try:
-            trace = trace_model(model, example)
-        except (RuntimeError, IndexError, ValueError, TypeError) as err:
-            raise ValueError(f"model does not accept input of shape (N, {', '.join(map(str, shape))}) and dtype "
-                             f"{example.dtype}: "
-                             f"{err}") from err
-    names, skipped = _select(gran, trace, where, skip_first, skip_last)
-    if not names:
-        raise ValueError(f"nothing to gate at granularity '{gran.name}' (where={where}); "
-                         f"not eligible: {skipped or list(trace.layers)}")
+    plan = plan_sites(model, gate, granularity, where, input_shape, skip_first, skip_last, example, **gate_kwargs)
+    gran, trace, example, names, skipped, existing = (plan.granularity, plan.trace, plan.example, plan.sites,
+                                                      plan.skipped, plan.existing)
     switch = existing.switch if existing else HookSwitch()
     dense = existing.flops if existing else FlopsProfile.build(model, example, trace.layers)
     sites = dict(existing.sites) if existing else {}

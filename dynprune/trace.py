@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 TRACED_TYPES = (nn.Conv2d, nn.Linear)
+"""Layers the trace follows; transformers' ``Conv1D`` (GPT-2) is traced too, as a Linear (see :func:`is_linear`)."""
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 GATE_ATTR = "dynprune_gate"
 
@@ -194,6 +195,27 @@ def _takes_keep(module: nn.Module) -> bool:
         return False
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's layers): a Linear storing its weight (in, out)."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, Tensor)
+            and tuple(weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None)))
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` or a transformers ``Conv1D`` (both: last-dim in -> last-dim out)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_weight(module: nn.Module) -> Tensor:
+    """The (out, in) weight of a Linear or of a transformers ``Conv1D`` (a transposed view of its (in, out))."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def _traced(module: nn.Module) -> bool:
+    return isinstance(module, TRACED_TYPES) or is_conv1d(module)
+
+
 def _shape(t: Any) -> tuple[int, ...] | None:
     return tuple(t.shape[1:]) if isinstance(t, Tensor) else None
 
@@ -216,12 +238,11 @@ def trace_model(model: nn.Module, example: Tensor) -> Trace:
             if inputs:
                 mode.use(inputs[0])
             mode.stack.append(name)
-            if isinstance(module, TRACED_TYPES):
+            if _traced(module):
                 layer = infos.get(name)
                 if layer is None:
                     conv = isinstance(module, nn.Conv2d)
-                    cin = module.in_channels if conv else module.in_features
-                    cout = module.out_channels if conv else module.out_features
+                    cout, cin = (module.out_channels, module.in_channels) if conv else linear_weight(module).shape
                     layer = infos[name] = LayerInfo(name, len(infos), cin, cout, getattr(module, "groups", 1),
                                                     channel_dim=1 if conv else -1)
                 layer.calls += 1
@@ -240,7 +261,7 @@ def trace_model(model: nn.Module, example: Tensor) -> Trace:
                 mode.outputs[id(output)] = name
                 mode.alive.append(output)
                 mode.stamp(output)
-            if isinstance(module, TRACED_TYPES):
+            if _traced(module):
                 mode.tag(output, name, raw=True)
             elif isinstance(module, NORM_TYPES):
                 tag = mode.tag_of(inputs[0])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import pytest
 import torch
@@ -85,3 +87,49 @@ def digits_masks_after_fit(granularity: str, lam: float, steps: int = 60) -> lis
             module(x)
             masks.append(module.masks())
     return masks
+
+
+class Acceptance:
+    """Which (model, gate family, granularity) ``gate_model`` accepts, from its dry run (``plan_sites``), so that
+    tests parametrize only what it accepts and check the rest is refused. Each model is built once and traced
+    once per granularity; the family matters only through ``Granularity.refuses_gate`` (checked before tracing).
+    A ``+``-joined granularity is accepted when each part is accepted on the ungated model."""
+
+    def __init__(self, models: Mapping[str, Callable[[], nn.Module]], **plan_kwargs: Any) -> None:
+        self.models, self.plan_kwargs = models, plan_kwargs
+        self._built: dict[str, nn.Module] = {}
+        self._sites: dict[tuple[str, str], str | None] = {}
+
+    def refusal(self, name: str, gate: str, granularity: str) -> str | None:
+        """Why ``gate_model`` refuses the combination (None: it accepts it)."""
+        from dynprune.granularity import create_granularity
+        from dynprune.inject import plan_sites
+
+        for part in granularity.split("+"):
+            if reason := create_granularity(part).refuses_gate(gate):
+                return reason
+            if (name, part) not in self._sites:
+                if name not in self._built:
+                    self._built[name] = self.models[name]()
+                try:
+                    plan_sites(self._built[name], granularity=part, **self.plan_kwargs)
+                    self._sites[name, part] = None
+                except ValueError as err:
+                    self._sites[name, part] = str(err)
+            if reason := self._sites[name, part]:
+                return reason
+        return None
+
+    def split(self, cases: Iterable[tuple[str, str, str]]) -> tuple[list[tuple[str, str, str]],
+                                                                     list[tuple[str, str, str]]]:
+        """(accepted, refused) ``(model, gate, granularity)`` cases; a refusal that does not depend on the family
+        (no sites) is listed once, with the first family that meets it."""
+        accepted, refused, seen = [], [], set()
+        for name, gate, granularity in cases:
+            reason = self.refusal(name, gate, granularity)
+            if reason is None:
+                accepted.append((name, gate, granularity))
+            elif (name, granularity, reason) not in seen:
+                seen.add((name, granularity, reason))
+                refused.append((name, gate, granularity))
+        return accepted, refused

@@ -165,7 +165,7 @@ def test_bench_vit_writes_every_arm_at_matched_flops(tmp_path: Path) -> None:
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     bench.main(["--train-subset", "300", "--val-size", "60", "--test-subset", "100", "--epochs", "1",
-                "--ratios", "2", "--repeats", "1", "--min-run-time", "0.01", "--out", str(tmp_path)])
+                "--ratios", "2", "--rounds", "1", "--out", str(tmp_path)])
     with open(tmp_path / "bench_vit.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["arm"] for r in rows] == ["dense", "ToMe (off the shelf)", "EViT (off the shelf)", "EViT (fine-tuned)",

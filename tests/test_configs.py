@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import dynprune as dp
 from dynprune.cli import cli_main
 
 ROOT = Path(__file__).parent.parent
@@ -54,3 +55,16 @@ def test_base_plus_override_equals_the_flat_config(tmp_path: Path, capsys: pytes
     assert want["model"]["init_args"]["gate"] == "l1" and want["data"]["init_args"]["batch_size"] == 128
     assert _resolved(capsys, ROOT / "configs" / "fmnist_resnet20_l1.yaml") == want
     assert _resolved(capsys, ROOT / "configs" / "fmnist_resnet20_sigmoid.yaml", override) == want
+
+
+@pytest.mark.parametrize("name", ["fmnist_vit_head", "fmnist_vit_neuron"])
+def test_transformer_granularity_configs_train_end_to_end(name: str, tmp_path: Path) -> None:
+    """The shipped head/neuron ViT configs fit through the CLI (a quarter-width, one-block ViT, two steps)."""
+    cli = cli_main(["fit", "--config", str(ROOT / "configs" / f"{name}.yaml"), "--model.width_mult=0.25",
+                    "--model.depth_mult=0.17", "--model.dense_epochs=0", "--data.init_args.train_subset=32",
+                    "--data.init_args.val_size=16", "--data.init_args.batch_size=16", "--trainer.max_epochs=1",
+                    "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.logger=false",
+                    f"--trainer.default_root_dir={tmp_path}", "--test_after_fit=false"])
+    assert cli.trainer.state.finished and cli.trainer.global_step == 2
+    granularity = name.rsplit("_", 1)[1]
+    assert dp.gating_info(cli.model.model).granularities == [granularity]

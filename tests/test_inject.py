@@ -12,6 +12,7 @@ from conftest import assert_close_rounding, weight_depth
 from torch import Tensor, nn
 
 import dynprune as dp
+from dynprune.inject import plan_sites
 
 
 class UserNet(nn.Module):
@@ -318,3 +319,19 @@ def test_trace_follows_a_reduction_that_keeps_the_channels(reduction: str) -> No
     fc = info.flops.per_layer(dp.collect_masks(net))["fc"].item()
     dense = next(lay.dense for lay in info.flops.layers if lay.name == "fc")
     assert fc == pytest.approx(dense * (3 / 8 if follows else 1.0), rel=1e-6) and gate.mask.sum() == 3
+
+
+def test_plan_sites_is_a_dry_run_of_gate_model() -> None:
+    net = dp.backbones.create("resnet20", in_chans=1, input_size=8)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    plan = plan_sites(net, granularity="block")
+    assert not hasattr(net, "dynprune") and not any("dynprune_gate" in n for n, _ in net.named_modules())
+    assert net.state_dict().keys() == before.keys() and all(torch.equal(net.state_dict()[k], v)
+                                                            for k, v in before.items())
+    assert plan.sites == dp.gating_info(dp.gate_model(net, granularity="block")).gated
+    vgg = dp.backbones.create("vgg11", in_chans=1, input_size=8)
+    with pytest.raises(ValueError, match="nothing to gate at granularity 'block'"):
+        plan_sites(vgg, granularity="block")
+    vit = dp.backbones.create("vit", in_chans=1, input_size=8, width_mult=0.25, depth_mult=0.34)
+    with pytest.raises(ValueError, match="gate 'policy' cannot decide at granularity 'token'"):
+        plan_sites(vit, gate="policy", granularity="token")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import functools
 import importlib.util
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_rounding, weight_depth
+from conftest import Acceptance, assert_close_rounding, weight_depth
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -20,6 +21,7 @@ from dynprune.io import write_csv
 from dynprune.runtime import CompiledModel, compile_for_inference
 from dynprune.runtime.channels import ThinLayer
 from dynprune.runtime.compile import compilable
+from dynprune.runtime.decide import HardRule
 
 
 def compile_untimed(model: nn.Module, *args, **kwargs) -> CompiledModel:
@@ -46,13 +48,19 @@ def _randomise(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def _backbone(name: str) -> nn.Module:
+    return dp.backbones.create(name, num_classes=10, in_chans=SHAPE[0], input_size=SHAPE[1])
+
+
 def _gated(backbone: str, gate: str, granularity: str) -> nn.Module:
-    net = dp.backbones.create(backbone, num_classes=10, in_chans=SHAPE[0], input_size=SHAPE[1])
-    try:
-        model = dp.gate_model(net, gate=gate, granularity=granularity)
-    except ValueError as err:  # e.g. a net without residual blocks has nothing to gate per block
-        pytest.skip(f"{backbone} has no {granularity} sites: {err}")
-    return _randomise(model)
+    return _randomise(dp.gate_model(_backbone(backbone), gate=gate, granularity=granularity))
+
+
+# Only what gate_model accepts is compiled; what it refuses (a net without residual blocks has no block sites, a CNN
+# no tokens) is checked to be refused, by name, in test_refusals_name_the_granularity.
+ACCEPTANCE = Acceptance({name: functools.partial(_backbone, name) for name in dp.list_backbones()})
+ACCEPTED, REFUSED = ACCEPTANCE.split([(b, gate, g) for b in dp.list_backbones() for gate in dp.list_gates()
+                                      for g in GRANULARITIES])
 
 
 def _force(models: list[nn.Module], decisions: dict[str, Tensor]) -> None:
@@ -101,9 +109,7 @@ def test_dense_model_folds_batchnorm_and_keeps_outputs(backbone: str) -> None:
     assert not any(isinstance(m, nn.BatchNorm2d) for m in compiled.modules())
 
 
-@pytest.mark.parametrize("granularity", GRANULARITIES)
-@pytest.mark.parametrize("gate", dp.list_gates())
-@pytest.mark.parametrize("backbone", dp.list_backbones())
+@pytest.mark.parametrize(("backbone", "gate", "granularity"), ACCEPTED)
 def test_compiled_equals_masked(backbone: str, gate: str, granularity: str) -> None:
     model = _gated(backbone, gate, granularity)
     if granularity not in compilable():  # a granularity the runtime cannot execute yet must say so
@@ -117,6 +123,14 @@ def test_compiled_equals_masked(backbone: str, gate: str, granularity: str) -> N
         _force([model, compiled], _mixed(model, batch, seed=batch))
         _close(compiled(x), model(x))
         _force([model, compiled], {n: None for n in compiled.site_gates})
+
+
+def test_refusals_name_the_granularity() -> None:
+    """Each combination gate_model refuses (listed once per reason) raises a ValueError naming the granularity."""
+    assert REFUSED
+    for backbone, gate, granularity in REFUSED:
+        with pytest.raises(ValueError, match=f"granularity '{granularity}'"):
+            dp.gate_model(_backbone(backbone), gate=gate, granularity=granularity)
 
 
 class InvertedResidual(nn.Module):
@@ -184,8 +198,9 @@ def _flops(model: nn.Module, x: Tensor) -> int:
 
 # Neuron sites run the union of their tokens' units when an input has several tokens: that count is checked
 # in tests/test_neuron_runtime.py (and the per-token count at a single token).
-@pytest.mark.parametrize("granularity", [g for g in compilable() if g != "neuron"])
-@pytest.mark.parametrize("backbone", dp.list_backbones())
+@pytest.mark.parametrize(("backbone", "granularity"),
+                         [(b, g) for b in dp.list_backbones() for g in compilable()
+                          if g != "neuron" and ACCEPTANCE.refusal(b, "sigmoid", g) is None])
 def test_nothing_is_simulated(backbone: str, granularity: str) -> None:
     """FlopCounterMode over the compiled model at batch 1 counts the reported effective FLOPs of that input plus
     the reported FLOPs of its gates (a token gate's on the tokens still kept): the runtime executes exactly the
@@ -368,3 +383,43 @@ def test_width_slot_indexes_the_prefix_mask_of_each_level(widths: list[float], c
     units = torch.tensor([[(i >> j) & 1 for j in range(k)] for i in range(2 ** k)], dtype=torch.float)
     slot.level = (units != 0).long().cumprod(dim=1).sum(dim=1)
     assert torch.equal(slot.mask(), expander(units) != 0)
+
+
+@pytest.mark.parametrize("gate", dp.list_gates())
+def test_hard_rule_is_the_family_threshold_bitwise(gate: str) -> None:
+    """Every family's inference decision is its threshold on G(x); the runtime's HardRule (no sigmoid, stored W^T
+    views) gives bitwise the gate's own hard decisions, also for scores placed exactly at the threshold."""
+    g = dp.create_gate(gate, 12, 9).eval()
+    pooled = torch.randn(5, 12)
+    logits = g.logits(pooled)
+    assert torch.equal(g.hard_decisions(logits) != 0, logits >= g.inference_threshold())
+    rule = HardRule(g)
+    assert torch.equal(rule(pooled), g(pooled) != 0)
+    with torch.no_grad():  # move every score of input 0 exactly onto the threshold
+        g.fc2.bias.sub_(logits[0] - g.inference_threshold())
+    logits = g.logits(pooled)
+    assert torch.equal(HardRule(g)(pooled), g.hard_decisions(logits) != 0)
+
+
+def test_build_checks_leave_no_packs_behind() -> None:
+    """The forced masks the build checks run are not cached: the first real calls find room for their own."""
+    compiled = compile_untimed(_gated("resnet20", "sigmoid", "channel"))
+    layers = [m for m in compiled.modules() if isinstance(m, ThinLayer)]
+    assert layers and all(not m.packs and m.cached == 0 for m in layers)
+    compiled(torch.randn(1, *SHAPE))
+    assert any(m.packs for m in layers)
+
+
+def test_gate_rules_follow_their_own_gate_weights() -> None:
+    """A compiled gate's rule reads its gate's weights in place (an in-place edit takes effect), and a deep copy's
+    rules read the copy's gates, not the original's."""
+    compiled = compile_untimed(_gated("resnet20", "sigmoid", "channel"))
+    twin = copy.deepcopy(compiled)
+    x = torch.randn(2, *SHAPE)
+    expected = twin(x)
+    _close(compiled(x), expected)
+    with torch.no_grad():
+        for gate in compiled.site_gates.values():
+            gate.fc2.bias.fill_(-1e4)  # every gated channel off in the original only
+    assert not torch.allclose(compiled(x), expected)
+    assert torch.equal(twin(x), expected)

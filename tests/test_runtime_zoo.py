@@ -5,11 +5,12 @@ with the masked model's outputs, or is refused at build time; nothing fails late
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import assert_close_rounding, weight_depth
+from conftest import Acceptance, assert_close_rounding, weight_depth
 from torch import Tensor, nn
 
 import dynprune as dp
@@ -59,13 +60,25 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+def _build(name: str) -> nn.Module:
+    """Zoo model ``name`` as (N, C, H, W) -> (N, classes) in eval mode."""
+    return Logits(ZOO[name]()).eval()
+
+
+# Only what gate_model accepts is compiled; what it refuses (e.g. tokens, heads and neurons of a CNN) is checked
+# to be refused, by name, in test_zoo_refusals_name_the_granularity.
+ACCEPTED, REFUSED = Acceptance({n: functools.partial(_build, n) for n in ZOO}, input_shape=SHAPE).split(
+    [(name, DEFAULT_GATE, g) for name in ZOO for g in GRANULARITY_CASES]
+    + [(FAMILY_MODEL, gate, g) for gate in dp.list_gates() if gate != DEFAULT_GATE for g in dp.list_granularities()])
+
+
 @pytest.fixture(scope="module")
 def zoo() -> dict[str, nn.Module]:
     """Each model built once (random weights, random BN statistics so that folding matters)."""
     torch.manual_seed(0)
     models = {}
-    for name, make in ZOO.items():
-        model = Logits(make()).eval()
+    for name in ZOO:
+        model = _build(name)
         with torch.no_grad():
             for m in model.modules():
                 if isinstance(m, nn.BatchNorm2d):
@@ -78,10 +91,7 @@ def zoo() -> dict[str, nn.Module]:
 def _gated(model: nn.Module, gate: str, granularity: str) -> nn.Module:
     model = copy.deepcopy(model)
     for g in granularity.split("+"):
-        try:
-            model = dp.gate_model(model, gate=gate, granularity=g, input_shape=SHAPE)
-        except ValueError as err:  # refused at build time, with the reason
-            pytest.skip(f"gate_model refuses {granularity}: {err}")
+        model = dp.gate_model(model, gate=gate, granularity=g, input_shape=SHAPE)
     with torch.no_grad():
         for gate_module in dp.gates_of(model).values():
             gate_module.fc2.bias.normal_(0, 0.5)  # decisions differ between inputs
@@ -92,10 +102,7 @@ def _close(a: Tensor, b: Tensor, model: nn.Module) -> None:
     assert_close_rounding(a, b, depth=weight_depth(model))
 
 
-@pytest.mark.parametrize(("name", "gate", "granularity"),
-                         [(name, DEFAULT_GATE, g) for name in ZOO for g in GRANULARITY_CASES]
-                         + [(FAMILY_MODEL, gate, g) for gate in dp.list_gates() if gate != DEFAULT_GATE
-                            for g in dp.list_granularities()])
+@pytest.mark.parametrize(("name", "gate", "granularity"), ACCEPTED)
 def test_zoo_compiles_to_the_masked_model(zoo: dict[str, nn.Module], name: str, gate: str, granularity: str) -> None:
     model = _gated(zoo[name], gate, granularity)
     try:
@@ -116,6 +123,21 @@ def test_zoo_compiles_to_the_masked_model(zoo: dict[str, nn.Module], name: str, 
         for gates in (dp.gates_of(model), compiled.site_gates):
             for n in forced:
                 gates[n].force(None)
+
+
+def test_zoo_refusals_name_the_granularity(zoo: dict[str, nn.Module]) -> None:
+    """Each combination gate_model refuses (listed once per reason) raises a ValueError naming the granularity."""
+    assert REFUSED
+    for name, gate, granularity in REFUSED:
+        model = copy.deepcopy(zoo[name])
+        for g in granularity.split("+"):
+            try:
+                model = dp.gate_model(model, gate=gate, granularity=g, input_shape=SHAPE)
+            except ValueError as err:
+                assert f"granularity '{g}'" in str(err), (name, gate, granularity, err)
+                break
+        else:
+            pytest.fail(f"gate_model accepted {name} / {gate} / {granularity}, which its dry run refuses")
 
 
 def test_compiled_conv_keeps_the_attributes_forward_code_reads(zoo: dict[str, nn.Module]) -> None:

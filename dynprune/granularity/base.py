@@ -2,11 +2,12 @@
 orthogonal to the gate family (*how* it decides).
 
 A granularity is one file holding everything about it: it finds its candidate sites in the trace and
-says why a site is not eligible, attaches a gate and the hooks that apply its decisions, says how
-decisions change FLOPs (:class:`FlopsTerms`), whether closing every unit skips work or cuts the network,
-what it adds to the FLOPs report, its extra training terms (``training_terms``, weighted by the task
-arguments it names in ``term_weights``), its options (constructor arguments, e.g. ``widths``) and the runtime
-executor that runs it for real (:class:`dynprune.runtime.executor.Executor`, None: not compilable).
+says why a site is not eligible (and which gate families it refuses: ``refuses_gate``), attaches a gate
+and the hooks that apply its decisions, says how decisions change FLOPs (:class:`FlopsTerms`), whether
+closing every unit skips work or cuts the network, what it adds to the FLOPs report, its extra training
+terms (``training_terms``, weighted by the task arguments it names in ``term_weights``), its options
+(constructor arguments, e.g. ``widths``) and the runtime executor that runs it for real
+(:class:`dynprune.runtime.executor.Executor`, None: not compilable).
 Adding a granularity = one subclass + ``@register_granularity``; no code elsewhere names it.
 """
 
@@ -182,6 +183,10 @@ class Granularity(ABC):
     @abstractmethod
     def flops_terms(self, site: Site, mask: Tensor) -> FlopsTerms:
         """How decisions (N, units) change FLOPs; see :class:`FlopsTerms`."""
+
+    def refuses_gate(self, gate: str) -> str | None:
+        """Why gate family ``gate`` cannot decide at this granularity (None: it can); checked before tracing."""
+        return None
 
     def effective(self, site: Site, decisions: Tensor) -> Tensor:
         """The decisions that take effect; every unit acts on its own unless a granularity nests them."""

@@ -2,15 +2,15 @@
 
 A site is an attention module on tokens (N, T, D) with separate query, key, value and output Linear children
 (``q/k/v/proj`` as in :class:`dynprune.backbones.vit.Attention`, or ``q_proj/k_proj/v_proj/o_proj`` as in
-transformers' ViT) and an integer head count attribute (``heads``, ``num_heads`` or ``num_attention_heads``).
-Its gate reads the module's input, pooled over tokens, and decides (N, heads); a head that is off contributes
-nothing: its slice of the output projection's input is zeroed (a pre-hook), so its q/k/v output rows, its share
-of the attention core (QK^T and AV) and its output-projection columns need not run. FLOPs: q, k and v keep the
-kept heads' output channels, the output projection and the attention core scale with the kept fraction of heads.
+transformers' ViT) and an integer head count attribute (``heads``, ``num_heads`` or ``num_attention_heads``). Its
+gate reads the module's input, pooled over tokens, and decides (N, heads); a head that is off contributes nothing:
+its slice of the output projection's input is zeroed (a pre-hook), so its q/k/v output rows, its share of the
+attention core (QK^T and AV) and its output-projection columns need not run. FLOPs: q, k and v keep the kept heads'
+output channels, the output projection and the attention core scale with the kept fraction of heads.
 ``nn.MultiheadAttention`` packs q/k/v into one ``in_proj_weight`` and runs every head inside one op: it is refused
-(convert it with ``Attention.from_multihead``); so is causal attention (a decision from every token would let
-each position see later ones). Compiled, the module runs with only its kept heads
-(:mod:`dynprune.runtime.heads`).
+(convert it with ``Attention.from_multihead``), and so is one fused q/k/v layer (GPT-2's ``c_attn``, a transformers
+``Conv1D``); so is causal attention (a decision from every token would let each position see later ones). Compiled,
+the module runs with only its kept heads (:mod:`dynprune.runtime.heads`).
 """
 
 from __future__ import annotations
@@ -92,6 +92,13 @@ class HeadGranularity(Granularity):
 
     def ineligible(self, trace: Trace, name: str) -> str | None:
         roles = find_roles(trace, name)
+        fused = [n for n, info in trace.layers.items() if n.rpartition(".")[0] == name
+                 and info.channel_dim == -1 and info.out_channels == 3 * info.in_channels]
+        if roles is None and fused:
+            return (f"its query, key and value come from one fused D -> 3D layer '{fused[0]}' (as GPT-2's c_attn), "
+                    "whose per-head slices dynprune does not split out (and GPT-2's attention is causal, where a "
+                    "per-input head decision would let each position see later ones: gate its MLP neurons per "
+                    "token instead, granularity='neuron')")
         if roles is None:
             return ("it has no query, key, value and output Linear children (q/k/v/proj or q_proj/k_proj/v_proj/"
                     "o_proj; nn.MultiheadAttention packs q/k/v into one in_proj_weight: convert it with "

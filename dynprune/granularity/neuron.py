@@ -1,12 +1,12 @@
 """Neuron granularity: per token, which hidden units of a transformer MLP run (the unit of Deja Vu, CATS, TEAL).
 
-A site is an MLP's first Linear (``fc1``) on tokens (N, T, D) whose output reaches another Linear (``fc2``)
-through zero-preserving ops only (GELU, ReLU, SiLU, dropout: a unit that is 0 stays 0). Its gate reads fc1's
-input per token and decides (N, T, H) over the H hidden units; a unit that is off is exactly zero after the
-activation, so it costs nothing in fc1's row and fc2's column: both layers' FLOPs scale with the kept fraction
-of each token (the channel formula with per-position masks). :func:`calibrate_thresholds` turns any family's
-gates into the training-free magnitude-threshold baseline (TEAL / CATS style). Compiled, fc1 and fc2 run on the
-units the tokens keep (:mod:`dynprune.runtime.neurons`).
+A site is an MLP's first Linear (``fc1``; transformers' ``Conv1D`` in GPT-2 counts as a Linear) on tokens (N, T, D)
+whose output reaches another Linear (``fc2``) through zero-preserving ops only (GELU, ReLU, SiLU, dropout: a unit
+that is 0 stays 0). Its gate reads fc1's input per token and decides (N, T, H) over the H hidden units; a unit that
+is off is exactly zero after the activation, so it costs nothing in fc1's row and fc2's column: both layers' FLOPs
+scale with the kept fraction of each token (the channel formula with per-position masks).
+:func:`calibrate_thresholds` turns any family's gates into the training-free magnitude-threshold baseline (TEAL /
+CATS style). Compiled, fc1 and fc2 run on the units the tokens keep (:mod:`dynprune.runtime.neurons`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from dynprune.granularity.base import FlopsTerms, Granularity, Site, add_gate, layout_of, register_granularity
 from dynprune.hooks import DecideHook, HookSwitch, MaskHook
 from dynprune.runtime.neurons import NeuronExecutor
-from dynprune.trace import LayerInfo, Trace, reaches_residual
+from dynprune.trace import LayerInfo, Trace, linear_weight, reaches_residual
 
 
 @dataclass
@@ -109,13 +109,14 @@ def calibrate_thresholds(model: nn.Module, batches: Iterable[Tensor], sparsity: 
     gates = {name: model.get_submodule(site.gate_path) for name, site in sites.items()}
     for name, gate in gates.items():
         layer = model.get_submodule(name)
-        u, s, vh = torch.linalg.svd(layer.weight.double(), full_matrices=False)
+        weight = linear_weight(layer)  # (H, D), also for a transformers Conv1D
+        u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
         r = min(gate.fc1.out_features // 2, len(s))
         if r < 1:
             raise ValueError(f"the gate of '{name}' has {gate.fc1.out_features} hidden units; the threshold rule "
                              "needs >= 2 (raise min_hidden)")
         root = s[:r].sqrt()
-        bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
+        bias = layer.bias if layer.bias is not None else torch.zeros(len(weight))
         _linear_through_relu(gate, (root[:, None] * vh[:r]).to(gate.fc1.weight),
                              (u[:, :r] * root).to(gate.fc2.weight), bias)
     estimates: dict[str, list[Tensor]] = {name: [] for name in sites}

@@ -194,12 +194,14 @@ class TokenGranularity(ModuleGranularity):
         picks = sorted({len(blocks) * k // 4 for k in (1, 2, 3)} - {0})
         return [blocks[i] for i in picks]
 
+    def refuses_gate(self, gate: str) -> str | None:
+        if GATES.get(gate).training_loss is not Gate.training_loss:
+            return ("its own training term scores the decisions it sampled, while a token site's decisions are "
+                    "multiplied through depth")
+        return None
+
     def attach(self, model: nn.Module, trace: Trace, name: str, gate: str, gate_kwargs: dict[str, float],
                switch: HookSwitch) -> Site:
-        family = GATES.get(gate)
-        if family.training_loss is not Gate.training_loss:
-            raise ValueError(f"gate '{gate}' cannot decide tokens: its own training term scores the decisions it "
-                             "sampled, while a token site's decisions are multiplied through depth")
         chain = self._chain(model, trace, name, switch)
         index = len(chain.sites)
         if self.keep_ratios is not None and index >= len(self.keep_ratios):

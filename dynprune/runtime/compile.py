@@ -136,6 +136,9 @@ def compile_for_inference(
             compiled = _compile_checked(model, sites, probe, tol)
         else:
             compiled = _compile_low_precision(model, sites, probe, tol, param.dtype)
+        for module in compiled.net.modules():  # the checks' forced masks would crowd out the real ones
+            if isinstance(module, ThinLayer):
+                module.clear_cache()
         if dispatch:
             timed = _check_inputs(model, shape, max(dispatch), param.device) if example is None else example
             compiled.calibrate(timed.to(param.device, param.dtype) if timed.is_floating_point()
@@ -250,10 +253,14 @@ def _thin_layers(net: nn.Module, gates: dict[str, Gate], narrowed: dict[str, Wid
     for info in sorted(layers.values(), key=lambda i: i.order):
         if info.name not in channel and info.name not in thin_source:
             continue
+        layer = net.get_submodule(info.name)
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            raise ValueError(f"compile_for_inference cannot thin the channels of '{info.name}': the channel runtime "
+                             f"runs Conv2d and Linear layers, not {type(layer).__name__} (a transformers Conv1D MLP "
+                             "gates and compiles at granularity 'neuron')")
         source = executors[thin_source[info.name]] if info.name in thin_source else None
         scatter = info.name not in thin_source.values()
-        executors[info.name] = ThinLayer(net.get_submodule(info.name), gates.get(info.name), source, scatter,
-                                         narrowed.get(info.name))
+        executors[info.name] = ThinLayer(layer, gates.get(info.name), source, scatter, narrowed.get(info.name))
     for name, executor in executors.items():
         set_submodule(net, name, executor)
 

@@ -25,6 +25,7 @@ from dynprune.gates.base import Gate
 from dynprune.runtime.decide import decide, se_gate
 from dynprune.runtime.executor import Executor
 from dynprune.runtime.wrap import Wrapper
+from dynprune.trace import is_linear, linear_weight
 
 if TYPE_CHECKING:
     from dynprune.granularity.base import Site
@@ -41,11 +42,12 @@ def union_rows(decisions: Tensor, binary: bool, positions: int) -> Tensor:
 
 class NeuronIn(Wrapper):
     """fc1 on the union of the kept hidden units: (N, T, D) -> (N, T, u), exact zeros where a token drops a unit
-    of the union; ``kept`` names the u units (None: all H). ``scatter``: write them back to (N, T, H) instead."""
+    of the union; ``kept`` names the u units (None: all H). ``scatter``: write them back to (N, T, H) instead.
+    ``layer``: an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2)."""
 
     wrapped = "layer"
 
-    def __init__(self, layer: nn.Linear, gate: Gate, scatter: bool) -> None:
+    def __init__(self, layer: nn.Module, gate: Gate, scatter: bool) -> None:
         super().__init__()
         self.layer, self.gate, self.scatter = layer, gate, scatter
         self.se_gate = se_gate(gate)
@@ -58,7 +60,7 @@ class NeuronIn(Wrapper):
         d, binary = decide(gate, x if self.reads_tokens else gate.pool(x), self.se_gate)  # (N, T, H)
         units, positions = d.shape[-1], x.numel() // x.shape[-1]
         rows: Tensor | None = union_rows(d, binary, positions)
-        weight, bias = self.layer.weight, self.layer.bias
+        weight, bias = linear_weight(self.layer), self.layer.bias  # (H, D): a view of a Conv1D's (D, H)
         if len(rows) == units:
             rows = None
         else:
@@ -81,11 +83,11 @@ class NeuronOut(Wrapper):
 
     wrapped = "layer"
 
-    def __init__(self, layer: nn.Linear, source: NeuronIn) -> None:
+    def __init__(self, layer: nn.Module, source: NeuronIn) -> None:
         super().__init__()
         self.layer = layer
         object.__setattr__(self, "source", source)  # a reference, not a submodule
-        self.register_buffer("weight_t", layer.weight.detach().t().contiguous(), persistent=False)  # (H, D)
+        self.register_buffer("weight_t", linear_weight(layer).detach().t().contiguous(), persistent=False)  # (H, D)
 
     def forward(self, h: Tensor) -> Tensor:
         """Thin hidden activations (N, T, u) -> (N, T, D)."""
@@ -102,6 +104,6 @@ class NeuronExecutor(Executor):
 
     def replace(self, site: Site, gate: Gate, module: Callable[[str], nn.Module]) -> dict[str, nn.Module]:
         readers = getattr(site, "readers", ())
-        thin = len(readers) == 1 and isinstance(module(readers[0]), nn.Linear)
+        thin = len(readers) == 1 and is_linear(module(readers[0]))
         first = NeuronIn(module(site.name), gate, scatter=not thin)
         return {site.name: first, readers[0]: NeuronOut(module(readers[0]), first)} if thin else {site.name: first}
