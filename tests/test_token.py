@@ -304,7 +304,8 @@ def test_keep_ratio_for_matches_a_flops_reduction(ratio: float) -> None:
     masks = {}
     for s, name in enumerate(info.sites, start=1):  # the schedule's kept tokens, CLS first
         masks[name] = (torch.arange(50) < 1 + round(rho ** s * 49)).float().view(1, 50, 1)
-    flops = (float(info.flops.effective(masks)) + info.flops.gate_flops) / info.flops.dense_total
+    flops = float(info.flops.effective(masks) + info.flops.gates(masks)) / info.flops.dense_total
+    assert float(info.flops.gates(masks)) < info.flops.gate_flops  # later gates read the kept tokens only
     assert flops == pytest.approx(1 / ratio, rel=0.03) and 0 < rho < 1
     with pytest.raises(ValueError, match="no keep_ratio brings the FLOPs within 3% of 1/50"):
         keep_ratio_for(model, 50.0)
