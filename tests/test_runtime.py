@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import functools
 import importlib.util
@@ -20,6 +21,7 @@ from dynprune.io import write_csv
 from dynprune.runtime import CompiledModel, compile_for_inference
 from dynprune.runtime.channels import ThinLayer
 from dynprune.runtime.compile import compilable
+from dynprune.runtime.decide import HardRule
 
 
 def compile_untimed(model: nn.Module, *args, **kwargs) -> CompiledModel:
@@ -383,3 +385,43 @@ def test_width_slot_indexes_the_prefix_mask_of_each_level(widths: list[float], c
     units = torch.tensor([[(i >> j) & 1 for j in range(k)] for i in range(2 ** k)], dtype=torch.float)
     slot.level = (units != 0).long().cumprod(dim=1).sum(dim=1)
     assert torch.equal(slot.mask(), expander(units) != 0)
+
+
+@pytest.mark.parametrize("gate", dp.list_gates())
+def test_hard_rule_is_the_family_threshold_bitwise(gate: str) -> None:
+    """Every family's inference decision is its threshold on G(x); the runtime's HardRule (no sigmoid, stored W^T
+    views) gives bitwise the gate's own hard decisions, also for scores placed exactly at the threshold."""
+    g = dp.create_gate(gate, 12, 9).eval()
+    pooled = torch.randn(5, 12)
+    logits = g.logits(pooled)
+    assert torch.equal(g.hard_decisions(logits) != 0, logits >= g.inference_threshold())
+    rule = HardRule(g)
+    assert torch.equal(rule(pooled), g(pooled) != 0)
+    with torch.no_grad():  # move every score of input 0 exactly onto the threshold
+        g.fc2.bias.sub_(logits[0] - g.inference_threshold())
+    logits = g.logits(pooled)
+    assert torch.equal(HardRule(g)(pooled), g.hard_decisions(logits) != 0)
+
+
+def test_build_checks_leave_no_packs_behind() -> None:
+    """The forced masks the build checks run are not cached: the first real calls find room for their own."""
+    compiled = compile_untimed(_gated("resnet20", "sigmoid", "channel"))
+    layers = [m for m in compiled.modules() if isinstance(m, ThinLayer)]
+    assert layers and all(not m.packs and m.cached == 0 for m in layers)
+    compiled(torch.randn(1, *SHAPE))
+    assert any(m.packs for m in layers)
+
+
+def test_gate_rules_follow_their_own_gate_weights() -> None:
+    """A compiled gate's rule reads its gate's weights in place (an in-place edit takes effect), and a deep copy's
+    rules read the copy's gates, not the original's."""
+    compiled = compile_untimed(_gated("resnet20", "sigmoid", "channel"))
+    twin = copy.deepcopy(compiled)
+    x = torch.randn(2, *SHAPE)
+    expected = twin(x)
+    _close(compiled(x), expected)
+    with torch.no_grad():
+        for gate in compiled.site_gates.values():
+            gate.fc2.bias.fill_(-1e4)  # every gated channel off in the original only
+    assert not torch.allclose(compiled(x), expected)
+    assert torch.equal(twin(x), expected)

@@ -4,7 +4,9 @@ M(x) = sigma(G(x)) with G = global-avg-pool -> fc -> ReLU -> fc. A gate family (
 file) owns how probabilities become the applied decisions while training (hard straight-through,
 soft, sampled, relaxed), any extra training term it contributes (e.g. the REINFORCE surrogate, which
 may ask the task for a hard rollout of the batch) with the state that term needs, and the training
-phases it needs (``phases``). At inference every family makes hard decisions ``1[G(x) >= 0]``.
+phases it needs (``phases``). At inference every family decides hard by a threshold on G(x):
+``1[G(x) >= t]``, where the family declares ``t`` (``inference_threshold``; 0 by default, the 0.5 point of the
+sigmoid), so the compiled runtime compares the pre-activation directly, with no sigmoid.
 """
 
 from __future__ import annotations
@@ -160,9 +162,14 @@ class Gate(nn.Module, ABC):
         self.mask = mask
         return mask
 
+    def inference_threshold(self) -> float:
+        """t of the inference rule 1[G(x) >= t]: 0, i.e. sigma(G(x)) >= 0.5 (a family whose rule thresholds
+        another monotone function of G(x) returns the threshold moved back onto G(x))."""
+        return 0.0
+
     def hard_decisions(self, logits: Tensor) -> Tensor:
-        """Deterministic decisions at inference: 1[sigma(G(x)) >= 0.5]."""
-        return (logits >= 0).to(logits.dtype)
+        """Deterministic decisions at inference: 1[G(x) >= t], t = :meth:`inference_threshold`."""
+        return (logits >= self.inference_threshold()).to(logits.dtype)
 
     @abstractmethod
     def train_decisions(self, logits: Tensor) -> Tensor:

@@ -26,8 +26,9 @@ class L1Gate(Gate):
             raise ValueError(f"l1 gate threshold must be in (0, 1), got {threshold}")
         self.threshold = threshold
 
-    def hard_decisions(self, logits: Tensor) -> Tensor:
-        return (logits >= math.log(self.threshold / (1 - self.threshold))).to(logits.dtype)
+    def inference_threshold(self) -> float:
+        """sigma(G(x)) >= threshold is G(x) >= logit(threshold)."""
+        return math.log(self.threshold / (1 - self.threshold))
 
     def train_decisions(self, logits: Tensor) -> Tensor:
         return logits.sigmoid()

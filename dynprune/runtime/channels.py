@@ -9,7 +9,9 @@ back to full width (zeros elsewhere) otherwise; a depthwise conv reading a thin 
 channels whose input is present (the others output their bias). Zero kept channels are passed on as one
 all-zero channel (pooling refuses zero-width tensors; the reader treats it like any absent, zero, channel); a
 layer whose input has zero channels outputs its bias. The weights for one (kept rows, present columns) pair
-are gathered once into a contiguous pack and cached (LRU, bounded), so a repeated mask costs no gather.
+are gathered once into a contiguous pack and cached (LRU, bounded), so a repeated mask costs no gather. The gate
+runs as a :class:`~dynprune.runtime.decide.HardRule` (its SE net and the family's threshold, no module calls) and
+the per-call path reads plain references only (no ``nn.Module.__getattr__``).
 ``set_masked(True)`` switches a layer to the masked path (see :mod:`dynprune.runtime.dispatch`).
 """
 
@@ -22,8 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynprune.gates.base import Gate
-from dynprune.hooks import apply_mask
-from dynprune.runtime.decide import decide, se_gate
+from dynprune.runtime.decide import HardRule, decide, se_gate
 from dynprune.runtime.widths import NestedSlots, WidthSlot
 from dynprune.runtime.wrap import Wrapper
 
@@ -77,7 +78,7 @@ class ThinLayer(Wrapper):
         layer: the folded layer; never modified. The weights it runs for a mask (kept rows, present input
             columns) are gathered once into a contiguous :class:`Pack` and cached, least recently used first
             out, up to ``cache_factor`` times the layer's weight size: a trained gate repeats few masks, so a
-            call usually gathers nothing.
+            call usually gathers nothing (a cycle through more masks than fit would miss every time).
         gate: decides this layer's output channels from its input (None: all kept).
         source: the ThinLayer whose thin output this layer reads (None: a full-width input).
         scatter: write the kept channels back into a full-width zero tensor (the output has other readers).
@@ -86,7 +87,7 @@ class ThinLayer(Wrapper):
     """
 
     wrapped = "layer"
-    cache_factor = 4
+    cache_factor = 16
 
     def __init__(self, layer: nn.Module, gate: Gate | None, source: ThinLayer | None, scatter: bool,
                  narrow: WidthSlot | NestedSlots | None = None) -> None:
@@ -132,29 +133,38 @@ class ThinLayer(Wrapper):
         plain = self.__dict__
         plain["_gate"], plain["_narrow"] = gate, self.narrow
         plain["_conv"] = (layer.stride, layer.padding, layer.dilation) if self.is_conv else None
-        plain["_se"] = (gate.fc1.weight, gate.fc1.bias, gate.fc2.weight, gate.fc2.bias) if self.se_gate else None
+        plain["_rule"] = HardRule(gate) if self.se_gate else None
+        plain["_offsets"] = self.unit_offsets
         plain["_on_cpu"] = layer.weight.device.type == "cpu"
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         """Casting or moving the layer drops the cached packs (they were gathered from the old weights)."""
-        self.packs.clear()
-        self.cached = 0
+        self.clear_cache()
         out = super()._apply(fn, recurse)
         self._refresh()
         return out
 
+    def clear_cache(self) -> None:
+        """Drop every cached :class:`Pack` (e.g. those of the forced masks a build check ran)."""
+        self.packs.clear()
+        self.cached = 0
+
     def input_columns(self) -> Tensor | None:
         """Indices of this layer's inputs present in its (thin) input; None when all are."""
-        kept = self.source.kept if self.source is not None else None
-        if kept is None or len(self.unit_offsets) == 1:
+        plain = self.__dict__
+        source, offsets = plain["source"], plain["_offsets"]
+        kept = source.kept if source is not None else None
+        if kept is None or len(offsets) == 1:
             return kept
-        return (kept[:, None] * len(self.unit_offsets) + self.unit_offsets).flatten()
+        return (kept[:, None] * len(offsets) + offsets).flatten()
 
     def decide(self, x: Tensor, cols: Tensor | None) -> tuple[Tensor, bool]:
         """The decisions (N, C_out) of the gate (from the (thin) input, pooled then scattered to full width) and
         of the width prefix, and whether they are binary (an unforced gate deciding hard: a bool tensor)."""
-        prefix = self.narrow.mask() if self.narrow is not None else None
-        if self.gate is None:
+        plain = self.__dict__
+        narrow = plain["_narrow"]
+        prefix = narrow.mask() if narrow is not None else None
+        if plain["_gate"] is None:
             return prefix, True
         mask, binary = self.gate_decisions(x, cols)
         if prefix is None:
@@ -169,10 +179,10 @@ class ThinLayer(Wrapper):
             pooled = x
         if cols is not None:
             pooled = pooled.new_zeros(pooled.shape[0], self.in_channels).index_copy_(1, cols, pooled)
-        gate = self._gate
-        if self._se is not None and gate.forced is None and gate.hard:  # the SE net inlined, plain references
-            w1, b1, w2, b2 = self._se
-            return F.linear(F.linear(pooled, w1, b1).relu_(), w2, b2) >= 0, True
+        plain = self.__dict__
+        gate, rule = plain["_gate"], plain["_rule"]
+        if rule is not None and gate.forced is None and gate.hard:
+            return rule(pooled), True
         return decide(gate, pooled, self.se_gate)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -205,8 +215,10 @@ class ThinLayer(Wrapper):
             index, bias = pack.fill
             full = bias.view(1, -1, 1, 1).expand(out.shape[0], -1, *out.shape[2:]).contiguous()
             out = full.index_copy_(1, index, out)
-        if scale is not None:
-            out = apply_mask(out, scale.to(out.dtype), self.dim)
+        if scale is not None:  # ``out`` is this call's own tensor: masked in place, no copy of the output
+            shape = [1] * out.dim()
+            shape[0], shape[self.dim % out.dim()] = scale.shape
+            out = out.mul_(scale.to(out.dtype).reshape(shape))
         rows = pack.rows
         if self.scatter and rows is not None:
             full_shape = list(out.shape)

@@ -136,6 +136,9 @@ def compile_for_inference(
             compiled = _compile_checked(model, sites, probe, tol)
         else:
             compiled = _compile_low_precision(model, sites, probe, tol, param.dtype)
+        for module in compiled.net.modules():  # the checks' forced masks would crowd out the real ones
+            if isinstance(module, ThinLayer):
+                module.clear_cache()
         if dispatch:
             timed = _check_inputs(model, shape, max(dispatch), param.device) if example is None else example
             compiled.calibrate(timed.to(param.device, param.dtype) if timed.is_floating_point()
