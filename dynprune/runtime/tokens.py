@@ -20,10 +20,9 @@ dropped token holds what the masked model holds there: it still attends to the k
 dispatch takes it where dropping tokens does not pay. Measured (``token_latency*.md``, dim 96, 1 CPU thread, gates
 keeping 0.7 of the tokens at each of 3 sites): the masked path costs the dense model plus the gates and the masks
 (0.82-0.84x dense at batch 1, 0.91-0.97x at 64, over two runs), the thin path 0.93-0.95x at batch 1 and
-1.08-1.20x at 64 (padded or grouped), so the plan takes the
-thin path at batch 1, 8 and 64 there; the masked path wins on batches of 2 to 8 where half the inputs keep every
-token and half the CLS token alone. At batch 1 of this small model both paths are bound by per-op overhead, so
-neither is faster than dense.
+1.08-1.20x at 64 (padded or grouped), so the plan takes the thin path at batch 1, 8 and 64 there; the masked path
+wins on batches of 2 to 8 where half the inputs keep every token and half the CLS token alone. At batch 1 of
+this small model both paths are bound by per-op overhead, so neither is faster than dense.
 
 Readouts: the first call of the compiled model (its check in ``compile_for_inference``) probes whether the network
 after the chain reads any token but the CLS tokens (it perturbs them and compares the outputs). If it does (e.g.
