@@ -26,7 +26,6 @@ import functools
 import itertools
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +44,7 @@ from dynprune.io import atomic_write, save_figure, to_markdown, write_csv
 from dynprune.runtime import compile_for_inference
 from dynprune.runtime.blocks import SubBatchBlock
 from dynprune.runtime.channels import ThinLayer
+from dynprune.runtime.profile import machine as cpu_and_torch
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -477,14 +477,8 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
 def machine() -> str:
     """CPU model, core count, torch version and load average, for the result files."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return f"{cpu}, nproc={os.cpu_count()}, torch {torch.__version__}, load average {load}"
+    return f"{cpu_and_torch()}, load average {load}"
 
 
 def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
