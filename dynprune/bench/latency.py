@@ -75,11 +75,6 @@ def time_pair(dense: nn.Module, compiled: nn.Module, images: Tensor, batch: int,
     return statistics.median(times["dense"]), statistics.median(times["compiled"])
 
 
-def _plan(compiled: nn.Module) -> list[dict[str, Any]]:
-    """Per timed batch size, both exact paths' times and the one the compiled model takes (thin / masked)."""
-    return compiled.plan.rows()
-
-
 @torch.no_grad()
 def measure_point(cfg: BenchConfig, point: Point, root: Path, batches: tuple[int, ...] = (1, 64), images: int = 64,
                   rounds: int = 3, min_run_time: float = 0.3) -> dict[str, Any] | None:
@@ -103,7 +98,7 @@ def measure_point(cfg: BenchConfig, point: Point, root: Path, batches: tuple[int
     compiled = compile_for_inference(network.eval(), input_shape=shape, dispatch=batches, example=xs)
     dense = compile_for_inference(_load_dense(cfg, point.seed, root).eval(), input_shape=shape, dispatch=())
     theory = 1.0 / record["test"]["flops_ratio"]
-    out: dict[str, Any] = {"point": point.id, "source": source, "dispatch": _plan(compiled),
+    out: dict[str, Any] = {"point": point.id, "source": source, "dispatch": compiled.plan.rows(),
                            "device": device_name("cpu"), "threads": cfg.threads,
                            "load_avg_1m": os.getloadavg()[0], "images": len(xs), "rounds": rounds,
                            "theoretical_speedup": theory, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
