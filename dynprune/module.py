@@ -13,9 +13,11 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from dynprune import backbones
+from dynprune.budget import BudgetShift, meet_budget
 from dynprune.checks import check_number
 from dynprune.flops import FlopsProfile
 from dynprune.gatemodes import side_pass
@@ -46,6 +48,13 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
             (None: profiled on this machine at fit start and saved as ``latency_table.json`` in the log dir).
         target: if set, penalise the distance of the batch-mean cost to ``target`` instead of the cost.
         target_loss: ``abs`` (|c - t|) or ``squared`` ((c - t)^2).
+        target_dual: step size of dual ascent on a multiplier mu of the constraint cost = target (0: off): the
+            penalty gains mu * (c - target) and mu += target_dual * (c - target) after every step, so a run whose
+            fixed lam cannot reach its target raises the price until it does (mu is kept in checkpoints).
+        target_calibrate: at the end of fit, add one constant to every gate's score, chosen by bisection on the
+            validation data so that its mean FLOPs ratio lands on ``target`` (:func:`dynprune.budget.meet_budget`;
+            the test set is never used). The shift is in the weights from then on (save the model after fit: the
+            checkpoints written during fit predate it); ``budget_shift`` records it.
         where: module-name patterns to gate (a list, or {granularity: list} with several granularities).
         gate_kwargs: e.g. ``{"reduction": 4, "init_bias": 3.0}``.
         init_from: a checkpoint of a run of the same backbone to warm-start from (weights only; not a teacher).
@@ -80,7 +89,8 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
     TRAINING_ARGS: ClassVar[frozenset[str]] = ClassificationTask.TRAINING_ARGS | {
         "lam", "cost", "target", "target_loss", "gate_lr", "init_from", "teacher", "dense_epochs", "budget",
         "budget_width", "budget_anneal", "batch_shaping", "batch_shaping_warmup", "logit_penalty",
-        "logit_penalty_warmup", "distill", "distill_temperature", "frozen", "latency_table"}
+        "logit_penalty_warmup", "distill", "distill_temperature", "frozen", "latency_table", "target_dual",
+        "target_calibrate"}
 
     @classmethod
     def training_args(cls) -> frozenset[str]:
@@ -125,6 +135,8 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
         width_targets: float = 0.0,
         frozen: list[str] | None = None,
         latency_table: str | None = None,
+        target_dual: float = 0.0,
+        target_calibrate: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=[k for k, v in (("backbone", backbone), ("teacher", teacher))
@@ -132,7 +144,7 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
         self._check_args(gate, teacher)
         self.objective = Objective(lam, cost, target, target_loss, budget, budget_width, budget_anneal,
                                    batch_shaping, batch_shaping_warmup, logit_penalty, logit_penalty_warmup,
-                                   latency_table)
+                                   latency_table, target_dual)
         if isinstance(backbone, str):
             check_number("width_mult", width_mult, 0, low_open=True)
             check_number("depth_mult", depth_mult, 0, low_open=True)
@@ -149,6 +161,7 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
         self.profile = self.model.dynprune.flops if self.gated else FlopsProfile.build(
             self.model, shape, trace_layers(self.model, torch.zeros(1, *shape)))
         self.static_flops: int | None = None  # set by dynprune.static.StaticPruning: physically pruned FLOPs
+        self.budget_shift: BudgetShift | None = None  # set at the end of fit with target_calibrate
         self.phases = Phases(self)
         self.terms = TrainingTerms(self.model, self.hparams, side_pass)
         if init_from is not None:
@@ -166,6 +179,9 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
             raise ValueError(f"dense_epochs is a number of epochs (>= 0) before a gate starts, got {hp.dense_epochs} "
                              f"with gate={gate}")
         Distiller.check(hp.distill, hp.distill_temperature, teacher is not None or hp.dense_epochs > 0)
+        if hp.target_calibrate and (gate is None or hp.target is None):
+            raise ValueError(f"target_calibrate shifts the gates onto the FLOPs target: it needs a gate and a target, "
+                             f"got gate={gate}, target={hp.target}")
         if hp.gate_lr is not None:
             check_number("gate_lr", hp.gate_lr, 0, low_open=True)
         check_optimizer_args(hp.optimizer, hp.lr, hp.momentum, hp.weight_decay)
@@ -210,12 +226,30 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
         if table is not None and self.trainer.log_dir is not None:
             table.save(Path(self.trainer.log_dir) / "latency_table.json")
 
+    def on_fit_end(self) -> None:
+        """Gates on (the warm start's hook); with ``target_calibrate``, shift them onto the target on validation."""
+        super().on_fit_end()
+        if not self.hparams.target_calibrate:
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        loaders = dm.val_dataloader() if dm is not None else self.trainer.val_dataloaders
+        if not loaders:
+            raise ValueError("target_calibrate chooses the gates' shift on validation data: give fit a validation "
+                             "loader (or a datamodule with val_dataloader)")
+        loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+        inputs = [batch[0].to(self.device) for loader in loaders for batch in loader]
+        self.budget_shift = meet_budget(self.model, self.profile, inputs, self.hparams.target)
+        rank_zero_info(f"target_calibrate: gate scores shifted by {self.budget_shift.shift:+.4f}, validation FLOPs "
+                       f"{self.budget_shift.before:.4f} -> {self.budget_shift.after:.4f} of dense "
+                       f"(target {self.hparams.target:.4f})")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The RNG state (the base task's), the teacher's weights and a ``cost: latency`` table."""
         super().on_save_checkpoint(checkpoint)
         if self.distiller is not None:
             self.distiller.save(checkpoint)
         checkpoint["latency_table"] = self.objective.table_state()
+        checkpoint["target_mu"] = self.objective.dual_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The RNG state when resuming (the base task's), the teacher's weights and a ``cost: latency`` table."""
@@ -223,6 +257,7 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
         if self.distiller is not None:
             self.distiller.load(checkpoint, self.model)
         self.objective.load_table_state(checkpoint.get("latency_table"))
+        self.objective.load_dual_state(checkpoint.get("target_mu"))
 
     def masks(self) -> dict[str, Tensor]:
         """Decisions of the last forward pass per site ({} for a dense model or while the gates are off)."""

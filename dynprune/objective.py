@@ -1,6 +1,11 @@
 """The gated training objective: task loss + lam * penalty(cost), plus the optional terms that make
 gates input-dependent (per-layer bounded budget, batch shaping, logit penalty) and each gate family's own term.
 
+In target mode with ``target_dual`` > 0 the objective also holds a Lagrange multiplier ``mu`` of the equality
+constraint cost = target, updated by dual ascent after every training step (mu += target_dual * (c - target)): a
+run that misses its FLOPs target under a fixed lam raises its price until it reaches it, so the budget is met by
+construction rather than by tuning lam per ratio.
+
 The objective knows the Gate interface only (``training_loss(ctx)``, ``probs``, ``scores``, ``mask``), never a
 concrete family; a family that needs the batch rolled out with hard gates asks ``GateContext.rollout``.
 """
@@ -47,7 +52,9 @@ class Objective:
     logit_penalty: float = 0.0
     logit_penalty_warmup: float = 1.0
     latency_table: str | None = None
+    target_dual: float = 0.0
     table: LatencyTable | None = field(default=None, init=False, repr=False)
+    mu: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
         check_number("lam", self.lam, 0)
@@ -63,6 +70,10 @@ class Objective:
             check_number(name, getattr(self, name), 0, 1, low_open=True)
         if self.budget > 0 and self.target is None:
             raise ValueError("budget > 0 bounds each layer around the FLOPs target: set target too")
+        check_number("target_dual", self.target_dual, 0)
+        if self.target_dual > 0 and self.target is None:
+            raise ValueError("target_dual > 0 is the step size of the multiplier of the constraint cost = target: "
+                             "set target too")
         if self.latency_table is not None and self.cost != "latency":
             raise ValueError(f"latency_table is read by cost: latency only, got cost '{self.cost}'")
 
@@ -93,10 +104,25 @@ class Objective:
         return self.table
 
     def penalty(self, mean_cost: Tensor) -> Tensor:
-        """lam * c, or lam * distance(c, target) in target mode, for the batch-mean cost c."""
+        """lam * c, or lam * distance(c, target) + mu * (c - target) in target mode, for the batch-mean cost c."""
         if self.target is None:
             return self.lam * mean_cost
-        return self.lam * target_penalty(mean_cost, self.target, self.target_loss)
+        return self.lam * target_penalty(mean_cost, self.target, self.target_loss) + self.mu * (mean_cost - self.target)
+
+    def dual_step(self, mean_cost: Tensor) -> None:
+        """Dual ascent on the multiplier after a training step: mu += target_dual * (c - target) (no-op without
+        ``target_dual``); mu is signed (an equality constraint), so undershooting the target lowers the price."""
+        if self.target_dual > 0 and self.target is not None:
+            self.mu += self.target_dual * min(max(float(mean_cost.detach()) / self.target - 1.0, -1.0), 1.0)
+
+    def dual_state(self) -> float:
+        """The multiplier, for checkpoints (a resumed run continues from the same price)."""
+        return self.mu
+
+    def load_dual_state(self, mu: float | None) -> None:
+        """Continue from a checkpoint's multiplier (None: an older checkpoint without one; mu stays 0)."""
+        if mu is not None:
+            self.mu = float(mu)
 
     def price(self, mean_cost: Tensor) -> Tensor:
         """The price of cost: d penalty / d c at a batch-mean cost c (detached), what one unit of cost is worth
@@ -158,12 +184,16 @@ class Objective:
         per_layer = profile.per_layer(masks)  # once per step: the cost and the budget both need it
         cost, ratio, site_costs = self.costs(masks, profile, per_layer)
         terms = {"penalty": self.penalty(cost.mean()), **self.extra_terms(gates, masks, profile, progress, per_layer)}
+        self.dual_step(cost.mean())  # after the penalty: this step is priced at the multiplier it started with
         rollout = hard_rollout(model, x, y, lambda m: self.costs(m, profile))
         family = self.family_terms(gates, task_loss, site_costs, cost.mean(), rollout, progress)
         if family is not None:
             terms["family"] = family
         keep = torch.cat([m.detach().flatten() for m in masks.values()]).mean()
-        return terms, {"flops_ratio": ratio.mean().detach(), "keep": keep}
+        metrics = {"flops_ratio": ratio.mean().detach(), "keep": keep}
+        if self.target_dual > 0:
+            metrics["target_mu"] = torch.tensor(self.mu)
+        return terms, metrics
 
     def family_terms(self, gates: dict[str, Gate], task_loss: Tensor, site_costs: dict[str, Tensor],
                      mean_cost: Tensor, rollout: Callable[[], Rollout], progress: float) -> Tensor | None:

@@ -327,6 +327,10 @@ def run_point(cfg: BenchConfig, point: Point, root: str | os.PathLike[str]) -> d
             check_flops(point, count_flops(module.model, input_shape(cfg))[0] / full, cfg.flops_tolerance,
                         "architecture")
         result = fit_and_evaluate(cfg, module, dm, cfg.own_epochs(arm), out, full)
+        shift = getattr(module, "budget_shift", None)  # target_calibrate: chosen on validation after fit
+        if shift is not None:
+            chosen["budget_shift"] = {"shift": shift.shift, "val_flops_before": shift.before,
+                                      "val_flops_after": shift.after}
         check_flops(point, result["val"]["flops_ratio"], cfg.flops_tolerance, "validation mean")
         save_model(module.model, out / MODEL)
     except FairnessError as err:

@@ -1,0 +1,98 @@
+"""Meeting a FLOPs budget exactly after training: one constant added to every gate's score G(x), chosen by
+bisection on held-out (validation) inputs so that their mean effective FLOPs ratio lands on the target.
+
+A gated net trained towards a target ends near it, not on it (the training masks see batch statistics, and a
+penalty only prices the distance). A benchmark that compares methods at equal FLOPs needs it on the target, and
+choosing the shift on validation data keeps the test set untouched. Every family decides at inference by
+``1[G(x) >= t]`` with G's last layer ``fc2``, so the shift is added to ``fc2.bias``: it is part of the weights,
+the compiled runtime and saved models see it, and decisions stay monotone in it (a larger shift keeps more).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dynprune.flops import FlopsProfile
+from dynprune.inject import collect_masks, gates_of
+
+
+@dataclass(frozen=True)
+class BudgetShift:
+    """The outcome of :func:`meet_budget`."""
+
+    shift: float
+    """The constant added to every gate's score (0: the trained gates already met the target)."""
+    before: float
+    """Mean FLOPs ratio of the inputs before the shift."""
+    after: float
+    """Mean FLOPs ratio of the inputs after it."""
+
+
+@torch.no_grad()
+def mean_flops_ratio(model: nn.Module, profile: FlopsProfile, inputs: list[Tensor]) -> float:
+    """Mean effective FLOPs ratio (gates' own FLOPs included, as every report counts them) of ``inputs`` (a list
+    of batches) with the gates deciding hard, in eval mode (the model's mode is restored)."""
+    total, count, was_training = 0.0, 0, model.training
+    model.eval()
+    try:
+        for x in inputs:
+            model(x)
+            masks = collect_masks(model)
+            flops = profile.total(profile.per_layer(masks)) + profile.gates({n: m.float() for n, m in masks.items()})
+            total, count = total + float(flops.sum()), count + len(flops)
+    finally:
+        model.train(was_training)
+    return total / count / profile.dense_total
+
+
+def _shift(model: nn.Module, delta: float) -> None:
+    for gate in gates_of(model).values():
+        gate.fc2.bias.add_(delta)
+
+
+@torch.no_grad()
+def meet_budget(model: nn.Module, profile: FlopsProfile, inputs: Iterable[Tensor], target: float,
+                tolerance: float = 0.005, max_shift: float = 30.0, steps: int = 30) -> BudgetShift:
+    """Shift every gate's score of ``model`` (in place) so that the mean FLOPs ratio of ``inputs`` (batches of model
+    inputs, e.g. the validation split) is within ``tolerance`` (relative) of ``target``, or the closest the
+    decisions allow after ``steps`` bisection steps over [-max_shift, max_shift].
+
+    Raises ValueError for a target outside (0, 1], no inputs, or a target the gates cannot reach (all
+    units of every site off, or all on, still miss it): the shift cannot help there and would hide the miss.
+    """
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target must be a FLOPs ratio in (0, 1], got {target}")
+    gates_of(model)  # a clear error for a model without gates
+    batches = list(inputs)
+    if not batches:
+        raise ValueError("meet_budget needs at least one batch of inputs")
+    before = mean_flops_ratio(model, profile, batches)
+    if abs(before / target - 1) <= tolerance:
+        return BudgetShift(0.0, before, before)
+    lo, hi, applied = -max_shift, max_shift, 0.0
+    for bound in (lo, hi):
+        _shift(model, bound - applied)
+        applied = bound
+        reach = mean_flops_ratio(model, profile, batches)
+        if (bound == lo and reach > target * (1 + tolerance)) or (bound == hi and reach < target * (1 - tolerance)):
+            _shift(model, -applied)
+            raise ValueError(f"no shift of the gate scores in [-{max_shift:g}, {max_shift:g}] reaches the FLOPs "
+                             f"target {target:.5f}: the {'sparsest' if bound == lo else 'densest'} decisions give "
+                             f"{reach:.5f}")
+    best = (abs(before / target - 1), 0.0, before)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        _shift(model, mid - applied)
+        applied = mid
+        ratio = mean_flops_ratio(model, profile, batches)
+        best = min(best, (abs(ratio / target - 1), mid, ratio))
+        if abs(ratio / target - 1) <= tolerance:
+            break
+        lo, hi = (mid, hi) if ratio < target else (lo, mid)
+    _, shift, after = best
+    _shift(model, shift - applied)
+    return BudgetShift(shift, before, after)

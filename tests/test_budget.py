@@ -1,0 +1,75 @@
+"""Reaching a FLOPs target by construction: dual ascent on the target's multiplier while training, and one shift
+of every gate's score chosen on validation data after training (dynprune.budget)."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from conftest import quiet_trainer_kwargs
+
+import dynprune as dp
+from dynprune.budget import mean_flops_ratio, meet_budget
+from dynprune.objective import Objective
+
+
+def test_dual_ascent_raises_the_price_while_over_the_target_and_lowers_it_under() -> None:
+    obj = Objective(lam=1.0, target=0.5, target_dual=0.1)
+    assert obj.penalty(torch.tensor(0.6)).item() == pytest.approx(0.1)  # mu = 0: lam * |c - t| only
+    obj.dual_step(torch.tensor(0.6))  # 20% over: mu += 0.1 * 0.2
+    assert obj.mu == pytest.approx(0.02)
+    assert obj.penalty(torch.tensor(0.6)).item() == pytest.approx(0.1 + 0.02 * 0.1)
+    assert obj.price(torch.tensor(0.6)).item() == pytest.approx(1.02)  # what a REINFORCE reward is charged
+    obj.dual_step(torch.tensor(5.0))  # the relative error is clipped to 1: one step moves mu by target_dual at most
+    assert obj.mu == pytest.approx(0.12)
+    obj.dual_step(torch.tensor(0.25))  # under the target: the price falls
+    assert obj.mu == pytest.approx(0.07)
+    fixed = Objective(lam=1.0, target=0.5)
+    fixed.dual_step(torch.tensor(0.9))
+    assert fixed.mu == 0.0
+    with pytest.raises(ValueError, match="target_dual > 0 .* set target too"):
+        Objective(lam=1.0, target_dual=0.1)
+    with pytest.raises(ValueError, match="target_dual must be >= 0"):
+        Objective(lam=1.0, target=0.5, target_dual=-1.0)
+
+
+def _gated_digits(**kwargs: object) -> tuple[dp.GatedClassifier, dp.DigitsDataModule]:
+    L.seed_everything(0)
+    dm = dp.DigitsDataModule(batch_size=64)
+    module = dp.GatedClassifier("resnet20", gate="sigmoid", input_size=8, width_mult=0.5, lr=0.05, **kwargs)
+    return module, dm
+
+
+def test_meet_budget_lands_on_the_target_on_its_inputs_and_refuses_an_unreachable_one() -> None:
+    module, dm = _gated_digits(gate_kwargs={"init_bias": 0.0})
+    dm.setup()
+    inputs = [x for x, _ in dm.val_dataloader()]
+    before = mean_flops_ratio(module.model, module.profile, inputs)
+    for target in (0.3, 0.6):
+        result = meet_budget(module.model, module.profile, inputs, target, tolerance=0.01)
+        assert result.after == pytest.approx(target, rel=0.01)
+        assert mean_flops_ratio(module.model, module.profile, inputs) == pytest.approx(result.after, rel=1e-6)
+    assert result.before != pytest.approx(before, rel=0.01)  # the second call started where the first ended
+    state = {k: v.clone() for k, v in module.model.state_dict().items()}
+    with pytest.raises(ValueError, match="no shift of the gate scores .* reaches the FLOPs target 0.00010"):
+        meet_budget(module.model, module.profile, inputs, 1e-4)
+    assert all(torch.equal(state[k], v) for k, v in module.model.state_dict().items())  # a refusal changes nothing
+    with pytest.raises(ValueError, match="model is not gated"):
+        meet_budget(dp.GatedClassifier("resnet20", gate=None, input_size=8).model, module.profile, inputs, 0.5)
+
+
+def test_target_calibrate_meets_the_target_on_validation_after_fit_and_dual_state_survives_a_checkpoint(
+        tmp_path) -> None:
+    module, dm = _gated_digits(lam=2.0, target=0.25, target_dual=0.05, target_calibrate=True)
+    L.Trainer(max_steps=40, limit_val_batches=0, **quiet_trainer_kwargs()).fit(module, dm)
+    assert module.objective.mu != 0.0
+    assert module.budget_shift is not None
+    inputs = [x for x, _ in dm.val_dataloader()]
+    assert mean_flops_ratio(module.model, module.profile, inputs) == pytest.approx(0.25, rel=0.005)
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    other, _ = _gated_digits(lam=2.0, target=0.25, target_dual=0.05)
+    other.on_load_checkpoint(checkpoint)
+    assert other.objective.mu == module.objective.mu
+    with pytest.raises(ValueError, match="target_calibrate .* needs a gate and a target"):
+        dp.GatedClassifier("lenet5", target_calibrate=True)
