@@ -4,6 +4,11 @@ unfair comparison cannot be configured (:class:`FairnessError`), and expanded in
 A point is one training run: ``dense_s<seed>`` (the dense model of a seed, also every arm's teacher and
 warm start), ``<arm>[+kd]_R<R>_s<seed>`` (an arm at reduction R), or ``<arm>[+kd]_s<seed>`` for an arm
 that covers every R in one run (a slimmable supernet).
+
+Arm kinds: ``static`` (the dense model pruned by a criterion), ``thin`` (a narrower, or with ``scale: depth`` a
+shallower, network from scratch), ``slimmable`` (one supernet for every R), ``dynamic`` (learned gates) and
+``reduce`` (a training-free token reduction of the dense ViT, ``method: tome`` or ``evit``, fine-tuned for the
+extra epochs, or with ``epochs: 0`` not at all).
 """
 
 from __future__ import annotations
@@ -18,20 +23,29 @@ from typing import Any
 import yaml
 
 from dynprune.data import FASHION_MNIST_DIR
+from dynprune.optim import OPTIMIZERS
 
 TOP_KEYS = ("name", "backbone", "protocol", "description", "data", "seeds", "ratios", "epochs", "optim", "kd",
             "flops_tolerance", "min_seeds", "threads", "accelerator", "arms")
+OPTIM_KEYS = ("lr", "finetune_lr", "optimizer", "weight_decay", "gradient_clip")
 DATA_KEYS = ("dataset", "data_dir", "train_subset", "val_size", "test_subset", "batch_size", "input_size")
 DATASETS = ("fashion_mnist", "digits")
-KINDS = ("static", "thin", "dynamic", "slimmable")
-ARM_KEYS = ("name", "kind", "kd", "start", "epochs", "criterion", "model")
+KINDS = ("static", "thin", "dynamic", "slimmable", "reduce")
+ARM_KEYS = ("name", "kind", "kd", "start", "epochs", "criterion", "model", "method", "scale")
 STARTS = ("warm", "scratch")
+REDUCE_METHODS = ("tome", "evit")  # dynprune.baselines: ToMe merging, EViT top-k by CLS attention
+SCALES = {"width": "width_mult", "depth": "depth_mult"}  # what a thin arm shrinks: the backbone argument it searches
 # Which kinds can take the shared frozen teacher (a slimmable supernet distils in place, from its own
-# largest width, and has no external teacher).
-TEACHER_CAPABLE = {"static": True, "thin": True, "dynamic": True, "slimmable": False}
-# Where each kind starts from unless the arm says (static pruning always starts from the dense model).
-DEFAULT_START = {"static": "warm", "thin": "scratch", "dynamic": "warm", "slimmable": "scratch"}
-BASELINE_KINDS = ("static", "thin", "slimmable")
+# largest width, and has no external teacher; a training-free reduce arm trains nothing: Arm.can_distil).
+TEACHER_CAPABLE = {"static": True, "thin": True, "dynamic": True, "slimmable": False, "reduce": True}
+# Where each kind starts from unless the arm says (static pruning and token reduction start from the dense model).
+DEFAULT_START = {"static": "warm", "thin": "scratch", "dynamic": "warm", "slimmable": "scratch", "reduce": "warm"}
+BASELINE_KINDS = ("static", "thin", "slimmable", "reduce")
+# Arm fields added after results were cached: left out of a point's spec at these defaults, so that the points of
+# earlier configs keep their digests (and their finished runs).
+LATER_ARM_FIELDS = {"method": "", "scale": "width"}
+# Optimiser settings that entered the spec later: left out of it at these defaults (SGD's, for the CNN protocols).
+LATER_OPTIM = {"optimizer": "sgd", "weight_decay": 5e-4, "gradient_clip": None}
 # DESIGN.md's regimes: a slimmable supernet trains a width for each of them (and for any other R of the
 # config), so that adding an R to a config does not retrain it.
 REGIMES = (2.0, 4.0, 8.0, 16.0, 32.0)
@@ -80,11 +94,27 @@ class Arm:
     epochs: int | None = None
     criterion: str = "l1_structured"
     model: dict[str, Any] = field(default_factory=dict)
+    method: str = ""
+    scale: str = "width"
 
     @property
     def per_ratio(self) -> bool:
         """Whether the arm trains one run per R (a slimmable supernet covers every R in one run)."""
         return self.kind != "slimmable"
+
+    @property
+    def training_free(self) -> bool:
+        """A token reduction applied to the dense model and evaluated as it is (``epochs: 0``)."""
+        return self.kind == "reduce" and self.epochs == 0
+
+    @property
+    def can_distil(self) -> bool:
+        """Whether the arm can take the shared frozen teacher (it trains, and its kind takes one)."""
+        return TEACHER_CAPABLE[self.kind] and not self.training_free
+
+    def spec(self) -> dict[str, Any]:
+        """The arm's fields for a point's spec; those in LATER_ARM_FIELDS only where they differ from the default."""
+        return {k: v for k, v in asdict(self).items() if k not in LATER_ARM_FIELDS or v != LATER_ARM_FIELDS[k]}
 
 
 @dataclass(frozen=True)
@@ -133,11 +163,24 @@ class BenchConfig:
     accelerator: str = "cpu"
     description: str = ""
     path: str = ""
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
+    gradient_clip: float | None = None
 
     @property
     def total_epochs(self) -> int:
         """The budget of every arm: dense epochs + the extra epochs of a warm-started arm."""
         return self.dense_epochs + self.extra_epochs
+
+    def budget(self, arm: Arm) -> int:
+        """The epochs ``arm`` trains in all (the dense ones it starts from included): the budget, or for a
+        training-free arm the dense model's epochs."""
+        return (self.dense_epochs if arm.start == "warm" else 0) + self.own_epochs(arm)
+
+    def optim_spec(self) -> dict[str, Any]:
+        """The optimiser settings that differ from LATER_OPTIM's defaults (shared by every arm and the dense model)."""
+        values = {"optimizer": self.optimizer, "weight_decay": self.weight_decay, "gradient_clip": self.gradient_clip}
+        return {k: v for k, v in values.items() if v != LATER_OPTIM[k]}
 
     def arm(self, name: str) -> Arm:
         """The arm called ``name``."""
@@ -178,11 +221,11 @@ class BenchConfig:
     def spec(self, point: Point) -> dict[str, Any]:
         """Everything that determines a point's result; a cached result is reused only for an equal spec."""
         base = {"backbone": self.backbone, "data": asdict(self.data), "seed": point.seed,
-                "dense_epochs": self.dense_epochs, "lr": self.lr}
+                "dense_epochs": self.dense_epochs, "lr": self.lr, **self.optim_spec()}
         if point.kind == "dense":
             return {"point": point.id, **base}
         arm = self.arm(point.arm)
-        return {"point": point.id, **base, "arm": asdict(arm), "ratio": point.ratio, "kd": point.kd,
+        return {"point": point.id, **base, "arm": arm.spec(), "ratio": point.ratio, "kd": point.kd,
                 "epochs": self.own_epochs(arm), "finetune_lr": self.finetune_lr,
                 "ratios": self.supernet_ratios() if not arm.per_ratio else None,
                 "kd_weight": self.kd_weight if point.kd else None,
@@ -239,12 +282,25 @@ def _arm(i: int, raw: Any) -> Arm:
         raise BenchConfigError(f"{where}: static pruning prunes the dense model (start: warm), got start: {start}")
     if kind in ("thin", "slimmable") and start != "scratch":
         raise BenchConfigError(f"{where}: a {kind} network is trained from scratch (start: scratch), got {start}")
+    if kind == "reduce" and start != "warm":
+        raise BenchConfigError(f"{where}: token reduction reduces the dense model (start: warm), got start: {start}")
     epochs = raw.get("epochs")
-    if epochs is not None:
+    if epochs is not None and not (kind == "reduce" and epochs == 0):
         _typed(f"{where}.epochs", epochs, int, positive=True)
+    method = raw.get("method", LATER_ARM_FIELDS["method"])
+    if (kind == "reduce") != (method in REDUCE_METHODS):
+        raise BenchConfigError(f"{where}.method {method!r}: a reduce arm needs method, one of: "
+                               f"{', '.join(REDUCE_METHODS)}; other kinds take none")
+    scale = raw.get("scale", LATER_ARM_FIELDS["scale"])
+    if scale not in SCALES or (kind != "thin" and "scale" in raw):
+        raise BenchConfigError(f"{where}.scale {scale!r}: a thin arm shrinks one of: {', '.join(SCALES)}; other "
+                               "kinds take no scale")
     model = raw.get("model", {})
     if not isinstance(model, dict):
         raise BenchConfigError(f"{where}.model must be a mapping of GatedClassifier arguments, got {model!r}")
+    if kind == "reduce" and model:
+        raise BenchConfigError(f"{where}.model {model!r}: a reduce arm's schedule is chosen by the harness to match "
+                               "1/R; it takes no model options")
     if kind == "dynamic" and not model.get("gate"):
         raise BenchConfigError(f"{where}: a dynamic arm needs model.gate (e.g. sigmoid)")
     reserved = sorted(set(model) & {"target", "init_from", "teacher", "distill", "lr", "backbone", "width_mult"})
@@ -258,27 +314,37 @@ def _arm(i: int, raw: Any) -> Arm:
         if criterion not in list_criteria():
             raise BenchConfigError(f"unknown static criterion {criterion!r} in {where}; choose one of: "
                                    f"{', '.join(list_criteria())}")
-    return Arm(name, kind, tuple(kd), start, epochs, criterion, dict(model))
+    return Arm(name, kind, tuple(kd), start, epochs, criterion, dict(model), method, scale)
 
 
 def check_fairness(cfg: BenchConfig) -> None:
     """Raise :class:`FairnessError` unless the configured arms are comparable: equal total epochs, the
-    teacher given to every teacher-capable arm in +/- KD pairs or to none, distinct names, >= 1 seed."""
+    teacher given to every teacher-capable arm in +/- KD pairs or to none, distinct names, >= 1 seed. A
+    training-free arm (fewer epochs) runs only beside a fine-tuned arm of its method at the full budget, so
+    that the strongest baseline is never an under-trained one."""
     names = [a.name for a in cfg.arms]
     dupes = sorted({n for n in names if names.count(n) > 1} | ({"dense"} & set(names)))
     if dupes:
         raise FairnessError(f"arm names must be unique and not 'dense' (the dense model is always run): {dupes}")
     for arm in cfg.arms:
         warm = cfg.dense_epochs if arm.start == "warm" else 0
-        total = warm + cfg.own_epochs(arm)
-        if total != cfg.total_epochs:
+        total = cfg.budget(arm)
+        if arm.training_free:
+            if not any(a.kind == "reduce" and a.method == arm.method and cfg.budget(a) == cfg.total_epochs
+                       for a in cfg.arms):
+                raise FairnessError(f"arm '{arm.name}' is training-free ({total} epochs in all, under the budget of "
+                                    f"{cfg.total_epochs}): add a reduce arm with method {arm.method} fine-tuned for "
+                                    f"the {cfg.extra_epochs} extra epochs beside it, so the strongest baseline is "
+                                    "never an under-trained one")
+        elif total != cfg.total_epochs:
             raise FairnessError(f"arm '{arm.name}' trains {total} epochs in all ({warm} dense + "
                                 f"{cfg.own_epochs(arm)} of its own), but the budget is dense {cfg.dense_epochs} + "
                                 f"{cfg.extra_epochs} = {cfg.total_epochs} for every arm")
-        if True in arm.kd and not TEACHER_CAPABLE[arm.kind]:
-            raise FairnessError(f"arm '{arm.name}' ({arm.kind}) cannot take the dense teacher; set kd: false")
+        if True in arm.kd and not arm.can_distil:
+            raise FairnessError(f"arm '{arm.name}' ({arm.kind}{', training-free' if arm.training_free else ''}) "
+                                "cannot take the dense teacher; set kd: false")
     if any(True in a.kd for a in cfg.arms):
-        unpaired = [a.name for a in cfg.arms if TEACHER_CAPABLE[a.kind] and set(a.kd) != {False, True}]
+        unpaired = [a.name for a in cfg.arms if a.can_distil and set(a.kd) != {False, True}]
         if unpaired:
             raise FairnessError(f"some arm distils from the dense teacher, so every arm that can distil must run "
                                 f"with and without it (kd: [false, true]); not paired: {', '.join(unpaired)}")
@@ -318,7 +384,16 @@ def parse_config(raw: dict[str, Any], path: str = "") -> BenchConfig:
         raise BenchConfigError(f"epochs must be {{dense: D, extra: N}} (warm-started arms train N more, the others "
                                f"D + N), got {epochs!r}")
     optim = raw.get("optim", {})
-    _unknown("optim", optim, ("lr", "finetune_lr"))
+    _unknown("optim", optim, OPTIM_KEYS)
+    optimizer = optim.get("optimizer", LATER_OPTIM["optimizer"])
+    if optimizer not in OPTIMIZERS:
+        raise BenchConfigError(f"unknown optim.optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+    weight_decay = _typed("optim.weight_decay", optim.get("weight_decay", LATER_OPTIM["weight_decay"]), float)
+    if weight_decay < 0:
+        raise BenchConfigError(f"optim.weight_decay must be >= 0, got {weight_decay!r}")
+    clip = optim.get("gradient_clip")
+    if clip is not None:
+        _typed("optim.gradient_clip", clip, float, positive=True)
     kd = raw.get("kd", {})
     _unknown("kd", kd, ("weight", "temperature"))
     arms_raw = raw["arms"]
@@ -344,9 +419,25 @@ def parse_config(raw: dict[str, Any], path: str = "") -> BenchConfig:
         kd_temperature=_typed("kd.temperature", kd.get("temperature", 4.0), float, positive=True),
         flops_tolerance=tolerance, min_seeds=_typed("min_seeds", raw.get("min_seeds", 3), int, positive=True),
         threads=_typed("threads", raw.get("threads", 1), int, positive=True), accelerator=accelerator,
-        description=str(raw.get("description", "")), path=path)
+        description=str(raw.get("description", "")), path=path, optimizer=optimizer,
+        weight_decay=weight_decay, gradient_clip=clip)
     if cfg.min_seeds < 3:
         raise FairnessError(f"min_seeds {cfg.min_seeds}: a headline row needs >= 3 seeds (fewer seeds only mark "
                             "rows as not headline-valid; do not lower min_seeds)")
     check_fairness(cfg)
+    _check_reducible(cfg)
     return cfg
+
+
+def _check_reducible(cfg: BenchConfig) -> None:
+    """A reduce arm needs a backbone that dynprune's token reductions wrap (its ViT)."""
+    reduce = [a.name for a in cfg.arms if a.kind == "reduce"]
+    if not reduce:
+        return
+    from dynprune import backbones
+    from dynprune.backbones.vit import VisionTransformer
+
+    model = backbones.create(cfg.backbone, num_classes=10, in_chans=1, input_size=cfg.data.input_size)
+    if not isinstance(model, VisionTransformer):
+        raise BenchConfigError(f"reduce arm(s) {reduce} reduce the tokens of dynprune's ViT; backbone "
+                               f"{cfg.backbone!r} is a {type(model).__name__}")

@@ -7,6 +7,9 @@ BN-folded dense model of the same seed, on the same test images, in interleaved 
 median of the rounds): at batch 1 (one image per call) and at a larger batch (one call). The speedup is a ratio
 measured in one run, printed beside the theoretical one (1 / the point's test FLOPs ratio, gates included).
 
+A token-reduction point (ToMe, EViT) is timed as the plain module it is: the runtime does not compile it, and
+its sequence shortens by construction.
+
 A static or thin point that finished before models were saved is timed on its architecture rebuilt from the
 protocol (a dense network's time does not depend on its weights; the table says ``rebuilt``); a dynamic point
 without a saved model is not timed, because its time depends on what its trained gates decide.
@@ -50,8 +53,8 @@ def trained_network(cfg: BenchConfig, point: Point, root: Path, record: dict[str
     if path.is_file():
         return torch.load(path, weights_only=False, map_location="cpu"), "saved"
     if point.kind == "thin":
-        width = record["chosen"]["width_mult"]
-        return backbones.create(cfg.backbone, width_mult=width, **shape_kwargs(cfg)), "rebuilt"
+        scale = {k: v for k, v in record["chosen"].items() if k in ("width_mult", "depth_mult")}
+        return backbones.create(cfg.backbone, **scale, **shape_kwargs(cfg)), "rebuilt"
     if point.kind == "static":
         L.seed_everything(point.seed, verbose=False)
         dm = datamodule(cfg, point.seed)
@@ -94,11 +97,14 @@ def measure_point(cfg: BenchConfig, point: Point, root: Path, batches: tuple[int
     dm.setup("test")
     xs = torch.cat([x for x, _ in dm.test_dataloader()])[:images]
     shape = input_shape(cfg)
-    # what a user runs: each batch size takes the faster exact path, chosen on these images (runtime dispatch)
-    compiled = compile_for_inference(network.eval(), input_shape=shape, dispatch=batches, example=xs)
+    # what a user runs: each batch size takes the faster exact path, chosen on these images (runtime dispatch); a
+    # token reduction runs as it is
+    compiled = network.eval() if point.kind == "reduce" else compile_for_inference(
+        network.eval(), input_shape=shape, dispatch=batches, example=xs)
     dense = compile_for_inference(_load_dense(cfg, point.seed, root).eval(), input_shape=shape, dispatch=())
     theory = 1.0 / record["test"]["flops_ratio"]
-    out: dict[str, Any] = {"point": point.id, "source": source, "dispatch": compiled.plan.rows(),
+    plan = getattr(compiled, "plan", None)
+    out: dict[str, Any] = {"point": point.id, "source": source, "dispatch": plan.rows() if plan else None,
                            "device": device_name("cpu"), "threads": cfg.threads,
                            "load_avg_1m": os.getloadavg()[0], "images": len(xs), "rounds": rounds,
                            "theoretical_speedup": theory, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}

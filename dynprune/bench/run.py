@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from dynprune import backbones
-from dynprune.bench.config import BenchConfig, FairnessError, Point
+from dynprune.bench.config import SCALES, BenchConfig, FairnessError, Point
 from dynprune.callbacks import FlopsCallback
 from dynprune.data import DigitsDataModule, FashionMNISTDataModule
 from dynprune.flops import count_flops
@@ -87,29 +87,41 @@ def input_shape(cfg: BenchConfig) -> tuple[int, int, int]:
     return (1, cfg.data.input_size, cfg.data.input_size)
 
 
-def dense_flops(cfg: BenchConfig, width_mult: float = 1.0) -> int:
-    """FlopCounterMode FLOPs of the backbone at ``width_mult`` on one input."""
-    return _flops_at(cfg.backbone, cfg.data.input_size, width_mult)
+def dense_flops(cfg: BenchConfig, width_mult: float = 1.0, depth_mult: float = 1.0) -> int:
+    """FlopCounterMode FLOPs of the backbone at ``width_mult`` and ``depth_mult`` on one input."""
+    return _flops_at(cfg.backbone, cfg.data.input_size, width_mult, depth_mult)
 
 
 @functools.cache
-def _flops_at(backbone: str, input_size: int, width_mult: float) -> int:
-    model = backbones.create(backbone, num_classes=10, in_chans=1, input_size=input_size, width_mult=width_mult)
+def _flops_at(backbone: str, input_size: int, width_mult: float, depth_mult: float = 1.0) -> int:
+    model = backbones.create(backbone, num_classes=10, in_chans=1, input_size=input_size, width_mult=width_mult,
+                             depth_mult=depth_mult)
     return count_flops(model, (1, input_size, input_size))[0]
 
 
-def search_width(cfg: BenchConfig, ratio: float) -> tuple[float, float]:
-    """The width multiplier whose thin network has FLOPs closest to 1/``ratio`` of the dense one:
-    (width_mult, achieved FLOPs ratio). FLOPs grow monotonically with the width, so a bisection finds
-    the two widths around the target and the closer one wins; widths map to integer channel counts, so
-    a target between them is missed by up to one channel step (checked against the tolerance by the caller)."""
+def search_scale(cfg: BenchConfig, ratio: float, scale: str = "width") -> tuple[float, float]:
+    """The multiplier of the backbone's ``scale`` (``width``: width_mult, ``depth``: depth_mult) whose network has
+    FLOPs closest to 1/``ratio`` of the dense one: (multiplier, achieved FLOPs ratio). FLOPs grow monotonically
+    with either, so a bisection finds the two multipliers around the target and the closer one wins; they map
+    to integer channel or block counts, so a target between two is missed by up to one step (checked against
+    the tolerance by the caller)."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; choose one of: {', '.join(SCALES)}")
+
+    def flops(mult: float) -> float:
+        return dense_flops(cfg, **{SCALES[scale]: mult}) / full
+
     full, target = dense_flops(cfg), 1.0 / ratio
     lo, hi = 1e-3, 1.0
     for _ in range(16):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if dense_flops(cfg, mid) / full < target else (lo, mid)
-    candidates = [(w, dense_flops(cfg, w) / full) for w in (lo, hi)]
-    return min(candidates, key=lambda c: abs(c[1] / target - 1))
+        lo, hi = (mid, hi) if flops(mid) < target else (lo, mid)
+    return min(((m, flops(m)) for m in (lo, hi)), key=lambda c: abs(c[1] / target - 1))
+
+
+def search_width(cfg: BenchConfig, ratio: float) -> tuple[float, float]:
+    """:func:`search_scale` over the width: (width_mult, achieved FLOPs ratio)."""
+    return search_scale(cfg, ratio, "width")
 
 
 def check_flops(point: Point, achieved: float, tolerance: float, where: str) -> None:
@@ -127,8 +139,14 @@ def _trainer(cfg: BenchConfig, epochs: int) -> L.Trainer:
 
 
 def _quiet(cfg: BenchConfig, **kwargs: Any) -> L.Trainer:
-    """A trainer with no logger, checkpoints or progress output on the config's accelerator (one device)."""
-    return L.Trainer(**QUIET, accelerator=cfg.accelerator, devices=1, **kwargs)
+    """A trainer with no logger, checkpoints or progress output on the config's accelerator (one device), clipping
+    gradients where the config says."""
+    return L.Trainer(**QUIET, accelerator=cfg.accelerator, devices=1, gradient_clip_val=cfg.gradient_clip, **kwargs)
+
+
+def task_kwargs(cfg: BenchConfig) -> dict[str, Any]:
+    """The input/output shape and optimiser arguments every model of the protocol is built with."""
+    return {**shape_kwargs(cfg), "optimizer": cfg.optimizer, "weight_decay": cfg.weight_decay}
 
 
 def _flops_row(report: dict[str, Any], full: int) -> dict[str, Any]:
@@ -201,7 +219,7 @@ def _train_dense(cfg: BenchConfig, point: Point, root: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(point.seed, verbose=False)
     dm = datamodule(cfg, point.seed)
-    module = GatedClassifier(cfg.backbone, gate=None, lr=cfg.lr, **shape_kwargs(cfg))
+    module = GatedClassifier(cfg.backbone, gate=None, lr=cfg.lr, **task_kwargs(cfg))
     trainer = _trainer(cfg, cfg.dense_epochs)
     start = time.time()
     trainer.fit(module, dm)
@@ -241,25 +259,43 @@ def _static_model(cfg: BenchConfig, point: Point, dense: Path,
                    "fractions": {k: round(v, 4) for k, v in report["fractions"].items()}}
 
 
+def _reduced_model(cfg: BenchConfig, point: Point, dense: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The dense ViT of the seed with the arm's token reduction (ToMe or EViT, :mod:`dynprune.baselines`) at the
+    schedule whose FlopCounterMode FLOPs are nearest 1/R; the reduction's weights are the dense model's."""
+    from dynprune.baselines import apply_evit, apply_tome, pick_evit_keep_rate, pick_tome_schedule
+
+    method = cfg.arm(point.arm).method
+    vit = GatedClassifier(cfg.backbone, gate=None, init_from=str(dense), **shape_kwargs(cfg)).model
+    pick, apply, key = {"tome": (pick_tome_schedule, apply_tome, "r"),
+                        "evit": (pick_evit_keep_rate, apply_evit, "keep_rate")}[method]
+    try:
+        chosen, reduction = pick(vit, point.ratio, tol=cfg.flops_tolerance)
+    except ValueError as err:  # 1/R out of reach within the tolerance
+        raise FairnessError(f"{point.id}: {err}") from err
+    return apply(vit, chosen), {"method": method, key: chosen, "flops_ratio": 1.0 / reduction}
+
+
 def build(cfg: BenchConfig, point: Point, dense: Path,
           dm: L.LightningDataModule) -> tuple[L.LightningModule, dict[str, Any]]:
-    """The arm's LightningModule for ``point`` and what the harness chose for it (width, fraction)."""
+    """The arm's LightningModule for ``point`` and what the harness chose for it (width, depth, fraction,
+    token schedule)."""
     arm = cfg.arm(point.arm)
-    shape, teacher = shape_kwargs(cfg), _teacher_kwargs(cfg, point, dense)
-    if arm.kind == "static":
-        small, info = _static_model(cfg, point, dense, dm)
-        return GatedClassifier(small, gate=None, lr=cfg.finetune_lr, **shape, **teacher), info
+    task, teacher = task_kwargs(cfg), _teacher_kwargs(cfg, point, dense)
+    if arm.kind in ("static", "reduce"):
+        small, info = (_static_model(cfg, point, dense, dm) if arm.kind == "static" else
+                       _reduced_model(cfg, point, dense))
+        return GatedClassifier(small, gate=None, lr=cfg.finetune_lr, **task, **teacher), info
     if arm.kind == "thin":
-        width, _ = search_width(cfg, point.ratio)
-        return GatedClassifier(cfg.backbone, gate=None, width_mult=width, lr=cfg.lr, **shape, **teacher), {
-            "width_mult": width}
+        mult, _ = search_scale(cfg, point.ratio, arm.scale)
+        chosen = {SCALES[arm.scale]: mult}
+        return GatedClassifier(cfg.backbone, gate=None, lr=cfg.lr, **chosen, **task, **teacher), chosen
     if arm.kind == "dynamic":
         warm = {"init_from": str(dense), "lr": cfg.finetune_lr} if arm.start == "warm" else {"lr": cfg.lr}
-        return GatedClassifier(cfg.backbone, target=1.0 / point.ratio, **arm.model, **warm, **shape, **teacher), {}
+        return GatedClassifier(cfg.backbone, target=1.0 / point.ratio, **arm.model, **warm, **task, **teacher), {}
     from dynprune.slimmable import SlimmableClassifier
 
     widths = sorted({search_width(cfg, r)[0] for r in cfg.supernet_ratios()} | {1.0})
-    return SlimmableClassifier(cfg.backbone, widths=widths, lr=cfg.lr, **arm.model, **shape), {"widths": widths}
+    return SlimmableClassifier(cfg.backbone, widths=widths, lr=cfg.lr, **arm.model, **task), {"widths": widths}
 
 
 def _slimmable_rows(cfg: BenchConfig, module: L.LightningModule, dm: L.LightningDataModule) -> dict[str, Any]:
@@ -318,12 +354,11 @@ def run_point(cfg: BenchConfig, point: Point, root: str | os.PathLike[str]) -> d
     chosen: dict[str, Any] = {}
     try:
         module, chosen = build(cfg, point, dense, dm)
-        common = {"epochs": cfg.own_epochs(arm), "warm_start": arm.start == "warm",
-                  "total_epochs": cfg.own_epochs(arm) + (cfg.dense_epochs if arm.start == "warm" else 0),
+        common = {"epochs": cfg.own_epochs(arm), "warm_start": arm.start == "warm", "total_epochs": cfg.budget(arm),
                   "chosen": chosen, **teacher}
         if point.kind == "slimmable":
             return _record(cfg, point, root, {**_slimmable_rows(cfg, module, dm), **common})
-        if point.kind in ("static", "thin"):  # the architecture fixes the FLOPs: check before spending the budget
+        if point.kind in ("static", "thin", "reduce"):  # the architecture fixes the FLOPs: check before training
             check_flops(point, count_flops(module.model, input_shape(cfg))[0] / full, cfg.flops_tolerance,
                         "architecture")
         result = fit_and_evaluate(cfg, module, dm, cfg.own_epochs(arm), out, full)

@@ -84,9 +84,9 @@ def check_runs(cfg: BenchConfig, runs: list[dict[str, Any]]) -> None:
     for r in runs:
         if r["kind"] == "dense":
             continue
-        if r["total_epochs"] != cfg.total_epochs:
-            raise FairnessError(f"{r['point']} trained {r['total_epochs']} epochs in all, the budget is "
-                                f"{cfg.total_epochs}")
+        budget = cfg.budget(cfg.arm(r["arm"]))
+        if r["total_epochs"] != budget:
+            raise FairnessError(f"{r['point']} trained {r['total_epochs']} epochs in all, the budget is {budget}")
         if r["kd"] and r["teacher_digest"] != dense.get(r["seed"]):
             raise FairnessError(f"{r['point']} distilled from a teacher ({r['teacher_digest']}) that is not the dense "
                                 f"model of seed {r['seed']} ({dense.get(r['seed'])})")
@@ -100,9 +100,10 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values)
 
 
-def _selected_on(kind: str) -> str:
+def _selected_on(kind: str, chosen: dict[str, Any] | None) -> str:
     what = {"dense": "nothing chosen", "static": "prune fraction: FLOPs bisection (no data)",
-            "thin": "width: FLOPs search (no data)", "slimmable": "width: FLOPs search (no data)",
+            "thin": f"{'depth' if 'depth_mult' in (chosen or {}) else 'width'}: FLOPs search (no data)",
+            "slimmable": "width: FLOPs search (no data)", "reduce": "token schedule: FLOPs search (no data)",
             "dynamic": "target 1/R; FLOPs checked on val"}[kind]
     return f"{what}; last epoch (no ckpt choice); test once"
 
@@ -135,7 +136,8 @@ def aggregate(cfg: BenchConfig, runs: list[dict[str, Any]]) -> list[dict[str, An
             "latency_load_avg": _median_of(group, "latency_load_avg"),
             "best_baseline": None, "delta_vs_best": None, "p_vs_best_baseline": None, "win": False,
             "headline_valid": len(group) >= cfg.min_seeds, "best_dynamic_by_val": False,
-            "epochs": g0["epochs"], "total_epochs": g0["total_epochs"], "selected_on": _selected_on(g0["kind"]),
+            "epochs": g0["epochs"], "total_epochs": g0["total_epochs"],
+            "selected_on": _selected_on(g0["kind"], g0.get("chosen")),
             "seeds": " ".join(str(r["seed"]) for r in sorted(group, key=lambda r: r["seed"])),
             "device": "; ".join(sorted({r["device"] for r in group})), "_accs": accs})
     for ratio in sorted({r["R"] for r in rows}):
@@ -156,7 +158,7 @@ def aggregate(cfg: BenchConfig, runs: list[dict[str, Any]]) -> list[dict[str, An
             r["headline_valid"] = r["headline_valid"] and best["n_seeds"] >= cfg.min_seeds
             r["win"] = (r["kind"] == "dynamic" and r["delta_vs_best"] > 0 and r["p_vs_best_baseline"] is not None
                         and r["p_vs_best_baseline"] < ALPHA)
-    order = {"dense": 0, "static": 1, "thin": 2, "slimmable": 3, "dynamic": 4}
+    order = {"dense": 0, "static": 1, "thin": 2, "slimmable": 3, "reduce": 4, "dynamic": 5}
     rows.sort(key=lambda r: (r["R"], order[r["kind"]], r["method"]))
     for r in rows:
         del r["_accs"]
@@ -199,7 +201,7 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     if timed:
         panels.append(("speedup_b1", "measured speedup over BN-folded dense, batch 1 (compiled)", False))
     dense = [r for r in rows if r["kind"] == "dense"]
-    styles = {"static": "s--", "thin": "^--", "slimmable": "v--", "dynamic": "o-"}
+    styles = {"static": "s--", "thin": "^--", "slimmable": "v--", "reduce": "D--", "dynamic": "o-"}
     for ax, (key, label, log) in zip(axes[0], panels, strict=True):
         if dense:
             ax.axhline(dense[0]["acc_mean"], color="gray", ls=":", label=f"dense ({dense[0]['acc_mean']:.2f})")
@@ -224,14 +226,19 @@ def header(cfg: BenchConfig, runs: list[dict[str, Any]]) -> str:
     """The protocol, device and rules in words: what a reader needs to trust or doubt the table."""
     devices = sorted({r["device"] for r in runs}) or ["(no runs yet)"]
     kd = f"KD weight {cfg.kd_weight}, temperature {cfg.kd_temperature}"
+    free = [a.name for a in cfg.arms if a.training_free]
+    optim = (f"SGD nesterov, per-epoch cosine; lr {cfg.lr} from scratch" if cfg.optimizer == "sgd" else
+             f"{cfg.optimizer}, per-epoch cosine, weight decay {cfg.weight_decay}; lr {cfg.lr} from scratch")
     return "\n".join([
         f"# Fair benchmark: {cfg.backbone}, protocol `{cfg.protocol}`", "",
         *( [cfg.description, ""] if cfg.description else []),
         f"- **Data:** {cfg.data.describe()}; batch {cfg.data.batch_size}.",
         f"- **Budget:** dense model {cfg.dense_epochs} epochs (its own seeds); pruned and warm-started arms "
         f"{cfg.dense_epochs} + {cfg.extra_epochs} epochs; from-scratch arms (thin, slimmable, dynamic from scratch) "
-        f"{cfg.total_epochs} epochs. SGD nesterov, per-epoch cosine; lr {cfg.lr} from scratch, {cfg.finetune_lr} "
-        "after a warm start.",
+        f"{cfg.total_epochs} epochs. {optim}, {cfg.finetune_lr} after a warm start"
+        f"{f'; gradients clipped at norm {cfg.gradient_clip}' if cfg.gradient_clip else ''}."
+        + (f" Training-free token reductions ({', '.join(free)}) are the dense model reduced as it is "
+           f"({cfg.dense_epochs} epochs), each beside its fine-tuned twin at the full budget." if free else ""),
         f"- **Teacher:** `+kd` rows distil from the frozen dense model of the same seed ({kd}); every arm that can "
         "distil runs with and without it. Slimmable distils in place from its largest width only.",
         f"- **FLOPs:** every row within +-{100 * cfg.flops_tolerance:g}% (relative) of 1/R, checked per run "
@@ -247,10 +254,10 @@ def header(cfg: BenchConfig, runs: list[dict[str, Any]]) -> str:
         "headline-valid.",
         f"- **Device:** {'; '.join(devices)}.",
         "- **Speed:** `speedup b1` / `b64`: the trained network compiled for inference (BN folded; dynamic: only "
-        "the kept compute runs) against the BN-folded dense model of its seed, on the same test images, "
-        "interleaved rounds, median over the timed seeds (`dynprune bench --latency`); `(of theory)` divides by "
-        "1 / FLOPs ratio. Timed on the device of the runs' `latency_device` column in the csv, at "
-        f"{cfg.threads} thread(s).", ""])
+        "the kept compute runs; token reductions: the plain modules they are, uncompiled) against the BN-folded "
+        "dense model of its seed, on the same test images, interleaved rounds, median over the timed seeds "
+        "(`dynprune bench --latency`); `(of theory)` divides by 1 / FLOPs ratio. Timed on the device of the runs' "
+        f"`latency_device` column in the csv, at {cfg.threads} thread(s).", ""])
 
 
 def _cell(value: Any, spec: str = ".2f") -> str:
