@@ -12,10 +12,10 @@ from dynprune.bench.config import (
     load_config,
     parse_config,
 )
-from dynprune.bench.run import run_point, search_width
+from dynprune.bench.run import run_point, search_scale, search_width
 from dynprune.bench.table import aggregate, welch_p, write_outputs
 
 __all__ = [
     "Arm", "BenchConfig", "BenchConfigError", "FairnessError", "Point", "aggregate", "check_fairness", "load_config",
-    "parse_config", "run_point", "search_width", "welch_p", "write_outputs",
+    "parse_config", "run_point", "search_scale", "search_width", "welch_p", "write_outputs",
 ]

@@ -243,10 +243,10 @@ def header(cfg: BenchConfig, runs: list[dict[str, Any]]) -> str:
         "distil runs with and without it. Slimmable distils in place from its largest width only.",
         f"- **FLOPs:** every row within +-{100 * cfg.flops_tolerance:g}% (relative) of 1/R, checked per run "
         "(dynamic: on the validation mean); `flops_ratio` is the test mean with the gates' own FLOPs.",
-        "- **Selection:** widths and prune fractions come from FLOPs alone; no checkpoint selection (the last "
-        "epoch is the model); the test set is evaluated once per run; the best dynamic recipe per R is chosen on "
-        "validation accuracy (`best_dynamic_by_val`); the strongest baseline per R is the one with the highest "
-        "test mean (conservative: it can only make dynamic look worse).",
+        "- **Selection:** widths, depths, prune fractions and token schedules come from FLOPs alone; no checkpoint "
+        "selection (the last epoch is the model); the test set is evaluated once per run; the best dynamic recipe "
+        "per R is chosen on validation accuracy (`best_dynamic_by_val`); the strongest baseline per R is the one "
+        "with the highest test mean (conservative: it can only make dynamic look worse).",
         f"- **Statistics:** seeds {list(cfg.seeds)}; mean +- std (sample) over seeds; `p90_p10` is the ratio of "
         "the mean p90 and p10 per-input FLOPs; `p_vs_best_baseline`: two-sided Welch t-test "
         "(scipy.stats.ttest_ind, equal_var=False) against the strongest baseline; `win` needs a higher mean and "
