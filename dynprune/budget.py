@@ -3,7 +3,9 @@ bisection on held-out (validation) inputs so that their mean effective FLOPs rat
 
 A gated net trained towards a target ends near it, not on it (the training masks see batch statistics, and a
 penalty only prices the distance). A benchmark that compares methods at equal FLOPs needs it on the target, and
-choosing the shift on validation data keeps the test set untouched. Every family decides at inference by
+choosing the shift on validation data keeps the test set untouched. A model over its target is shifted down
+(its least confident units go first); shifting a model under its target up is possible but usually hurts, since
+it switches on units the training kept off (``down_only``). Every family decides at inference by
 ``1[G(x) >= t]`` with G's last layer ``fc2``, so the shift is added to ``fc2.bias``: it is part of the weights,
 the compiled runtime and saved models see it, and decisions stay monotone in it (a larger shift keeps more).
 """
@@ -56,10 +58,14 @@ def _shift(model: nn.Module, delta: float) -> None:
 
 @torch.no_grad()
 def meet_budget(model: nn.Module, profile: FlopsProfile, inputs: Iterable[Tensor], target: float,
-                tolerance: float = 0.005, max_shift: float = 30.0, steps: int = 30) -> BudgetShift:
+                tolerance: float = 0.005, max_shift: float = 30.0, steps: int = 30,
+                down_only: bool = False) -> BudgetShift:
     """Shift every gate's score of ``model`` (in place) so that the mean FLOPs ratio of ``inputs`` (batches of model
     inputs, e.g. the validation split) is within ``tolerance`` (relative) of ``target``, or the closest the
     decisions allow after ``steps`` bisection steps over [-max_shift, max_shift].
+
+    ``down_only``: only ever remove compute (a model under its target is left as it is, shift 0): shifting up
+    switches on units that the training kept off, whose weights it never trained with them on.
 
     Raises ValueError for a target outside (0, 1], no inputs, or a target the gates cannot reach (all
     units of every site off, or all on, still miss it): the shift cannot help there and would hide the miss.
@@ -71,14 +77,15 @@ def meet_budget(model: nn.Module, profile: FlopsProfile, inputs: Iterable[Tensor
     if not batches:
         raise ValueError("meet_budget needs at least one batch of inputs")
     before = mean_flops_ratio(model, profile, batches)
-    if abs(before / target - 1) <= tolerance:
+    if abs(before / target - 1) <= tolerance or (down_only and before < target):
         return BudgetShift(0.0, before, before)
-    lo, hi, applied = -max_shift, max_shift, 0.0
+    lo, hi, applied = -max_shift, 0.0 if down_only else max_shift, 0.0
     for bound in (lo, hi):
         _shift(model, bound - applied)
         applied = bound
         reach = mean_flops_ratio(model, profile, batches)
-        if (bound == lo and reach > target * (1 + tolerance)) or (bound == hi and reach < target * (1 - tolerance)):
+        over, under = reach > target * (1 + tolerance), reach < target * (1 - tolerance)
+        if (bound == lo and over) or (bound == max_shift and under):
             _shift(model, -applied)
             raise ValueError(f"no shift of the gate scores in [-{max_shift:g}, {max_shift:g}] reaches the FLOPs "
                              f"target {target:.5f}: the {'sparsest' if bound == lo else 'densest'} decisions give "

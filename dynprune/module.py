@@ -48,12 +48,14 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
             (None: profiled on this machine at fit start and saved as ``latency_table.json`` in the log dir).
         target: if set, penalise the distance of the batch-mean cost to ``target`` instead of the cost.
         target_loss: ``abs`` (|c - t|) or ``squared`` ((c - t)^2).
-        target_dual: step size of dual ascent on a multiplier mu of the constraint cost = target (0: off): the
-            penalty gains mu * (c - target) and mu += target_dual * (c - target) after every step, so a run whose
-            fixed lam cannot reach its target raises the price until it does (mu is kept in checkpoints).
-        target_calibrate: at the end of fit, add one constant to every gate's score, chosen by bisection on the
-            validation data so that its mean FLOPs ratio lands on ``target`` (:func:`dynprune.budget.meet_budget`;
-            the test set is never used). The shift is in the weights from then on (save the model after fit: the
+        target_dual: step size of projected dual ascent on a multiplier mu >= 0 of the constraint cost <= target
+            (0: off): the penalty gains mu * (c / target - 1) and mu = max(0, mu + target_dual * clip(c / target -
+            1, -1, 1)) after every step, so a run whose fixed lam cannot reach its target raises the price until it
+            does (mu is kept in checkpoints). Keep it small (e.g. 0.005): gates switched off too fast rarely revive.
+        target_calibrate: at the end of fit, if the validation data's mean FLOPs ratio is over ``target``, subtract
+            one constant from every gate's score, chosen by bisection on that data, so that it lands on the target
+            (:func:`dynprune.budget.meet_budget` with ``down_only``; the test set is never used; a model under its
+            target is left as it is). The shift is in the weights from then on (save the model after fit: the
             checkpoints written during fit predate it); ``budget_shift`` records it.
         where: module-name patterns to gate (a list, or {granularity: list} with several granularities).
         gate_kwargs: e.g. ``{"reduction": 4, "init_bias": 3.0}``.
@@ -238,7 +240,7 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
                              "loader (or a datamodule with val_dataloader)")
         loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
         inputs = [batch[0].to(self.device) for loader in loaders for batch in loader]
-        self.budget_shift = meet_budget(self.model, self.profile, inputs, self.hparams.target)
+        self.budget_shift = meet_budget(self.model, self.profile, inputs, self.hparams.target, down_only=True)
         rank_zero_info(f"target_calibrate: gate scores shifted by {self.budget_shift.shift:+.4f}, validation FLOPs "
                        f"{self.budget_shift.before:.4f} -> {self.budget_shift.after:.4f} of dense "
                        f"(target {self.hparams.target:.4f})")

@@ -1,10 +1,11 @@
 """The gated training objective: task loss + lam * penalty(cost), plus the optional terms that make
 gates input-dependent (per-layer bounded budget, batch shaping, logit penalty) and each gate family's own term.
 
-In target mode with ``target_dual`` > 0 the objective also holds a Lagrange multiplier ``mu`` of the equality
-constraint cost = target, updated by dual ascent after every training step (mu += target_dual * (c - target)): a
-run that misses its FLOPs target under a fixed lam raises its price until it reaches it, so the budget is met by
-construction rather than by tuning lam per ratio.
+In target mode with ``target_dual`` > 0 the objective also holds a Lagrange multiplier ``mu`` >= 0 of the constraint
+cost <= target, updated by projected dual ascent after every training step (mu = max(0, mu + target_dual *
+clip(c / target - 1, -1, 1))): a run that stays over its FLOPs target under a fixed lam raises its price until it
+reaches it, instead of lam being tuned per ratio. The step should be small: gates switched off too fast rarely
+come back (a saturated sigmoid passes no gradient), so an overshoot below the target tends to stay.
 
 The objective knows the Gate interface only (``training_loss(ctx)``, ``probs``, ``scores``, ``mask``), never a
 concrete family; a family that needs the batch rolled out with hard gates asks ``GateContext.rollout``.
@@ -104,16 +105,19 @@ class Objective:
         return self.table
 
     def penalty(self, mean_cost: Tensor) -> Tensor:
-        """lam * c, or lam * distance(c, target) + mu * (c - target) in target mode, for the batch-mean cost c."""
+        """lam * c, or lam * distance(c, target) + mu * (c / target - 1) in target mode, for the batch-mean cost c."""
         if self.target is None:
             return self.lam * mean_cost
-        return self.lam * target_penalty(mean_cost, self.target, self.target_loss) + self.mu * (mean_cost - self.target)
+        return (self.lam * target_penalty(mean_cost, self.target, self.target_loss)
+                + self.mu * (mean_cost / self.target - 1))
 
     def dual_step(self, mean_cost: Tensor) -> None:
-        """Dual ascent on the multiplier after a training step: mu += target_dual * (c - target) (no-op without
-        ``target_dual``); mu is signed (an equality constraint), so undershooting the target lowers the price."""
+        """Projected dual ascent after a training step: mu = max(0, mu + target_dual * clip(c / target - 1, -1, 1))
+        (no-op without ``target_dual``): the price rises while the run is over its target and falls back, never
+        below 0, under it; the clip bounds one step's change by ``target_dual``."""
         if self.target_dual > 0 and self.target is not None:
-            self.mu += self.target_dual * min(max(float(mean_cost.detach()) / self.target - 1.0, -1.0), 1.0)
+            error = min(max(float(mean_cost.detach()) / self.target - 1.0, -1.0), 1.0)
+            self.mu = max(0.0, self.mu + self.target_dual * error)
 
     def dual_state(self) -> float:
         """The multiplier, for checkpoints (a resumed run continues from the same price)."""

@@ -13,17 +13,19 @@ from dynprune.budget import mean_flops_ratio, meet_budget
 from dynprune.objective import Objective
 
 
-def test_dual_ascent_raises_the_price_while_over_the_target_and_lowers_it_under() -> None:
+def test_dual_ascent_raises_the_price_while_over_the_target_and_lowers_it_under_never_below_zero() -> None:
     obj = Objective(lam=1.0, target=0.5, target_dual=0.1)
     assert obj.penalty(torch.tensor(0.6)).item() == pytest.approx(0.1)  # mu = 0: lam * |c - t| only
     obj.dual_step(torch.tensor(0.6))  # 20% over: mu += 0.1 * 0.2
     assert obj.mu == pytest.approx(0.02)
-    assert obj.penalty(torch.tensor(0.6)).item() == pytest.approx(0.1 + 0.02 * 0.1)
-    assert obj.price(torch.tensor(0.6)).item() == pytest.approx(1.02)  # what a REINFORCE reward is charged
+    assert obj.penalty(torch.tensor(0.6)).item() == pytest.approx(0.1 + 0.02 * 0.2)
+    assert obj.price(torch.tensor(0.6)).item() == pytest.approx(1.0 + 0.02 / 0.5)  # what a REINFORCE reward pays
     obj.dual_step(torch.tensor(5.0))  # the relative error is clipped to 1: one step moves mu by target_dual at most
     assert obj.mu == pytest.approx(0.12)
-    obj.dual_step(torch.tensor(0.25))  # under the target: the price falls
+    obj.dual_step(torch.tensor(0.25))  # 50% under the target: the price falls
     assert obj.mu == pytest.approx(0.07)
+    obj.dual_step(torch.tensor(0.0))  # projected: never below 0
+    assert obj.mu == 0.0
     fixed = Objective(lam=1.0, target=0.5)
     fixed.dual_step(torch.tensor(0.9))
     assert fixed.mu == 0.0
@@ -50,6 +52,10 @@ def test_meet_budget_lands_on_the_target_on_its_inputs_and_refuses_an_unreachabl
         assert result.after == pytest.approx(target, rel=0.01)
         assert mean_flops_ratio(module.model, module.profile, inputs) == pytest.approx(result.after, rel=1e-6)
     assert result.before != pytest.approx(before, rel=0.01)  # the second call started where the first ended
+    kept = meet_budget(module.model, module.profile, inputs, 0.9, down_only=True)  # under its target: left alone
+    assert kept.shift == 0.0 and kept.after == kept.before == pytest.approx(result.after, rel=1e-6)
+    lowered = meet_budget(module.model, module.profile, inputs, 0.4, tolerance=0.01, down_only=True)
+    assert lowered.shift < 0 and lowered.after == pytest.approx(0.4, rel=0.01)
     state = {k: v.clone() for k, v in module.model.state_dict().items()}
     with pytest.raises(ValueError, match="no shift of the gate scores .* reaches the FLOPs target 0.00010"):
         meet_budget(module.model, module.profile, inputs, 1e-4)
@@ -58,17 +64,18 @@ def test_meet_budget_lands_on_the_target_on_its_inputs_and_refuses_an_unreachabl
         meet_budget(dp.GatedClassifier("resnet20", gate=None, input_size=8).model, module.profile, inputs, 0.5)
 
 
-def test_target_calibrate_meets_the_target_on_validation_after_fit_and_dual_state_survives_a_checkpoint(
-        tmp_path) -> None:
-    module, dm = _gated_digits(lam=2.0, target=0.25, target_dual=0.05, target_calibrate=True)
-    L.Trainer(max_steps=40, limit_val_batches=0, **quiet_trainer_kwargs()).fit(module, dm)
-    assert module.objective.mu != 0.0
-    assert module.budget_shift is not None
+def test_target_calibrate_brings_a_run_over_its_target_onto_it_on_validation_and_dual_state_survives_a_checkpoint(
+        ) -> None:
+    module, dm = _gated_digits(lam=0.1, target=0.25, target_dual=0.005, target_calibrate=True)
+    L.Trainer(max_steps=20, limit_val_batches=0, **quiet_trainer_kwargs()).fit(module, dm)
+    assert module.objective.mu > 0.0  # 20 steps at a small lam stay over the target: the price rose
+    shift = module.budget_shift
+    assert shift is not None and shift.before > 0.25 * 1.01 and shift.shift < 0
     inputs = [x for x, _ in dm.val_dataloader()]
     assert mean_flops_ratio(module.model, module.profile, inputs) == pytest.approx(0.25, rel=0.005)
     checkpoint: dict = {}
     module.on_save_checkpoint(checkpoint)
-    other, _ = _gated_digits(lam=2.0, target=0.25, target_dual=0.05)
+    other, _ = _gated_digits(lam=0.1, target=0.25, target_dual=0.005)
     other.on_load_checkpoint(checkpoint)
     assert other.objective.mu == module.objective.mu
     with pytest.raises(ValueError, match="target_calibrate .* needs a gate and a target"):
