@@ -49,7 +49,7 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
         target: if set, penalise the distance of the batch-mean cost to ``target`` instead of the cost.
         target_loss: ``abs`` (|c - t|) or ``squared`` ((c - t)^2).
         target_dual: step size of projected dual ascent on a multiplier mu >= 0 of the constraint cost <= target
-            (0: off): the penalty gains mu * (c / target - 1) and mu = max(0, mu + target_dual * clip(c / target -
+            (0: off): the penalty gains mu * (c - target) and mu = max(0, mu + target_dual * clip(c / target -
             1, -1, 1)) after every step, so a run whose fixed lam cannot reach its target raises the price until it
             does (mu is kept in checkpoints). Keep it small (e.g. 0.005): gates switched off too fast rarely revive.
         target_calibrate: at the end of fit, if the validation data's mean FLOPs ratio is over ``target``, subtract

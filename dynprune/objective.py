@@ -4,8 +4,10 @@ gates input-dependent (per-layer bounded budget, batch shaping, logit penalty) a
 In target mode with ``target_dual`` > 0 the objective also holds a Lagrange multiplier ``mu`` >= 0 of the constraint
 cost <= target, updated by projected dual ascent after every training step (mu = max(0, mu + target_dual *
 clip(c / target - 1, -1, 1))): a run that stays over its FLOPs target under a fixed lam raises its price until it
-reaches it, instead of lam being tuned per ratio. The step should be small: gates switched off too fast rarely
-come back (a saturated sigmoid passes no gradient), so an overshoot below the target tends to stay.
+reaches it, instead of lam being tuned per ratio. The penalty is mu * (c - target): its price per unit of cost is mu
+whatever the target (a relative mu * (c / target - 1) prices a far target 1/target times higher and overshot it).
+The step should be small: gates switched off too fast rarely come back (a saturated sigmoid passes no gradient), so
+an overshoot below the target tends to stay.
 
 The objective knows the Gate interface only (``training_loss(ctx)``, ``probs``, ``scores``, ``mask``), never a
 concrete family; a family that needs the batch rolled out with hard gates asks ``GateContext.rollout``.
@@ -105,11 +107,10 @@ class Objective:
         return self.table
 
     def penalty(self, mean_cost: Tensor) -> Tensor:
-        """lam * c, or lam * distance(c, target) + mu * (c / target - 1) in target mode, for the batch-mean cost c."""
+        """lam * c, or lam * distance(c, target) + mu * (c - target) in target mode, for the batch-mean cost c."""
         if self.target is None:
             return self.lam * mean_cost
-        return (self.lam * target_penalty(mean_cost, self.target, self.target_loss)
-                + self.mu * (mean_cost / self.target - 1))
+        return self.lam * target_penalty(mean_cost, self.target, self.target_loss) + self.mu * (mean_cost - self.target)
 
     def dual_step(self, mean_cost: Tensor) -> None:
         """Projected dual ascent after a training step: mu = max(0, mu + target_dual * clip(c / target - 1, -1, 1))

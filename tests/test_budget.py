@@ -18,8 +18,8 @@ def test_dual_ascent_raises_the_price_while_over_the_target_and_lowers_it_under_
     assert obj.penalty(torch.tensor(0.6)).item() == pytest.approx(0.1)  # mu = 0: lam * |c - t| only
     obj.dual_step(torch.tensor(0.6))  # 20% over: mu += 0.1 * 0.2
     assert obj.mu == pytest.approx(0.02)
-    assert obj.penalty(torch.tensor(0.6)).item() == pytest.approx(0.1 + 0.02 * 0.2)
-    assert obj.price(torch.tensor(0.6)).item() == pytest.approx(1.0 + 0.02 / 0.5)  # what a REINFORCE reward pays
+    assert obj.penalty(torch.tensor(0.6)).item() == pytest.approx(0.1 + 0.02 * 0.1)
+    assert obj.price(torch.tensor(0.6)).item() == pytest.approx(1.02)  # what a REINFORCE reward pays
     obj.dual_step(torch.tensor(5.0))  # the relative error is clipped to 1: one step moves mu by target_dual at most
     assert obj.mu == pytest.approx(0.12)
     obj.dual_step(torch.tensor(0.25))  # 50% under the target: the price falls
