@@ -307,7 +307,7 @@ def _slimmable_rows(cfg: BenchConfig, module: L.LightningModule, dm: L.Lightning
     test = evaluator.test(module, dm, verbose=False)[0]
     full = dense_flops(cfg)
     per_ratio = {}
-    for r in cfg.ratios:
+    for r in cfg.supernet_ratios():  # every width the supernet trained, so adding an R to the config needs no rerun
         width, _ = search_width(cfg, r)
         ratio = module.flops[width] / full
         row = {"flops_ratio": ratio, "flops_ratio_no_gates": ratio, "gate_flops_ratio": 0.0, "flops_p10": ratio,
