@@ -221,6 +221,8 @@ def test_ci_config_runs_end_to_end(tmp_path: Path) -> None:
         assert abs(r["flops_ratio"] * r["R"] - 1) <= 0.03
     runs = [json.loads(line) for line in Path(f"{stem}_runs.jsonl").read_text().splitlines()]
     assert len(runs) == 2 * len(every) - len(rejected)
+    slim = json.loads((tmp_path / "runs" / "slimmable_s0" / "result.json").read_text())
+    assert set(slim["per_ratio"]) == {f"{r:g}" for r in cfg.supernet_ratios()}  # every width it trained, any R
     md = Path(f"{stem}.md").read_text()
     assert "sklearn digits" in md and "Device:" in md and Path(f"{stem}.png").stat().st_size > 0
     assert all(f"`{point_id}`" in md for point_id in rejected)
