@@ -67,10 +67,11 @@ def test_meet_budget_lands_on_the_target_on_its_inputs_and_refuses_an_unreachabl
 def test_target_calibrate_brings_a_run_over_its_target_onto_it_on_validation_and_dual_state_survives_a_checkpoint(
         ) -> None:
     module, dm = _gated_digits(lam=0.1, target=0.25, target_dual=0.005, target_calibrate=True)
-    L.Trainer(max_steps=20, limit_val_batches=0, **quiet_trainer_kwargs()).fit(module, dm)
+    with pytest.warns(UserWarning, match="a shift this large also switches off units"):
+        L.Trainer(max_steps=20, limit_val_batches=0, **quiet_trainer_kwargs()).fit(module, dm)
     assert module.objective.mu > 0.0  # 20 steps at a small lam stay over the target: the price rose
     shift = module.budget_shift
-    assert shift is not None and shift.before > 0.25 * 1.01 and shift.shift < 0
+    assert shift is not None and shift.before > 0.25 * 1.1 and shift.shift < 0
     inputs = [x for x, _ in dm.val_dataloader()]
     assert mean_flops_ratio(module.model, module.profile, inputs) == pytest.approx(0.25, rel=0.005)
     checkpoint: dict = {}
