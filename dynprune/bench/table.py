@@ -34,8 +34,8 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float | None:
 
 
 def collect_runs(cfg: BenchConfig, root: Path) -> list[dict[str, Any]]:
-    """One flat line per finished run and R (a slimmable supernet gives one line per R), test metrics as
-    ``acc`` etc. and the validation ones as ``val_acc`` etc."""
+    """One flat line per finished run and R of the config (a slimmable supernet gives one line per such R, of the
+    widths it reports), test metrics as ``acc`` etc. and the validation ones as ``val_acc`` etc."""
     runs = []
     for point in cfg.points():
         record = finished(cfg, point, root)
@@ -43,6 +43,8 @@ def collect_runs(cfg: BenchConfig, root: Path) -> list[dict[str, Any]]:
             continue
         per_ratio = record.get("per_ratio") or {f"{point.ratio or 1:g}": {"val": record["val"], "test": record["test"]}}
         for r, split in per_ratio.items():
+            if point.ratio is None and point.kind != "dense" and float(r) not in cfg.ratios:
+                continue
             line = {k: record.get(k) for k in ("point", "method", "arm", "kind", "kd", "seed", "epochs", "total_epochs",
                                                "device", "threads", "teacher", "teacher_digest", "checkpoint_digest",
                                                "chosen", "fit_seconds", "code")}
