@@ -32,7 +32,6 @@ from dynprune.task import ClassificationTask
 from dynprune.teacher import DenseWarmup, Distiller, warm_start
 from dynprune.trace import GATE_ATTR, trace_layers
 
-
 LARGE_SHIFT = 0.1  # target_calibrate warns when it removes more than this share (relative) of the validation FLOPs
 
 
