@@ -244,8 +244,8 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
         inputs = [batch[0].to(self.device) for loader in loaders for batch in loader]
         self.budget_shift = meet_budget(self.model, self.profile, inputs, self.hparams.target, down_only=True)
         shift = self.budget_shift
-        message = (f"target_calibrate: gate scores shifted by {shift.shift:+.4f}, validation FLOPs {shift.before:.4f} -> "
-                   f"{shift.after:.4f} of dense (target {self.hparams.target:.4f})")
+        message = (f"target_calibrate: gate scores shifted by {shift.shift:+.4f}, validation FLOPs "
+                   f"{shift.before:.4f} -> {shift.after:.4f} of dense (target {self.hparams.target:.4f})")
         if shift.before > self.hparams.target * (1 + LARGE_SHIFT):
             rank_zero_warn(f"{message}: a shift this large also switches off units the network relies on (in the "
                            "benchmark, shifts of 17-34% of the FLOPs cost ResNet-20 40-50 points of accuracy); "
