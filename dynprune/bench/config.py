@@ -34,7 +34,9 @@ KINDS = ("static", "thin", "dynamic", "slimmable", "reduce")
 ARM_KEYS = ("name", "kind", "kd", "start", "epochs", "criterion", "model", "method", "scale")
 STARTS = ("warm", "scratch")
 REDUCE_METHODS = ("tome", "evit")  # dynprune.baselines: ToMe merging, EViT top-k by CLS attention
-SCALES = {"width": "width_mult", "depth": "depth_mult"}  # what a thin arm shrinks: the backbone argument it searches
+# What a thin arm shrinks, named after the backbone argument it searches (``width`` -> ``width_mult``): a scale of the
+# backbone, not the ``width`` granularity.
+SCALES = {arg.removesuffix("_mult"): arg for arg in ("width_mult", "depth_mult")}
 # Which kinds can take the shared frozen teacher (a slimmable supernet distils in place, from its own
 # largest width, and has no external teacher; a training-free reduce arm trains nothing: Arm.can_distil).
 TEACHER_CAPABLE = {"static": True, "thin": True, "dynamic": True, "slimmable": False, "reduce": True}
