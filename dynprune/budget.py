@@ -44,7 +44,7 @@ def mean_flops_ratio(model: nn.Module, profile: FlopsProfile, inputs: list[Tenso
         for x in inputs:
             model(x)
             masks = collect_masks(model)
-            flops = profile.total(profile.per_layer(masks)) + profile.gates({n: m.float() for n, m in masks.items()})
+            flops = profile.effective(masks) + profile.gates({n: m.float() for n, m in masks.items()})
             total, count = total + float(flops.sum()), count + len(flops)
     finally:
         model.train(was_training)
@@ -80,12 +80,14 @@ def meet_budget(model: nn.Module, profile: FlopsProfile, inputs: Iterable[Tensor
     if abs(before / target - 1) <= tolerance or (down_only and before < target):
         return BudgetShift(0.0, before, before)
     lo, hi, applied = -max_shift, 0.0 if down_only else max_shift, 0.0
-    for bound in (lo, hi):
+    # the ends of the bracket: the sparsest decisions must not be over the target, the densest not under it (down
+    # only: the model as it is, already measured over the target)
+    for bound, misses in ((lo, lambda r: r > target * (1 + tolerance)),
+                          *(() if down_only else ((hi, lambda r: r < target * (1 - tolerance)),))):
         _shift(model, bound - applied)
         applied = bound
         reach = mean_flops_ratio(model, profile, batches)
-        over, under = reach > target * (1 + tolerance), reach < target * (1 - tolerance)
-        if (bound == lo and over) or (bound == max_shift and under):
+        if misses(reach):
             _shift(model, -applied)
             raise ValueError(f"no shift of the gate scores in [-{max_shift:g}, {max_shift:g}] reaches the FLOPs "
                              f"target {target:.5f}: the {'sparsest' if bound == lo else 'densest'} decisions give "

@@ -75,7 +75,7 @@ class Objective:
             raise ValueError("budget > 0 bounds each layer around the FLOPs target: set target too")
         check_number("target_dual", self.target_dual, 0)
         if self.target_dual > 0 and self.target is None:
-            raise ValueError("target_dual > 0 is the step size of the multiplier of the constraint cost = target: "
+            raise ValueError("target_dual > 0 is the step size of the multiplier of the constraint cost <= target: "
                              "set target too")
         if self.latency_table is not None and self.cost != "latency":
             raise ValueError(f"latency_table is read by cost: latency only, got cost '{self.cost}'")
@@ -189,11 +189,11 @@ class Objective:
         per_layer = profile.per_layer(masks)  # once per step: the cost and the budget both need it
         cost, ratio, site_costs = self.costs(masks, profile, per_layer)
         terms = {"penalty": self.penalty(cost.mean()), **self.extra_terms(gates, masks, profile, progress, per_layer)}
-        self.dual_step(cost.mean())  # after the penalty: this step is priced at the multiplier it started with
         rollout = hard_rollout(model, x, y, lambda m: self.costs(m, profile))
         family = self.family_terms(gates, task_loss, site_costs, cost.mean(), rollout, progress)
         if family is not None:
             terms["family"] = family
+        self.dual_step(cost.mean())  # after every term: this step is priced at the multiplier it started with
         keep = torch.cat([m.detach().flatten() for m in masks.values()]).mean()
         metrics = {"flops_ratio": ratio.mean().detach(), "keep": keep}
         if self.target_dual > 0:

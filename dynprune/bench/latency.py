@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils import benchmark
 
 from dynprune import backbones
-from dynprune.bench.config import BenchConfig, Point
+from dynprune.bench.config import SCALES, BenchConfig, Point
 from dynprune.bench.run import MODEL, _static_model, datamodule, device_name, finished, input_shape, shape_kwargs
 from dynprune.io import write_json
 from dynprune.latency import median_seconds
@@ -53,7 +53,7 @@ def trained_network(cfg: BenchConfig, point: Point, root: Path, record: dict[str
     if path.is_file():
         return torch.load(path, weights_only=False, map_location="cpu"), "saved"
     if point.kind == "thin":
-        scale = {k: v for k, v in record["chosen"].items() if k in ("width_mult", "depth_mult")}
+        scale = {k: v for k, v in record["chosen"].items() if k in SCALES.values()}
         return backbones.create(cfg.backbone, **scale, **shape_kwargs(cfg)), "rebuilt"
     if point.kind == "static":
         L.seed_everything(point.seed, verbose=False)

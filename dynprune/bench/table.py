@@ -13,7 +13,7 @@ from typing import Any
 
 from scipy import stats
 
-from dynprune.bench.config import BASELINE_KINDS, BenchConfig, FairnessError
+from dynprune.bench.config import BASELINE_KINDS, SCALES, BenchConfig, FairnessError
 from dynprune.bench.run import REJECTED, finished
 from dynprune.io import atomic_write, save_figure, to_markdown, write_csv
 
@@ -41,10 +41,10 @@ def collect_runs(cfg: BenchConfig, root: Path) -> list[dict[str, Any]]:
         record = finished(cfg, point, root)
         if record is None:
             continue
-        per_ratio = record.get("per_ratio") or {f"{point.ratio or 1:g}": {"val": record["val"], "test": record["test"]}}
+        per_ratio = ({r: split for r, split in record["per_ratio"].items() if float(r) in cfg.ratios}
+                     if "per_ratio" in record else
+                     {f"{point.ratio or 1:g}": {"val": record["val"], "test": record["test"]}})
         for r, split in per_ratio.items():
-            if point.ratio is None and point.kind != "dense" and float(r) not in cfg.ratios:
-                continue
             line = {k: record.get(k) for k in ("point", "method", "arm", "kind", "kd", "seed", "epochs", "total_epochs",
                                                "device", "threads", "teacher", "teacher_digest", "checkpoint_digest",
                                                "chosen", "fit_seconds", "code")}
@@ -103,8 +103,9 @@ def _mean(values: list[float]) -> float:
 
 
 def _selected_on(kind: str, chosen: dict[str, Any] | None) -> str:
+    scale = next((name for name, arg in SCALES.items() if arg in (chosen or {})), "width")
     what = {"dense": "nothing chosen", "static": "prune fraction: FLOPs bisection (no data)",
-            "thin": f"{'depth' if 'depth_mult' in (chosen or {}) else 'width'}: FLOPs search (no data)",
+            "thin": f"{scale}: FLOPs search (no data)",
             "slimmable": "width: FLOPs search (no data)", "reduce": "token schedule: FLOPs search (no data)",
             "dynamic": "target 1/R; FLOPs checked on val"}[kind]
     return f"{what}; last epoch (no ckpt choice); test once"
