@@ -54,6 +54,10 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
             (0: off): the penalty gains mu * (c - target) and mu = max(0, mu + target_dual * clip(c / target -
             1, -1, 1)) after every step, so a run whose fixed lam cannot reach its target raises the price until it
             does (mu is kept in checkpoints). Keep it small (e.g. 0.005): gates switched off too fast rarely revive.
+        target_control: step size of the controller that steers the decisions to ``target`` while training (0: off):
+            after every optimizer step, -target_control * clip(log(c / target), -1, 1) is added to every gate's score
+            for the step's mean FLOPs ratio c (gates' own FLOPs included; :func:`dynprune.budget.control_step`).
+            Reaches far targets (1/16, 1/32) that a penalty reaches late or never, and the network trains with it.
         target_calibrate: at the end of fit, if the validation data's mean FLOPs ratio is over ``target``, subtract
             one constant from every gate's score, chosen by bisection on that data, so that it lands on the target
             (:func:`dynprune.budget.meet_budget` with ``down_only``; the test set is never used; a model under its
@@ -94,7 +98,7 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
         "lam", "cost", "target", "target_loss", "gate_lr", "init_from", "teacher", "dense_epochs", "budget",
         "budget_width", "budget_anneal", "batch_shaping", "batch_shaping_warmup", "logit_penalty",
         "logit_penalty_warmup", "distill", "distill_temperature", "frozen", "latency_table", "target_dual",
-        "target_calibrate"}
+        "target_control", "target_calibrate"}
 
     @classmethod
     def training_args(cls) -> frozenset[str]:
@@ -140,6 +144,7 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
         frozen: list[str] | None = None,
         latency_table: str | None = None,
         target_dual: float = 0.0,
+        target_control: float = 0.0,
         target_calibrate: bool = False,
     ) -> None:
         super().__init__()
@@ -148,7 +153,7 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
         self._check_args(gate, teacher)
         self.objective = Objective(lam, cost, target, target_loss, budget, budget_width, budget_anneal,
                                    batch_shaping, batch_shaping_warmup, logit_penalty, logit_penalty_warmup,
-                                   latency_table, target_dual)
+                                   latency_table, target_dual, target_control)
         if isinstance(backbone, str):
             check_number("width_mult", width_mult, 0, low_open=True)
             check_number("depth_mult", depth_mult, 0, low_open=True)
@@ -253,13 +258,17 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
         else:
             rank_zero_info(message)
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After the optimizer step: the ``target_control`` shift of the gate scores (no-op without it)."""
+        self.objective.control(self.model)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The RNG state (the base task's), the teacher's weights and a ``cost: latency`` table."""
         super().on_save_checkpoint(checkpoint)
         if self.distiller is not None:
             self.distiller.save(checkpoint)
         checkpoint["latency_table"] = self.objective.table_state()
-        checkpoint["target_mu"] = self.objective.dual_state()
+        checkpoint["target_state"] = self.objective.dual_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The RNG state when resuming (the base task's), the teacher's weights and a ``cost: latency`` table."""
@@ -267,7 +276,7 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
         if self.distiller is not None:
             self.distiller.load(checkpoint, self.model)
         self.objective.load_table_state(checkpoint.get("latency_table"))
-        self.objective.load_dual_state(checkpoint.get("target_mu"))
+        self.objective.load_dual_state(checkpoint.get("target_state", checkpoint.get("target_mu")))  # older: mu only
 
     def masks(self) -> dict[str, Tensor]:
         """Decisions of the last forward pass per site ({} for a dense model or while the gates are off)."""

@@ -9,6 +9,10 @@ whatever the target (a relative mu * (c / target - 1) prices a far target 1/targ
 The step should be small: gates switched off too fast rarely come back (a saturated sigmoid passes no gradient), so
 an overshoot below the target tends to stay.
 
+With ``target_control`` > 0 the decisions themselves are steered instead: after every optimizer step one constant is
+added to every gate's score, -target_control * clip(log(c / target), -1, 1) for the step's mean FLOPs ratio c (gates'
+own FLOPs included; :func:`dynprune.budget.control_step`), so the run follows its target both ways while it trains.
+
 The objective knows the Gate interface only (``training_loss(ctx)``, ``probs``, ``scores``, ``mask``), never a
 concrete family; a family that needs the batch rolled out with hard gates asks ``GateContext.rollout``.
 """
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from dynprune.budget import control_step
 from dynprune.checks import check_number
 from dynprune.flops import FlopsProfile
 from dynprune.gatemodes import hard_rollout
@@ -56,8 +61,11 @@ class Objective:
     logit_penalty_warmup: float = 1.0
     latency_table: str | None = None
     target_dual: float = 0.0
+    target_control: float = 0.0
     table: LatencyTable | None = field(default=None, init=False, repr=False)
     mu: float = field(default=0.0, init=False)
+    shift: float = field(default=0.0, init=False)
+    last_ratio: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         check_number("lam", self.lam, 0)
@@ -77,6 +85,10 @@ class Objective:
         if self.target_dual > 0 and self.target is None:
             raise ValueError("target_dual > 0 is the step size of the multiplier of the constraint cost <= target: "
                              "set target too")
+        check_number("target_control", self.target_control, 0)
+        if self.target_control > 0 and self.target is None:
+            raise ValueError("target_control > 0 is the step size of the gate-score shift that steers the FLOPs "
+                             "ratio to its target: set target too")
         if self.latency_table is not None and self.cost != "latency":
             raise ValueError(f"latency_table is read by cost: latency only, got cost '{self.cost}'")
 
@@ -120,14 +132,25 @@ class Objective:
             error = min(max(float(mean_cost.detach()) / self.target - 1.0, -1.0), 1.0)
             self.mu = max(0.0, self.mu + self.target_dual * error)
 
-    def dual_state(self) -> float:
-        """The multiplier, for checkpoints (a resumed run continues from the same price)."""
-        return self.mu
+    def control(self, model: nn.Module) -> None:
+        """After an optimizer step (no-op without ``target_control`` or before the gates start): shift every gate's
+        score by the controller's step for the last training batch's FLOPs ratio."""
+        if self.last_ratio is not None and self.target is not None:
+            self.shift += control_step(model, self.last_ratio, self.target, self.target_control)
+            self.last_ratio = None
 
-    def load_dual_state(self, mu: float | None) -> None:
-        """Continue from a checkpoint's multiplier (None: an older checkpoint without one; mu stays 0)."""
-        if mu is not None:
-            self.mu = float(mu)
+    def dual_state(self) -> dict[str, float]:
+        """The multiplier and the controller's total shift, for checkpoints (a resumed run continues from the same
+        price; the shift itself is in the gates' weights)."""
+        return {"mu": self.mu, "shift": self.shift}
+
+    def load_dual_state(self, state: dict[str, float] | float | None) -> None:
+        """Continue from a checkpoint's multiplier and shift (None: an older checkpoint without them; a float: one
+        with the multiplier only)."""
+        if isinstance(state, dict):
+            self.mu, self.shift = float(state["mu"]), float(state["shift"])
+        elif state is not None:
+            self.mu = float(state)
 
     def price(self, mean_cost: Tensor) -> Tensor:
         """The price of cost: d penalty / d c at a batch-mean cost c (detached), what one unit of cost is worth
@@ -198,6 +221,11 @@ class Objective:
         metrics = {"flops_ratio": ratio.mean().detach(), "keep": keep}
         if self.target_dual > 0:
             metrics["target_mu"] = torch.tensor(self.mu)
+        if self.target_control > 0:  # applied by control() after the optimizer step, on what the budget counts
+            decisions = {name: mask.detach().float() for name, mask in masks.items()}
+            flops = profile.total({k: v.detach() for k, v in per_layer.items()}) + profile.gates(decisions)
+            self.last_ratio = float(flops.mean()) / profile.dense_total
+            metrics["target_shift"] = torch.tensor(self.shift)
         return terms, metrics
 
     def family_terms(self, gates: dict[str, Gate], task_loss: Tensor, site_costs: dict[str, Tensor],
