@@ -1,5 +1,6 @@
-"""Meeting a FLOPs budget: while training, an integral controller on one constant added to every gate's score G(x)
-(:func:`control_step`); after training, that constant chosen by bisection on held-out (validation) inputs so that
+"""Meeting a FLOPs budget: while training, a controller that moves one constant added to every gate's score G(x) a
+share of the way to where the last batch's scores would have met the target (:func:`batch_shift`,
+:func:`control_step`); after training, that constant chosen by bisection on held-out (validation) inputs so that
 their mean effective FLOPs ratio lands on the target (:func:`meet_budget`).
 
 A gated net trained towards a target ends near it, not on it (the training masks see batch statistics, and a
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from dynprune.flops import FlopsProfile
+from dynprune.gates import Gate
 from dynprune.inject import collect_masks, gates_of
 
 
@@ -59,23 +61,43 @@ def _shift(model: nn.Module, delta: float) -> None:
         gate.fc2.bias.add_(delta)
 
 
-def control_step(model: nn.Module, ratio: float, target: float, step: float) -> float:
-    """One step of integral control of the FLOPs ratio while training: add ``-step * clip(log(ratio / target), -1,
-    1)`` to every gate's score (``fc2.bias``) and return it.
+@torch.no_grad()
+def batch_shift(gates: dict[str, Gate], profile: FlopsProfile, target: float, span: float = 30.0,
+                steps: int = 24) -> float:
+    """The constant that, added to every gate's scores of the last forward pass (``Gate.scores``, held fixed),
+    puts that batch's mean FLOPs ratio (gates' own FLOPs included, decisions by each family's inference rule) on
+    ``target``: ``steps`` of bisection over [-span, span]; an end of the range when even it misses the target (the
+    controller then moves as far as it may in one step).
 
-    Called after each optimizer step with that step's batch-mean FLOPs ratio (gates' own FLOPs included), it moves
-    the decisions themselves towards the target, both ways, at once: a penalty moves them only through the
-    gradients of the gate weights, which vanish for saturated gates, so a far target is reached late or not at all,
-    and a shift after training changes units the network never trained without (ResNet-20 at 1/16 lost 40-50
-    points to one). The network trains with the controlled threshold in place. The log error is symmetric in the
-    ratio (2x over and 2x under move by the same amount); the clip bounds one step's move by ``step``.
+    The scores of a trained gate spread over tens of logits, so a FLOPs error says little about how far to move
+    them; the batch's own scores say exactly that.
     """
-    if ratio < 0 or not math.isfinite(ratio):
-        raise ValueError(f"control_step needs a finite FLOPs ratio >= 0, got {ratio}")
-    error = -1.0 if ratio == 0 else min(max(math.log(ratio / target), -1.0), 1.0)
-    delta = -step * error
-    _shift(model, delta)
-    return delta
+    scores = {name: gate.scores.detach() for name, gate in gates.items()}
+    if any(s is None for s in scores.values()):
+        raise ValueError("batch_shift needs every gate's scores of a forward pass (Gate.scores is None)")
+
+    def ratio(delta: float) -> float:
+        masks = {name: gates[name].hard_decisions(s + delta) for name, s in scores.items()}
+        flops = profile.effective(masks) + profile.gates(masks)
+        return float(flops.mean()) / profile.dense_total
+
+    lo, hi = -span, span
+    if ratio(lo) > target:
+        return lo
+    if ratio(hi) < target:
+        return hi
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ratio(mid) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+def control_step(model: nn.Module, shift: float) -> None:
+    """Add ``shift`` to every gate's score (``fc2.bias``) of ``model``: the controller's move after an optimizer
+    step (see :func:`batch_shift`)."""
+    if not math.isfinite(shift):
+        raise ValueError(f"control_step needs a finite shift, got {shift}")
+    _shift(model, shift)
 
 
 @torch.no_grad()

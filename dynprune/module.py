@@ -54,10 +54,11 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
             (0: off): the penalty gains mu * (c - target) and mu = max(0, mu + target_dual * clip(c / target -
             1, -1, 1)) after every step, so a run whose fixed lam cannot reach its target raises the price until it
             does (mu is kept in checkpoints). Keep it small (e.g. 0.005): gates switched off too fast rarely revive.
-        target_control: step size of the controller that steers the decisions to ``target`` while training (0: off):
-            after every optimizer step, -target_control * clip(log(c / target), -1, 1) is added to every gate's score
-            for the step's mean FLOPs ratio c (gates' own FLOPs included; :func:`dynprune.budget.control_step`).
-            Reaches far targets (1/16, 1/32) that a penalty reaches late or never, and the network trains with it.
+        target_control: share in (0, 1] of the way to the target that the controller steers the decisions each
+            step (0: off): after every optimizer step, that share of the shift that would have put the step's batch
+            on ``target`` (its mean FLOPs ratio, gates' own FLOPs included) is added to every gate's score
+            (:func:`dynprune.budget.batch_shift`). Reaches far targets (1/16, 1/32) that a penalty reaches late or
+            never, and the network trains with the threshold that meets them.
         target_calibrate: at the end of fit, if the validation data's mean FLOPs ratio is over ``target``, subtract
             one constant from every gate's score, chosen by bisection on that data, so that it lands on the target
             (:func:`dynprune.budget.meet_budget` with ``down_only``; the test set is never used; a model under its

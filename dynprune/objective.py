@@ -9,9 +9,10 @@ whatever the target (a relative mu * (c / target - 1) prices a far target 1/targ
 The step should be small: gates switched off too fast rarely come back (a saturated sigmoid passes no gradient), so
 an overshoot below the target tends to stay.
 
-With ``target_control`` > 0 the decisions themselves are steered instead: after every optimizer step one constant is
-added to every gate's score, -target_control * clip(log(c / target), -1, 1) for the step's mean FLOPs ratio c (gates'
-own FLOPs included; :func:`dynprune.budget.control_step`), so the run follows its target both ways while it trains.
+With ``target_control`` in (0, 1] the decisions themselves are steered instead: after every optimizer step one
+constant is added to every gate's score, ``target_control`` times the shift that would have put the step's batch on
+the target (its mean FLOPs ratio with the gates' own; :func:`dynprune.budget.batch_shift`), so the run follows its
+target both ways while it trains, whatever the spread of the scores.
 
 The objective knows the Gate interface only (``training_loss(ctx)``, ``probs``, ``scores``, ``mask``), never a
 concrete family; a family that needs the batch rolled out with hard gates asks ``GateContext.rollout``.
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from dynprune.budget import control_step
+from dynprune.budget import batch_shift, control_step
 from dynprune.checks import check_number
 from dynprune.flops import FlopsProfile
 from dynprune.gatemodes import hard_rollout
@@ -65,7 +66,7 @@ class Objective:
     table: LatencyTable | None = field(default=None, init=False, repr=False)
     mu: float = field(default=0.0, init=False)
     shift: float = field(default=0.0, init=False)
-    last_ratio: float | None = field(default=None, init=False)
+    pending: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         check_number("lam", self.lam, 0)
@@ -85,10 +86,10 @@ class Objective:
         if self.target_dual > 0 and self.target is None:
             raise ValueError("target_dual > 0 is the step size of the multiplier of the constraint cost <= target: "
                              "set target too")
-        check_number("target_control", self.target_control, 0)
+        check_number("target_control", self.target_control, 0, 1)
         if self.target_control > 0 and self.target is None:
-            raise ValueError("target_control > 0 is the step size of the gate-score shift that steers the FLOPs "
-                             "ratio to its target: set target too")
+            raise ValueError("target_control > 0 is the share of the gate-score shift onto the FLOPs target that "
+                             "each step applies: set target too")
         if self.latency_table is not None and self.cost != "latency":
             raise ValueError(f"latency_table is read by cost: latency only, got cost '{self.cost}'")
 
@@ -134,10 +135,11 @@ class Objective:
 
     def control(self, model: nn.Module) -> None:
         """After an optimizer step (no-op without ``target_control`` or before the gates start): shift every gate's
-        score by the controller's step for the last training batch's FLOPs ratio."""
-        if self.last_ratio is not None and self.target is not None:
-            self.shift += control_step(model, self.last_ratio, self.target, self.target_control)
-            self.last_ratio = None
+        score by the controller's move for the last training batch."""
+        if self.pending is not None:
+            control_step(model, self.pending)
+            self.shift += self.pending
+            self.pending = None
 
     def dual_state(self) -> dict[str, float]:
         """The multiplier and the controller's total shift, for checkpoints (a resumed run continues from the same
@@ -221,10 +223,8 @@ class Objective:
         metrics = {"flops_ratio": ratio.mean().detach(), "keep": keep}
         if self.target_dual > 0:
             metrics["target_mu"] = torch.tensor(self.mu)
-        if self.target_control > 0:  # applied by control() after the optimizer step, on what the budget counts
-            decisions = {name: mask.detach().float() for name, mask in masks.items()}
-            flops = profile.total({k: v.detach() for k, v in per_layer.items()}) + profile.gates(decisions)
-            self.last_ratio = float(flops.mean()) / profile.dense_total
+        if self.target_control > 0 and self.target is not None:  # applied by control() after the optimizer step
+            self.pending = self.target_control * batch_shift(gates, profile, self.target)
             metrics["target_shift"] = torch.tensor(self.shift)
         return terms, metrics
 

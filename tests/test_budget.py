@@ -10,7 +10,7 @@ import torch
 from conftest import quiet_trainer_kwargs
 
 import dynprune as dp
-from dynprune.budget import control_step, mean_flops_ratio, meet_budget
+from dynprune.budget import batch_shift, control_step, mean_flops_ratio, meet_budget
 from dynprune.objective import Objective
 
 
@@ -84,27 +84,35 @@ def test_target_calibrate_brings_a_run_over_its_target_onto_it_on_validation_and
         dp.GatedClassifier("lenet5", target_calibrate=True)
 
 
-def test_control_step_moves_every_gate_score_against_the_log_error_clipped_to_one_step() -> None:
-    module, _ = _gated_digits()
-    biases = lambda: torch.cat([g.fc2.bias.detach().clone() for g in dp.gates_of(module.model).values()])  # noqa: E731
-    start = biases()
-    assert control_step(module.model, 0.5, 0.25, 0.1) == pytest.approx(-0.1 * torch.log(torch.tensor(2.0)).item())
-    assert torch.allclose(biases() - start, torch.full_like(start, -0.1 * 0.6931472), rtol=1e-5)
-    # 2x under moves by as much the other way; far off is clipped to one step; on target moves nothing
-    assert control_step(module.model, 0.125, 0.25, 0.1) == pytest.approx(0.1 * 0.6931472, rel=1e-6)
-    assert torch.allclose(biases(), start, atol=1e-6)
-    assert control_step(module.model, 1.0, 0.01, 0.1) == pytest.approx(-0.1)
-    assert control_step(module.model, 0.0, 0.25, 0.1) == pytest.approx(0.1)
-    assert control_step(module.model, 0.25, 0.25, 0.1) == 0.0
-    with pytest.raises(ValueError, match="finite FLOPs ratio >= 0, got nan"):
-        control_step(module.model, float("nan"), 0.25, 0.1)
+def test_batch_shift_puts_the_last_batch_on_the_target_and_stops_at_the_end_of_its_range() -> None:
+    module, dm = _gated_digits(gate_kwargs={"init_bias": 0.0})
+    dm.setup()
+    x = next(iter(dm.val_dataloader()))[0]
+    module.model.eval()
+    gates = dp.gates_of(module.model)
+    with torch.no_grad():
+        module.model(x)
+    before = mean_flops_ratio(module.model, module.profile, [x])
+    for target in (0.3, 0.6):
+        shift = batch_shift(gates, module.profile, target)
+        control_step(module.model, shift)
+        assert mean_flops_ratio(module.model, module.profile, [x]) == pytest.approx(target, rel=0.1)
+        control_step(module.model, -shift)
+    assert mean_flops_ratio(module.model, module.profile, [x]) == pytest.approx(before, rel=1e-6)
+    with torch.no_grad():
+        module.model(x)
+    assert batch_shift(gates, module.profile, 1e-6) == -30.0  # unreachable: the end of the range
+    with pytest.raises(ValueError, match="finite shift, got nan"):
+        control_step(module.model, float("nan"))
     with pytest.raises(ValueError, match="target_control > 0 .* set target too"):
-        Objective(lam=1.0, target_control=0.1)
+        Objective(lam=1.0, target_control=0.5)
+    with pytest.raises(ValueError, match=r"target_control must be .*in \[0, 1\]"):
+        Objective(lam=1.0, target=0.5, target_control=2.0)
 
 
 def test_target_control_follows_a_far_target_while_training_where_the_penalty_alone_stays_over_it() -> None:
     runs = {}
-    for control in (0.0, 0.1):
+    for control in (0.0, 0.5):
         module, dm = _gated_digits(lam=0.1, target=0.1, target_control=control)
         L.Trainer(max_steps=120, limit_val_batches=0, **quiet_trainer_kwargs()).fit(module, dm)
         dm.setup()
@@ -112,12 +120,12 @@ def test_target_control_follows_a_far_target_while_training_where_the_penalty_al
         with torch.no_grad():
             ratios = [mean_flops_ratio(module.model, module.profile, [x]) for x, _ in dm.train_dataloader()]
         runs[control] = (sum(ratios) / len(ratios), module.objective.shift)
-    (free, no_shift), (controlled, shift) = runs[0.0], runs[0.1]
+    (free, no_shift), (controlled, shift) = runs[0.0], runs[0.5]
     assert no_shift == 0.0 and free > 0.1 * 1.5  # the penalty alone is still far over 1/10 after 120 steps
     assert shift < 0 and controlled == pytest.approx(0.1, rel=0.15)  # the controller brought it there
     checkpoint: dict = {}
     module.on_save_checkpoint(checkpoint)
-    other, _ = _gated_digits(lam=0.1, target=0.1, target_control=0.1)
+    other, _ = _gated_digits(lam=0.1, target=0.1, target_control=0.5)
     other.on_load_checkpoint(checkpoint)
     assert other.objective.shift == shift
     other.on_load_checkpoint({"target_mu": 0.5})  # a checkpoint from before the controller: the multiplier only
