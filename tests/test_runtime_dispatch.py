@@ -1,5 +1,6 @@
-"""Dispatch between the compiled model's two exact paths: outputs are equal either way, the masked path runs the
-dense folded compute, and a call takes the path of the nearest measured batch-size bucket (no time asserted)."""
+"""Dispatch between the compiled model's exact paths and memory layouts: outputs are equal either way, the masked
+path runs the dense folded compute, channels-last stays channels-last through the thin layers, and a call takes the
+path and layout of the nearest measured batch-size bucket (no time asserted)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def _flops(model: nn.Module, x: Tensor) -> int:
 def test_both_paths_give_the_masked_models_outputs(granularity: str) -> None:
     model = _gated(granularity)
     compiled = compile_for_inference(model, dispatch=())
-    assert compiled.switchable and str(compiled.plan).endswith("every call takes the thin path")
+    assert compiled.switchable
+    assert str(compiled.plan).endswith("every call takes the thin path in the contiguous layout")
     for batch in (1, 5):
         x = torch.randn(batch, *SHAPE)
         decisions = _mixed(model, batch)
@@ -57,6 +59,7 @@ def test_both_paths_give_the_masked_models_outputs(granularity: str) -> None:
                 gates[name].force(d)
         ref = model(x)
         outs = {path: compiled.pin(path)(x) for path in ("thin", "masked")}
+        outs["thin, channels-last"] = compiled.pin("thin", "channels_last")(x)
         for out in outs.values():
             assert_close_rounding(out, ref, depth=25)
         # the masked path computes what the decisions skip (a block at batch 1 is skipped on both paths)
@@ -91,10 +94,44 @@ def test_calls_follow_the_plan_of_the_nearest_bucket() -> None:
         compiled.pin("dense")
 
 
-def test_dense_model_has_one_path_and_no_plan() -> None:
+def test_dense_model_has_one_path_and_a_measured_layout_per_bucket() -> None:
     net = dp.backbones.create("lenet5", in_chans=1, input_size=SHAPE[1]).eval()
     compiled = compile_for_inference(net, SHAPE, dispatch=(1, 8))
-    assert not compiled.switchable and not compiled.plan.buckets
+    assert not compiled.switchable and sorted(compiled.plan.buckets) == [1, 8]
+    for bucket in compiled.plan.buckets.values():
+        assert bucket.path == "thin" and bucket.thin_ms == bucket.masked_ms
+        assert set(bucket.layout_ms) == {"contiguous", "channels_last"} and min(bucket.layout_ms.values()) > 0
+    with torch.no_grad():
+        x = torch.randn(3, *SHAPE)
+        ref = net(x)
+        for layout in ("contiguous", "channels_last"):
+            assert_close_rounding(compiled.pin(None, layout)(x), ref, depth=5)
+
+
+def test_calls_take_the_layout_of_the_nearest_bucket_and_thin_layers_keep_channels_last() -> None:
+    model = _gated("channel")
+    compiled = compile_for_inference(model, dispatch=())
+    compiled.plan = Plan({1: Bucket(1, 1.0, 2.0, {"contiguous": 1.0, "channels_last": 2.0}),
+                          8: Bucket(8, 1.0, 2.0, {"contiguous": 2.0, "channels_last": 1.0})})
+    layouts: list[bool] = []
+    thin = [m for m in compiled.net.modules() if type(m).__name__ == "ThinLayer" and m.scatter]
+    assert thin  # a layer that writes its kept channels back to full width
+    hooks = [m.register_forward_hook(lambda _m, _a, out: layouts.append(
+        out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous())) for m in thin]
+    x = torch.randn(8, *SHAPE)
+    ref = compiled.pin("thin", "contiguous")(x)
+    compiled.pin(None)
+    for batch, channels_last in ((1, False), (8, True), (64, True)):
+        layouts.clear()
+        out = compiled(x[:batch] if batch <= 8 else x.repeat(8, 1, 1, 1))
+        assert layouts and all(flag == channels_last for flag in layouts)
+        assert_close_rounding(out[:min(batch, 8)], ref[:min(batch, 8)], depth=25)
+    for hook in hooks:
+        hook.remove()
+    with pytest.raises(ValueError, match="unknown layout 'nhwc'; choose one of: contiguous, channels_last"):
+        compiled.pin(None, "nhwc")
+    assert Bucket(4, 1.0, 1.0).layout == "contiguous"  # nothing timed: contiguous
+    assert Bucket(4, 1.0, 1.0, {"contiguous": 1.0, "channels_last": 1.0}).layout == "contiguous"  # a tie
 
 
 def test_timed_batches_are_consecutive_inputs_of_the_example() -> None:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from dynprune.gates.base import Gate
 from dynprune.runtime.decide import HardRule, decide, se_gate
+from dynprune.runtime.layout import zeros_in_layout
 from dynprune.runtime.widths import NestedSlots, WidthSlot
 from dynprune.runtime.wrap import Wrapper
 
@@ -134,6 +135,8 @@ class ThinLayer(Wrapper):
         plain["_gate"], plain["_narrow"] = gate, self.narrow
         plain["_conv"] = (layer.stride, layer.padding, layer.dilation) if self.is_conv else None
         plain["_rule"] = HardRule(gate) if self.se_gate else None
+        # the numpy batch-1 decisions need the gate's hard rule alone on a layer that thins its output
+        plain["_single"] = self.se_gate and self.narrow is None and self.thinnable  # forward's batch-1 path
         plain["_offsets"] = self.unit_offsets
         plain["_on_cpu"] = layer.weight.device.type == "cpu"
 
@@ -173,10 +176,7 @@ class ThinLayer(Wrapper):
 
     def gate_decisions(self, x: Tensor, cols: Tensor | None) -> tuple[Tensor, bool]:
         """The gate's decisions (N, C_out) from the (thin) input and whether they are binary."""
-        if x.dim() > 2:
-            pooled = x.mean(self.pool_dims) if self.is_conv else x.flatten(1, -2).mean(1)
-        else:
-            pooled = x
+        pooled = self.pooled(x)
         if cols is not None:
             pooled = pooled.new_zeros(pooled.shape[0], self.in_channels).index_copy_(1, cols, pooled)
         plain = self.__dict__
@@ -190,27 +190,45 @@ class ThinLayer(Wrapper):
         plain = self.__dict__
         source = plain["source"]
         cols = None if source is None else self.input_columns()
+        if (x.shape[0] == 1 and plain["_single"] and not plain["masked"] and plain["_gate"].forced is None
+                and plain["_gate"].hard):  # one input, an SE gate deciding hard: its mask is the union, no scale
+            mask = self.gate_decisions(x, cols)[0]
+            key = self.cache_key(mask)
+            return self.run(x, self.pack(key, mask, cols), None, key)
         mask = union = scale = None
         binary = True
         if plain["_gate"] is not None or plain["_narrow"] is not None:
             mask, binary = self.decide(x, cols)
             if self.thinnable and not plain["masked"]:
-                union = mask[0] if len(mask) == 1 else mask.any(0)
+                union = mask[0] if mask.shape[0] == 1 else mask.any(0)
                 union = union if binary else union != 0
         key = self.cache_key(union)
         pack = self.pack(key, union, cols)
-        if mask is not None and not (binary and len(mask) == 1 and pack.rows is not None):
+        if mask is not None and not (binary and mask.shape[0] == 1 and pack.rows is not None):
             kept = mask if pack.rows is None else mask.index_select(1, pack.rows)  # inputs disagree, or soft
             if not bool(kept.all()) if binary else bool((kept != 1).any()):
                 scale = kept
+        return self.run(x, pack, scale, key)
+
+    def pooled(self, x: Tensor) -> Tensor:
+        """What the gate reads: the (thin) input averaged over its spatial or token positions, (N, C_in')."""
+        if x.dim() > 2:
+            return x.mean(self.pool_dims) if self.is_conv else x.flatten(1, -2).mean(1)
+        return x
+
+    def run(self, x: Tensor, pack: Pack, scale: Tensor | None, key: bytes | None) -> Tensor:
+        """The layer with ``pack``'s weights on ``x``, masked by ``scale`` (N, kept) where inputs disagree, written
+        back to full width if this layer scatters; records ``kept`` and ``key`` for the reader."""
+        plain = self.__dict__
         if pack.x_index is not None:
             x = x.index_select(1, pack.x_index)
         conv = plain["_conv"]
-        if pack.weight.shape[0] and pack.weight.shape[1] and x.shape[self.dim]:
-            out = (F.conv2d(x, pack.weight, pack.bias, *conv, pack.groups) if conv is not None
-                   else F.linear(x, pack.weight, pack.bias))
+        weight = pack.weight
+        if weight.shape[0] and weight.shape[1] and x.shape[self.dim]:
+            out = (F.conv2d(x, weight, pack.bias, *conv, pack.groups) if conv is not None
+                   else F.linear(x, weight, pack.bias))
         else:
-            out = self.run(x, pack.weight, pack.bias, pack.groups)
+            out = self.empty_run(x, weight, pack.bias)
         if pack.fill is not None:
             index, bias = pack.fill
             full = bias.view(1, -1, 1, 1).expand(out.shape[0], -1, *out.shape[2:]).contiguous()
@@ -223,9 +241,9 @@ class ThinLayer(Wrapper):
         if self.scatter and rows is not None:
             full_shape = list(out.shape)
             full_shape[self.dim] = self.out_channels
-            out = out.new_zeros(full_shape).index_copy_(self.dim % out.dim(), rows, out)
+            out = zeros_in_layout(out, full_shape).index_copy_(self.dim % out.dim(), rows, out)
             rows = key = None
-        elif rows is not None and not len(rows):  # ops before the reader (pooling) refuse zero channels
+        elif rows is not None and rows.shape[0] == 0:  # ops before the reader (pooling) refuse zero channels
             one = list(out.shape)
             one[self.dim] = 1
             out, rows = out.new_zeros(one), self.unit_offsets[:1]
@@ -233,7 +251,7 @@ class ThinLayer(Wrapper):
         return out
 
     def cache_key(self, union: Tensor | None) -> bytes | None:
-        """Bytes naming a (C_out,) bool union of kept channels; None: no mask."""
+        """Bytes naming a (C_out,) or (1, C_out) bool union of kept channels; None: no mask."""
         if union is None:
             return None
         return (union if self._on_cpu else union.cpu()).numpy().tobytes()
@@ -257,10 +275,10 @@ class ThinLayer(Wrapper):
         return found
 
     def gather(self, union: Tensor | None, cols: Tensor | None) -> Pack:
-        """Gather the weights for kept ``union`` (C_out,) bool (None: all) and present input ``cols``."""
+        """Gather the weights for kept ``union`` (C_out,) or (1, C_out) bool (None: all) and present input ``cols``."""
         weight, bias = self.layer.weight, self.layer.bias
         groups = self.layer.groups if self.is_conv else 1
-        rows = None if union is None else union.nonzero().flatten()
+        rows = None if union is None else union.reshape(-1).nonzero().flatten()
         if rows is not None and len(rows) == self.out_channels:
             rows = None
         if self.depthwise:
@@ -298,14 +316,10 @@ class ThinLayer(Wrapper):
         return Pack(weight[both].contiguous(), bias[both].contiguous() if bias is not None else None, rows,
                     len(both), x_index, fill)
 
-    def run(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
-        """The layer with the gathered weights; zero output or input channels handled without calling it."""
-        n_out, n_in = weight.shape[0], weight.shape[1]
-        if n_out and n_in:
-            if self.is_conv:
-                conv = self.layer
-                return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
-            return F.linear(x, weight, bias)
+    def empty_run(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The layer's output when it has zero output or input channels (or an empty input), without calling it:
+        zeros, or the bias where there are outputs but no inputs."""
+        n_out = weight.shape[0]
         if self.is_conv:
             shape = (x.shape[0], n_out, *conv_out_size(self.layer, tuple(x.shape[2:])))
         else:

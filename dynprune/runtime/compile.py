@@ -6,14 +6,15 @@ granularity registers (:class:`~dynprune.runtime.executor.Executor`): the layers
 :class:`ThinLayer` (with the layer reading their output), and its module may be wrapped (e.g. a block that
 runs on a sub-batch, or one that decides its width once). A granularity without an executor is refused, by name.
 The compiled model is checked against the original before it is returned, with the gates' own decisions
-and with forced mixed decisions at batch 1 and batch > 1, on both of its exact paths (thin and masked); it then
-times both paths per batch-size bucket and dispatches each call to the faster one (:mod:`dynprune.runtime.dispatch`,
-``CompiledModel.plan``).
+and with forced mixed decisions at batch 1 and batch > 1, on both of its exact paths (thin and masked) and, for image
+inputs, in both memory layouts (contiguous and channels-last); it then times the paths and layouts per batch-size
+bucket and dispatches each call to the faster ones (:mod:`dynprune.runtime.dispatch`, ``CompiledModel.plan``).
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -24,8 +25,9 @@ from torch import Tensor, nn
 from dynprune.gates.base import Gate
 from dynprune.granularity.base import GRANULARITIES, list_granularities
 from dynprune.runtime.channels import ThinLayer
-from dynprune.runtime.dispatch import PATHS, Plan, measure
+from dynprune.runtime.dispatch import LAYOUTS, PATHS, Plan, measure
 from dynprune.runtime.fold import fold_batchnorm, set_submodule
+from dynprune.runtime.layout import seed_layouts
 from dynprune.runtime.widths import NestedSlots, WidthSlot, layer_slots
 from dynprune.trace import LayerInfo
 
@@ -42,8 +44,8 @@ class CompiledModel(nn.Module):
     """Eval-only wrapper: ``forward`` runs the compiled network under ``torch.inference_mode``.
 
     ``site_gates`` maps each gating site to the compiled copy of its gate (e.g. to ``force`` decisions).
-    ``plan`` (:class:`~dynprune.runtime.dispatch.Plan`) says which exact path a call of each batch size takes;
-    :meth:`pin` fixes one path for every call, :meth:`calibrate` measures the plan again on given inputs.
+    ``plan`` (:class:`~dynprune.runtime.dispatch.Plan`) says which exact path and memory layout a call of each batch
+    size takes; :meth:`pin` fixes them for every call, :meth:`calibrate` measures the plan again on given inputs.
     """
 
     def __init__(self, net: nn.Module, folded: dict[str, str], site_gates: dict[str, Gate]) -> None:
@@ -53,8 +55,10 @@ class CompiledModel(nn.Module):
         self.site_gates = site_gates
         self.plan = Plan()
         self.pinned: str | None = None
+        self.pinned_layout: str | None = None
         self.switchable = [m for m in net.modules() if callable(getattr(type(m), "set_masked", None))]
-        self.path = "thin"
+        self.layered = [m for m in net.modules() if callable(getattr(type(m), "set_layout", None))]
+        self.path, self.layout = "thin", "contiguous"
 
     def train(self, mode: bool = True) -> CompiledModel:
         """Only ``eval()`` is allowed: the folded weights cannot be trained back into a BatchNorm."""
@@ -62,25 +66,31 @@ class CompiledModel(nn.Module):
             raise ValueError("a compiled model is eval-only; train the original model instead (mode=True given)")
         return super().train(False)
 
-    def pin(self, path: str | None) -> CompiledModel:
-        """Run every call on ``path`` (one of :data:`~dynprune.runtime.dispatch.PATHS`), or follow the plan
-        again (None)."""
+    def pin(self, path: str | None, layout: str | None = None) -> CompiledModel:
+        """Run every call on ``path`` (one of :data:`~dynprune.runtime.dispatch.PATHS`) and in memory ``layout``
+        (one of :data:`~dynprune.runtime.dispatch.LAYOUTS`), or follow the plan again (None)."""
         if path is not None and path not in PATHS:
             raise ValueError(f"unknown path '{path}'; choose one of: {', '.join(PATHS)} (or None: follow the plan)")
-        self.pinned = path
+        if layout is not None and layout not in LAYOUTS:
+            raise ValueError(f"unknown layout '{layout}'; choose one of: {', '.join(LAYOUTS)} (or None: follow the "
+                             "plan)")
+        self.pinned, self.pinned_layout = path, layout
         return self
 
     def calibrate(self, example: Tensor, batch_sizes: Sequence[int] = (1, 8, 64), rounds: int = 5) -> Plan:
-        """Time both paths at each batch size on inputs from ``example`` (N, ...; cycled up to the batch size) at
-        the current thread count, and dispatch by the result from now on (returned and kept as ``plan``)."""
-        if not self.switchable:  # one path only: nothing to choose
+        """Time the paths (a gated model's two) and, for image inputs, the memory layouts at each batch size on
+        inputs from ``example`` (N, ...; cycled up to the batch size) at the current thread count, and dispatch by
+        the result from now on (returned and kept as ``plan``)."""
+        if not self.switchable and example.dim() != 4:  # one path, one layout: nothing to choose
             self.plan = Plan(threads=torch.get_num_threads())
             return self.plan
-        pinned = self.pinned
+        pinned = self.pinned, self.pinned_layout
+        paths = PATHS if self.switchable else PATHS[:1]
         try:
-            self.plan = measure(lambda path, x: self.pin(path)(x), example, batch_sizes, rounds)
+            self.plan = measure(lambda path, layout, x: self.pin(path, layout)(x), example, batch_sizes, rounds,
+                                paths)
         finally:
-            self.pin(pinned)
+            self.pin(*pinned)
         return self.plan
 
     def switch(self, path: str) -> None:
@@ -95,6 +105,14 @@ class CompiledModel(nn.Module):
         path = self.pinned or self.plan.path(len(x))
         if path != self.path:
             self.switch(path)
+        if x.dim() == 4:
+            layout = self.pinned_layout or self.plan.layout(len(x))
+            if layout != self.layout:
+                for module in self.layered:
+                    module.set_layout(layout)
+                self.layout = layout
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             return self.net(x)
 
@@ -231,6 +249,7 @@ def _build(model: nn.Module, sites: dict[str, Site], example: Tensor, thin: bool
     for executor in {id(e): e for e in executors.values()}.values():
         own = {n: s for n, s in sites.items() if executors[n] is executor}
         executor.finish(net, own, {n: gates[n] for n in own})
+    seed_layouts(net)
     return CompiledModel(net, folded, gates)
 
 
@@ -268,14 +287,15 @@ def _thin_layers(net: nn.Module, gates: dict[str, Gate], narrowed: dict[str, Wid
 @torch.no_grad()
 def _check(model: nn.Module, compiled: CompiledModel, sites: dict[str, Site], example: Tensor, tol: float,
            own: bool = True) -> None:
-    """RuntimeError unless ``compiled`` matches ``model`` on each of its paths with forced mixed decisions and
-    (``own``) with the gates' own decisions."""
-    for path in PATHS if compiled.switchable else PATHS[:1]:
-        compiled.pin(path)
+    """RuntimeError unless ``compiled`` matches ``model`` on each of its paths, in each memory layout for image
+    inputs, with forced mixed decisions and (``own``) with the gates' own decisions."""
+    layouts = LAYOUTS if example.dim() == 4 else LAYOUTS[:1]
+    for path, layout in itertools.product(PATHS if compiled.switchable else PATHS[:1], layouts):
+        compiled.pin(path, layout)
         try:
             _check_path(model, compiled, sites, example, tol, own)
         except RuntimeError as err:
-            raise RuntimeError(f"{err} on the {path} path") from err
+            raise RuntimeError(f"{err} on the {path} path ({layout} layout)") from err
         finally:
             compiled.pin(None)
 
