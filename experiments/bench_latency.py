@@ -1,7 +1,8 @@
 """Measured CPU latency against theoretical speedup: dense, masked, compiled dynamic, static and uniform nets.
 
 For each model (ResNet-20 at 28x28 and 32x32, VGG-11-BN at 32x32) the forms are
-- ``dense``: BN folded (``compile_for_inference`` of the unpruned net): the baseline of every speedup;
+- ``dense``: BN folded (``compile_for_inference`` of the unpruned net): the baseline of every speedup; like every
+  compiled form, it runs the memory layout (NCHW or channels-last) its plan timed faster per batch size;
 - ``masked <granularity>``: the gated model as training runs it (all compute, then the mask);
 - ``compiled <granularity>``: ``compile_for_inference`` of the gated model, each call dispatched to the faster of
   its two exact paths as timed at compile time per batch size at the smallest thread count (``CompiledModel.plan``);
@@ -263,9 +264,11 @@ def forms_of(spec: dict[str, Any], cfg: Settings) -> tuple[list[Form], float]:
     shape = (spec["in_chans"], spec["input_size"], spec["input_size"])
     net = build(spec)
     dense_flops = count_flops(net, shape)[0]
-    forms = [Form("dense", compile_for_inference(net), dense_flops, net)]
     large = spec["backbone"] in LOCAL_BACKBONES
     calib, steps = (8, 6) if large else (cfg.calib_size, cfg.bisect_steps)  # 224x224: CPU minutes per pass
+    timed = [b for b in cfg.batch_sizes if not large or b <= 8]  # the batch sizes bench() times
+    example, threads = torch.randn(calib, *shape), min(cfg.threads)
+    forms = [Form("dense", dispatched(net, timed, example, threads), dense_flops, net)]
     for granularity in ("channel", "block") if large else GRANULARITIES:
         try:
             gated, reached = gated_at_ratio(net, granularity, ratio, torch.randn(calib, *shape), cfg.dynamic,
@@ -276,26 +279,34 @@ def forms_of(spec: dict[str, Any], cfg: Settings) -> tuple[list[Form], float]:
         flops = reached * dense_flops
         if not large:
             forms.append(Form(f"masked {granularity}", gated, flops, gated))
-        timed = [b for b in cfg.batch_sizes if not large or b <= 8]  # the batch sizes bench() times
-        forms += compiled_forms(gated, granularity, flops, timed, torch.randn(calib, *shape), min(cfg.threads))
+        forms += compiled_forms(gated, granularity, flops, timed, example, threads)
     if not large:
         static = static_at_ratio(net, ratio, shape, cfg.flops_tol)
-        forms.append(Form("static_l1", compile_for_inference(static, shape), count_flops(static, shape)[0], static))
+        static_flops = count_flops(static, shape)[0]
+        forms.append(Form("static_l1", dispatched(static, timed, example, threads, shape), static_flops, static))
     uniform = uniform_at_ratio(spec, ratio)
-    forms.append(Form("uniform", compile_for_inference(uniform), count_flops(uniform, shape)[0], uniform))
+    uniform_flops = count_flops(uniform, shape)[0]
+    forms.append(Form("uniform", dispatched(uniform, timed, example, threads), uniform_flops, uniform))
     return forms, dense_flops
+
+
+def dispatched(net: nn.Module, batch_sizes: Sequence[int], example: Tensor, threads: int,
+               shape: tuple[int, ...] | None = None) -> nn.Module:
+    """``compile_for_inference`` of ``net`` with its plan (paths of a gated model, memory layouts of any) timed on
+    ``example`` (N, ...) at ``batch_sizes`` and ``threads``: every form, dense included, runs its faster layout."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return compile_for_inference(net, shape, dispatch=batch_sizes, example=example)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def compiled_forms(gated: nn.Module, granularity: str, flops: float, batch_sizes: Sequence[int],
                    example: Tensor, threads: int) -> list[Form]:
     """The compiled gated model, dispatched by a plan timed on ``example`` (N, ...) at ``batch_sizes`` and
-    ``threads``, and a copy pinned to its thin path."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        compiled = compile_for_inference(gated, dispatch=batch_sizes, example=example)
-    finally:
-        torch.set_num_threads(previous)
+    ``threads``, and a copy pinned to its thin path (in the plan's layouts)."""
+    compiled = dispatched(gated, batch_sizes, example, threads)
     print(f"  {granularity}: {compiled.plan}")
     thin = copy.deepcopy(compiled).pin("thin")
     return [Form(f"compiled {granularity}", compiled, flops, compiled), Form(f"thin {granularity}", thin, flops, thin)]
@@ -325,10 +336,10 @@ def trained_forms(path: Path, images: int, batch_sizes: Sequence[int],
     dense_flops = float(info.flops.dense_total)
     granularity = "+".join(info.granularities)
     uniform = uniform_at_ratio(spec, dense_flops / flops)
-    forms = [Form("dense", compile_for_inference(dense.eval()), dense_flops, dense),
+    forms = [Form("dense", dispatched(dense.eval(), batch_sizes, x, threads), dense_flops, dense),
              Form(f"masked {granularity}", gated, flops, gated),
              *compiled_forms(gated, granularity, flops, batch_sizes, x, threads),
-             Form("uniform", compile_for_inference(uniform), count_flops(uniform, shape)[0], uniform)]
+             Form("uniform", dispatched(uniform, batch_sizes, x, threads), count_flops(uniform, shape)[0], uniform)]
     return forms, dense_flops, x
 
 

@@ -2,10 +2,11 @@
 
 For every finished point, the trained network (``model.pt``; gates included) is compiled for inference
 (``compile_for_inference``: BN folded, only the kept compute of each input runs, or the masked dense path where
-that was faster at the batch size, chosen on the same images) and timed against the
-BN-folded dense model of the same seed, on the same test images, in interleaved rounds (``torch.utils.benchmark``,
-median of the rounds): at batch 1 (one image per call) and at a larger batch (one call). The speedup is a ratio
-measured in one run, printed beside the theoretical one (1 / the point's test FLOPs ratio, gates included).
+that was faster at the batch size, in the faster memory layout, chosen on the same images) and timed against the
+BN-folded dense model of the same seed (in its own faster layout per batch size), on the same test images, in
+interleaved rounds (``torch.utils.benchmark``, median of the rounds): at batch 1 (one image per call) and at a
+larger batch (one call). The speedup is a ratio measured in one run, printed beside the theoretical one (1 / the
+point's test FLOPs ratio, gates included).
 
 A token-reduction point (ToMe, EViT) is timed as the plain module it is: the runtime does not compile it, and
 its sequence shortens by construction.
@@ -101,10 +102,13 @@ def measure_point(cfg: BenchConfig, point: Point, root: Path, batches: tuple[int
     # token reduction runs as it is
     compiled = network.eval() if point.kind == "reduce" else compile_for_inference(
         network.eval(), input_shape=shape, dispatch=batches, example=xs)
-    dense = compile_for_inference(_load_dense(cfg, point.seed, root).eval(), input_shape=shape, dispatch=())
+    # the dense model takes the faster memory layout per batch size as well, chosen on the same images
+    dense = compile_for_inference(_load_dense(cfg, point.seed, root).eval(), input_shape=shape, dispatch=batches,
+                                  example=xs)
     theory = 1.0 / record["test"]["flops_ratio"]
     plan = getattr(compiled, "plan", None)
     out: dict[str, Any] = {"point": point.id, "source": source, "dispatch": plan.rows() if plan else None,
+                           "dense_dispatch": dense.plan.rows(),
                            "device": device_name("cpu"), "threads": cfg.threads,
                            "load_avg_1m": os.getloadavg()[0], "images": len(xs), "rounds": rounds,
                            "theoretical_speedup": theory, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
