@@ -95,10 +95,11 @@ class Plan:
     def __str__(self) -> str:
         if not self.buckets:
             return "dispatch plan: not measured, every call takes the thin path in the contiguous layout"
-        lines = [f"dispatch plan ({self.threads} thread(s)): batch, thin ms, masked ms, channels-last ms "
-                 "-> path, layout"]
-        lines += [f"  {r['batch']:>4}  {r['thin_ms']:9.3f}  {r['masked_ms']:9.3f}  "
-                  f"{r.get('channels_last_ms', float('nan')):9.3f}  -> {r['path']}, {r['layout']}" for r in self.rows()]
+        lines = [f"dispatch plan ({self.threads} thread(s)): batch, thin ms, masked ms (NCHW); that path's ms NCHW, "
+                 "channels-last (timed again, interleaved) -> path, layout"]
+        lines += [f"  {r['batch']:>4}  {r['thin_ms']:9.3f}  {r['masked_ms']:9.3f};  "
+                  f"{r.get('contiguous_ms', float('nan')):9.3f}  {r.get('channels_last_ms', float('nan')):9.3f}  "
+                  f"-> {r['path']}, {r['layout']}" for r in self.rows()]
         return "\n".join(lines)
 
 
