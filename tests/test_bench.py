@@ -246,6 +246,13 @@ def _check_latency(cfg: BenchConfig, root: Path, out: Path, rejected: set[str]) 
         assert json.loads((root / point_id / LATENCY).read_text()) == lat
         assert lat["b1"]["speedup"] > 0 and lat["b4"]["of_theoretical"] * cfg.point(point_id).ratio == pytest.approx(
             lat["b4"]["speedup"], rel=0.05)  # theory = 1 / FLOPs ratio, within the 3% of 1/R
+    assert {"layout", "contiguous_ms", "channels_last_ms"} <= set(lat["dense_dispatch"][0])  # dense: its own layout
+    from dynprune.bench.latency import measure_all
+
+    stamp = (root / dynamic.id / LATENCY).stat().st_mtime_ns
+    assert measure_all(cfg, [dynamic], root) == [] and (root / dynamic.id / LATENCY).stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit):  # --retime without --latency
+        bench_main([str(CI), "--retime"])
     (root / dynamic.id / "model.pt").unlink()
     assert measure_point(cfg, dynamic, root, **quick) is None  # its gates decide its time: never rebuilt
     with pytest.raises(ValueError, match="exceed"):

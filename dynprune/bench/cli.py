@@ -111,12 +111,16 @@ def bench_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--latency", action="store_true",
                         help="time the finished points (compiled, against their seed's dense model, batch 1 and 64) "
                              "not yet timed, then rebuild the table; run on a quiet machine")
+    parser.add_argument("--retime", action="store_true",
+                        help="with --latency: time again the points already timed (e.g. after a runtime change)")
     parser.add_argument("--point", default=None, help="run this one point in this process (what each job runs)")
     parser.add_argument("--accelerator", choices=("cpu", "gpu", "auto"), default=None,
                         help="override the config's accelerator (not part of a point's spec: results are reused)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.retime and not args.latency:
+        parser.error("--retime times finished points again: give --latency too")
     try:
         cfg = load_config(args.config)
         if args.accelerator:
@@ -134,7 +138,7 @@ def bench_main(argv: Sequence[str] | None = None) -> None:
     if args.latency:
         from dynprune.bench.latency import measure_all
 
-        untimed = measure_all(cfg, points, root)
+        untimed = measure_all(cfg, points, root, refresh=args.retime)
         if untimed:
             print(f"not timed (dynamic points finished before models were saved; rerun them): {', '.join(untimed)}")
     if args.table or args.latency:

@@ -31,7 +31,16 @@ from torch.utils import benchmark
 
 from dynprune import backbones
 from dynprune.bench.config import SCALES, BenchConfig, Point
-from dynprune.bench.run import MODEL, _static_model, datamodule, device_name, finished, input_shape, shape_kwargs
+from dynprune.bench.run import (
+    MODEL,
+    _static_model,
+    code_version,
+    datamodule,
+    device_name,
+    finished,
+    input_shape,
+    shape_kwargs,
+)
 from dynprune.io import write_json
 from dynprune.latency import median_seconds
 from dynprune.module import GatedClassifier
@@ -111,7 +120,8 @@ def measure_point(cfg: BenchConfig, point: Point, root: Path, batches: tuple[int
                            "dense_dispatch": dense.plan.rows(),
                            "device": device_name("cpu"), "threads": cfg.threads,
                            "load_avg_1m": os.getloadavg()[0], "images": len(xs), "rounds": rounds,
-                           "theoretical_speedup": theory, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+                           "theoretical_speedup": theory, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                           "code": code_version()}
     for batch in batches:
         dense_s, compiled_s = time_pair(dense, compiled, xs, batch, cfg.threads, rounds, min_run_time)
         out[f"b{batch}"] = {"dense_ms_per_image": 1e3 * dense_s, "ms_per_image": 1e3 * compiled_s,
