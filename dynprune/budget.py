@@ -72,9 +72,10 @@ def batch_shift(gates: dict[str, Gate], profile: FlopsProfile, target: float, sp
     The scores of a trained gate spread over tens of logits, so a FLOPs error says little about how far to move
     them; the batch's own scores say exactly that.
     """
+    missing = [name for name, gate in gates.items() if gate.scores is None]
+    if missing:
+        raise ValueError(f"batch_shift needs every gate's scores of a forward pass; none yet at {missing}")
     scores = {name: gate.scores.detach() for name, gate in gates.items()}
-    if any(s is None for s in scores.values()):
-        raise ValueError("batch_shift needs every gate's scores of a forward pass (Gate.scores is None)")
 
     def ratio(delta: float) -> float:
         masks = {name: gates[name].hard_decisions(s + delta) for name, s in scores.items()}

@@ -90,6 +90,10 @@ def test_batch_shift_puts_the_last_batch_on_the_target_and_stops_at_the_end_of_i
     x = next(iter(dm.val_dataloader()))[0]
     module.model.eval()
     gates = dp.gates_of(module.model)
+    first = next(iter(gates))
+    gates[first].scores = None  # as before any forward pass
+    with pytest.raises(ValueError, match=f"scores of a forward pass; none yet at .*{first}"):
+        batch_shift(gates, module.profile, 0.3)
     with torch.no_grad():
         module.model(x)
     before = mean_flops_ratio(module.model, module.profile, [x])

@@ -135,8 +135,8 @@ class ThinLayer(Wrapper):
         plain["_gate"], plain["_narrow"] = gate, self.narrow
         plain["_conv"] = (layer.stride, layer.padding, layer.dilation) if self.is_conv else None
         plain["_rule"] = HardRule(gate) if self.se_gate else None
-        # the numpy batch-1 decisions need the gate's hard rule alone on a layer that thins its output
-        plain["_single"] = self.se_gate and self.narrow is None and self.thinnable  # forward's batch-1 path
+        # forward's batch-1 path: an SE gate's hard rule alone decides, on a layer that thins its output
+        plain["_single"] = self.se_gate and self.narrow is None and self.thinnable
         plain["_offsets"] = self.unit_offsets
         plain["_on_cpu"] = layer.weight.device.type == "cpu"
 
