@@ -159,6 +159,10 @@ def test_table_compares_with_the_strongest_baseline() -> None:
     assert rows["static-l1"]["win"] is False and rows["thin"]["p_vs_best_baseline"] is None
     two_seeds = aggregate(cfg, [r for r in runs if r["seed"] < 2])
     assert not any(r["headline_valid"] for r in two_seeds)  # fewer than 3 seeds: never a headline row
+    # a recipe that kept one seed on budget is not the best dynamic one on its survivor, however high
+    survivor = run_line("dyn-lucky", "dynamic", 0, 95.0)
+    rows = {r["method"]: r for r in aggregate(cfg, [*runs, survivor])}
+    assert rows["dyn"]["best_dynamic_by_val"] and not rows["dyn-lucky"]["best_dynamic_by_val"]
 
 
 @pytest.mark.parametrize(("bad", "message"), [
