@@ -56,12 +56,13 @@ def device_name(accelerator: str) -> str:
 
 
 def code_version() -> str:
-    """The git commit of the code that ran (``+dirty`` with uncommitted changes), or ``unknown``."""
+    """The git commit of the code that ran (``+dirty`` with uncommitted changes to the package; a result file the
+    runner itself rewrote does not count), or ``unknown``."""
     here = Path(__file__).parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".."], cwd=here,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
