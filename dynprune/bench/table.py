@@ -261,9 +261,11 @@ def header(cfg: BenchConfig, runs: list[dict[str, Any]]) -> str:
         f"- **Device:** {'; '.join(devices)}.",
         "- **Speed:** `speedup b1` / `b64`: the trained network compiled for inference (BN folded; dynamic: only "
         "the kept compute runs; token reductions: the plain modules they are, uncompiled) against the BN-folded "
-        "dense model of its seed, on the same test images, interleaved rounds, median over the timed seeds "
+        "dense model of its seed, each in the path and memory layout its dispatch plan timed faster on those "
+        "images, on the same test images, interleaved rounds, median over the timed seeds "
         "(`dynprune bench --latency`); `(of theory)` divides by 1 / FLOPs ratio. Timed on the device of the runs' "
-        f"`latency_device` column in the csv, at {cfg.threads} thread(s).", ""])
+        f"`latency_device` column in the csv, at {cfg.threads} thread(s); each run's `latency.json` records the "
+        "code version, the load average and both plans.", ""])
 
 
 def _cell(value: Any, spec: str = ".2f") -> str:
