@@ -2,8 +2,8 @@
 
 FLOPs saved are a claim; time saved is a measurement. :class:`LatencyReport` runs after ``test``: it compiles the
 trained model (``compile_for_inference``: only the kept compute runs, or the masked path where that measured
-faster on these images at batch 1: :mod:`dynprune.runtime.dispatch`), builds the same backbone without gates
-(BN folded, the fair dense baseline), times both with ``torch.utils.benchmark`` on real test images, one at a time,
+faster on these images at batch 1, in the faster memory layout: :mod:`dynprune.runtime.dispatch`), builds the same
+backbone without gates (BN folded and in its own faster layout, the fair dense baseline), times both with ``torch.utils.benchmark`` on real test images, one at a time,
 in interleaved rounds, and prints the measured speedup beside the theoretical one (dense FLOPs / the effective
 FLOPs of those images plus the gates' own). It writes ``latency.json`` next to the FLOPs report.
 """
@@ -77,11 +77,11 @@ class LatencyReport(L.Callback):
         ratio = (profile.effective(masks) + profile.gates(masks)).mean().item() / profile.dense_total
         threads = torch.get_num_threads()
         torch.set_num_threads(self.threads)  # the path is chosen at the thread count that is timed
-        try:
+        try:  # both in the path and memory layout they run faster in, on these images
             compiled = compile_for_inference(gated, dispatch=(1,), example=images)
+            dense = compile_for_inference(dense_twin(pl_module).cpu(), dispatch=(1,), example=images)
         finally:
             torch.set_num_threads(threads)
-        dense = compile_for_inference(dense_twin(pl_module).cpu(), dispatch=())
         times: dict[str, list[float]] = {"dense": [], "compiled": []}
         for _ in range(self.rounds):
             for name, model in (("dense", dense), ("compiled", compiled)):
@@ -91,7 +91,8 @@ class LatencyReport(L.Callback):
                        "dense_ms": 1e3 * dense_s, "compiled_ms": 1e3 * compiled_s,
                        "measured_speedup": dense_s / compiled_s, "theoretical_speedup": 1 / ratio,
                        "achieved_of_theoretical": (dense_s / compiled_s) * ratio,
-                       "path": compiled.plan.path(1), "plan": compiled.plan.rows()}
+                       "path": compiled.plan.path(1), "layout": compiled.plan.layout(1), "plan": compiled.plan.rows(),
+                       "dense_layout": dense.plan.layout(1)}
         r = self.report
         print(f"latency at batch 1 ({r['threads']} thread(s), {r['images']} test images): BN-folded dense "
               f"{r['dense_ms']:.3f} ms, compiled gated {r['compiled_ms']:.3f} ms: measured speedup "
@@ -99,9 +100,9 @@ class LatencyReport(L.Callback):
               f"({r['achieved_of_theoretical']:.2f} of theory)")
         bucket = r["plan"][0] if r["plan"] else None
         if bucket is not None:
-            print(f"  dispatch: the {r['path']} path (timed when compiling: thin {bucket['thin_ms']:.3f} ms, masked "
-                  f"{bucket['masked_ms']:.3f} ms per call; thin = only the kept compute, masked = dense compute x "
-                  "decisions, both exact)")
+            print(f"  dispatch: the {r['path']} path in the {r['layout']} layout (timed when compiling: thin "
+                  f"{bucket['thin_ms']:.3f} ms, masked {bucket['masked_ms']:.3f} ms per call; thin = only the kept "
+                  f"compute, masked = dense compute x decisions, both exact; dense ran {r['dense_layout']})")
         if trainer.log_dir is not None:
             write_json(Path(trainer.log_dir) / "latency.json", self.report)
 

@@ -33,6 +33,7 @@ def test_reports_measured_beside_theoretical_speedup(tmp_path) -> None:
     assert r["achieved_of_theoretical"] == pytest.approx(r["measured_speedup"] / r["theoretical_speedup"], rel=1e-9)
     assert r["images"] == 4 and r["dense_ms"] > 0 and r["compiled_ms"] > 0
     assert [b["batch"] for b in r["plan"]] == [1] and r["path"] == r["plan"][0]["path"] in ("thin", "masked")
+    assert r["layout"] == r["plan"][0]["layout"] and {r["layout"], r["dense_layout"]} <= {"contiguous", "channels_last"}
 
 
 def test_dense_twin_has_the_trained_weights_and_no_gates() -> None:
