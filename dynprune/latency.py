@@ -3,9 +3,10 @@
 FLOPs saved are a claim; time saved is a measurement. :class:`LatencyReport` runs after ``test``: it compiles the
 trained model (``compile_for_inference``: only the kept compute runs, or the masked path where that measured
 faster on these images at batch 1, in the faster memory layout: :mod:`dynprune.runtime.dispatch`), builds the same
-backbone without gates (BN folded and in its own faster layout, the fair dense baseline), times both with ``torch.utils.benchmark`` on real test images, one at a time,
-in interleaved rounds, and prints the measured speedup beside the theoretical one (dense FLOPs / the effective
-FLOPs of those images plus the gates' own). It writes ``latency.json`` next to the FLOPs report.
+backbone without gates (BN folded and in its own faster layout, the fair dense baseline), times both with
+``torch.utils.benchmark`` on real test images, one at a time, in interleaved rounds, and prints the measured
+speedup beside the theoretical one (dense FLOPs / the effective FLOPs of those images plus the gates' own). It
+writes ``latency.json`` next to the FLOPs report.
 """
 
 from __future__ import annotations
