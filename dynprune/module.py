@@ -255,7 +255,7 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
         if shift.before > self.hparams.target * (1 + LARGE_SHIFT):
             rank_zero_warn(f"{message}: a shift this large also switches off units the network relies on (in the "
                            "benchmark, two ResNet-20 runs 17% and 34% over 1/16 lost 40-50 points of accuracy to it); "
-                           "train nearer the target instead (a larger target_dual or lam)")
+                           "train nearer the target instead (target_control, or a larger target_dual or lam)")
         else:
             rank_zero_info(message)
 

@@ -1,6 +1,6 @@
-"""Reaching a FLOPs target by construction: dual ascent on the target's multiplier and an integral controller on the
-gate scores while training, and one shift of every gate's score chosen on validation data after training
-(dynprune.budget)."""
+"""Reaching a FLOPs target by construction: dual ascent on the target's multiplier and a controller that moves the
+gate scores towards the shift that puts each batch on the target while training, and one shift of every gate's score
+chosen on validation data after training (dynprune.budget)."""
 
 from __future__ import annotations
 

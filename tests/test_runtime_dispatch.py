@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import dynprune as dp
 from dynprune.runtime import compile_for_inference
 from dynprune.runtime.dispatch import Bucket, Plan, batches_of
+from dynprune.runtime.layout import is_channels_last
 
 SHAPE = (1, 12, 12)
 
@@ -116,8 +117,7 @@ def test_calls_take_the_layout_of_the_nearest_bucket_and_thin_layers_keep_channe
     layouts: list[bool] = []
     thin = [m for m in compiled.net.modules() if type(m).__name__ == "ThinLayer" and m.scatter]
     assert thin  # a layer that writes its kept channels back to full width
-    hooks = [m.register_forward_hook(lambda _m, _a, out: layouts.append(
-        out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous())) for m in thin]
+    hooks = [m.register_forward_hook(lambda _m, _a, out: layouts.append(is_channels_last(out))) for m in thin]
     x = torch.randn(8, *SHAPE)
     ref = compiled.pin("thin", "contiguous")(x)
     compiled.pin(None)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from dynprune.gates.base import Gate
 from dynprune.granularity.base import GRANULARITIES, list_granularities
 from dynprune.runtime.channels import ThinLayer
-from dynprune.runtime.dispatch import LAYOUTS, PATHS, Plan, measure
+from dynprune.runtime.dispatch import LAYOUTS, PATHS, Plan, layouts_for, measure
 from dynprune.runtime.fold import fold_batchnorm, set_submodule
 from dynprune.runtime.layout import seed_layouts
 from dynprune.runtime.widths import NestedSlots, WidthSlot, layer_slots
@@ -60,6 +60,11 @@ class CompiledModel(nn.Module):
         self.layered = [m for m in net.modules() if callable(getattr(type(m), "set_layout", None))]
         self.path, self.layout = "thin", "contiguous"
 
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The exact paths this model can run: both with a switchable executor, else the thin one."""
+        return PATHS if self.switchable else PATHS[:1]
+
     def train(self, mode: bool = True) -> CompiledModel:
         """Only ``eval()`` is allowed: the folded weights cannot be trained back into a BatchNorm."""
         if mode:
@@ -81,14 +86,13 @@ class CompiledModel(nn.Module):
         """Time the paths (a gated model's two) and, for image inputs, the memory layouts at each batch size on
         inputs from ``example`` (N, ...; cycled up to the batch size) at the current thread count, and dispatch by
         the result from now on (returned and kept as ``plan``)."""
-        if not self.switchable and example.dim() != 4:  # one path, one layout: nothing to choose
+        if len(self.paths) == len(layouts_for(example)) == 1:  # one path, one layout: nothing to choose
             self.plan = Plan(threads=torch.get_num_threads())
             return self.plan
         pinned = self.pinned, self.pinned_layout
-        paths = PATHS if self.switchable else PATHS[:1]
         try:
             self.plan = measure(lambda path, layout, x: self.pin(path, layout)(x), example, batch_sizes, rounds,
-                                paths)
+                                self.paths)
         finally:
             self.pin(*pinned)
         return self.plan
@@ -289,8 +293,7 @@ def _check(model: nn.Module, compiled: CompiledModel, sites: dict[str, Site], ex
            own: bool = True) -> None:
     """RuntimeError unless ``compiled`` matches ``model`` on each of its paths, in each memory layout for image
     inputs, with forced mixed decisions and (``own``) with the gates' own decisions."""
-    layouts = LAYOUTS if example.dim() == 4 else LAYOUTS[:1]
-    for path, layout in itertools.product(PATHS if compiled.switchable else PATHS[:1], layouts):
+    for path, layout in itertools.product(compiled.paths, layouts_for(example)):
         compiled.pin(path, layout)
         try:
             _check_path(model, compiled, sites, example, tol, own)

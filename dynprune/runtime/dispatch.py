@@ -37,6 +37,11 @@ PATHS = ("thin", "masked")
 LAYOUTS = ("contiguous", "channels_last")
 
 
+def layouts_for(x: Tensor) -> tuple[str, ...]:
+    """The memory layouts inputs like ``x`` can run in: both for images (N, C, H, W), else contiguous only."""
+    return LAYOUTS if x.dim() == 4 else LAYOUTS[:1]
+
+
 @dataclass
 class Bucket:
     """Measured milliseconds per call of each path at one batch size (in the contiguous layout), of the faster
@@ -143,7 +148,7 @@ def measure(run: Callable[[str, str, Tensor], Tensor], example: Tensor, batch_si
     ``run(path, layout, x)`` is timed for each of ``paths`` in the contiguous layout, then, for image inputs
     (N, C, H, W), the faster path in each layout. A model with one path gives ``paths=("thin",)``."""
     plan = Plan(threads=torch.get_num_threads())
-    layouts = LAYOUTS if example.dim() == 4 else LAYOUTS[:1]
+    layouts = layouts_for(example)
     for batch in batch_sizes:
         batches = batches_of(example, batch)
         ms = time_routes({path: functools.partial(run, path, LAYOUTS[0]) for path in paths}, batches, rounds)
