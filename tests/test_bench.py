@@ -49,6 +49,27 @@ def test_points_pair_kd_and_cover_every_ratio_and_seed() -> None:
     assert {"slimmable_s0", "slimmable_s1"} <= ids and not any(i.startswith("slimmable+kd") for i in ids)
 
 
+def test_a_dynamic_recipe_may_run_at_some_ratios_only() -> None:
+    """``ratios`` on a dynamic arm limits its points (a recipe explored at some R) without changing any point's
+    spec; a baseline must run at every R, and an R outside the config's is an error."""
+    raw = raw_config(ratios=[4, 16])
+    every = parse_config(raw)
+    raw["arms"][-1]["ratios"] = [16]  # dyn-sigmoid-scratch
+    cfg = parse_config(raw)
+    ids = {p.id for p in cfg.points()}
+    assert "dyn-sigmoid-scratch_R16_s0" in ids and not any(i.startswith("dyn-sigmoid-scratch_R4") for i in ids)
+    assert "dyn-sigmoid-warm_R4_s0" in ids
+    point = cfg.point("dyn-sigmoid-scratch+kd_R16_s1")
+    assert cfg.digest(point) == every.digest(point)  # cached results stay valid
+    raw["arms"][-1]["ratios"] = [8]
+    with pytest.raises(BenchConfigError, match=r"ratios \[8.0\] are not among the config's ratios"):
+        parse_config(raw)
+    raw["arms"][-1]["ratios"] = [16]
+    raw["arms"][1]["ratios"] = [16]  # thin: a baseline
+    with pytest.raises(BenchConfigError, match="only a dynamic recipe may run at some R only"):
+        parse_config(raw)
+
+
 def test_unequal_epochs_are_an_error() -> None:
     raw = raw_config()
     raw["arms"][1]["epochs"] = 5  # thin from scratch: the budget is 2 + 4 = 6
@@ -202,6 +223,26 @@ def test_cli_dry_run_lists_points(capsys: pytest.CaptureFixture[str], tmp_path: 
         bench_main([str(CI), "--jobs", "0"])
 
 
+def test_a_rejected_point_is_not_rerun_with_the_same_spec(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A point whose FLOPs missed 1/R is seeded and would miss again: with the same spec the runner skips it and
+    says so; a rejection from another spec (or an older one without a digest) does not stop a run."""
+    cfg = load_config(CI)
+    point = next(p for p in cfg.points() if p.kind == "dynamic")
+    root = tmp_path / cfg.name  # where the CLI puts the runs of --root tmp_path
+    (root / point.id).mkdir(parents=True)
+    record = {"point": point.id, "reason": "validation mean FLOPs 0.31 off the target 0.25", "chosen": {}}
+    path = root / point.id / "rejected.json"
+    path.write_text(json.dumps({**record, "digest": "another spec"}))
+    entry_main(["bench", str(CI), "--dry-run", "--root", str(tmp_path), "--only", point.id])
+    assert " to run " in capsys.readouterr().out
+    path.write_text(json.dumps({**record, "digest": cfg.digest(point)}))
+    entry_main(["bench", str(CI), "--dry-run", "--root", str(tmp_path), "--only", point.id])
+    assert " rejected " in capsys.readouterr().out
+    with pytest.raises(FairnessError, match=r"0.31 off the target .*rejected earlier with this spec"):
+        run_point(cfg, point, root)  # raises before any training: no dense model is made
+    assert not (root / "dense_s0").exists()
+
+
 @pytest.mark.slow
 def test_ci_config_runs_end_to_end(tmp_path: Path) -> None:
     """Every arm runs and the table is written. A dynamic arm may miss its FLOPs target in a run this short (how
@@ -220,6 +261,8 @@ def test_ci_config_runs_end_to_end(tmp_path: Path) -> None:
              "dyn-sigmoid-warm+kd", "dyn-sigmoid-scratch", "dyn-sigmoid-scratch+kd"}
     assert {m for m in every if not m.startswith("dyn-")} <= methods <= every
     assert len(rejected) < 8  # at least one dynamic point lands within 3% (8 here all did, in subprocesses)
+    assert all(json.loads((tmp_path / "runs" / p / "rejected.json").read_text())["digest"] == cfg.digest(cfg.point(p))
+               for p in rejected)
     for r in rows:
         assert 1 <= r["n_seeds"] <= 2 and not r["headline_valid"]  # under 3 seeds: never a headline row
         assert abs(r["flops_ratio"] * r["R"] - 1) <= 0.03

@@ -31,7 +31,7 @@ OPTIM_KEYS = ("lr", "finetune_lr", "optimizer", "weight_decay", "gradient_clip")
 DATA_KEYS = ("dataset", "data_dir", "train_subset", "val_size", "test_subset", "batch_size", "input_size")
 DATASETS = ("fashion_mnist", "digits")
 KINDS = ("static", "thin", "dynamic", "slimmable", "reduce")
-ARM_KEYS = ("name", "kind", "kd", "start", "epochs", "criterion", "model", "method", "scale")
+ARM_KEYS = ("name", "kind", "kd", "start", "epochs", "criterion", "model", "method", "scale", "ratios")
 STARTS = ("warm", "scratch")
 REDUCE_METHODS = ("tome", "evit")  # dynprune.baselines: ToMe merging, EViT top-k by CLS attention
 # What a thin arm shrinks, named after the backbone argument it searches (``width`` -> ``width_mult``): a scale of the
@@ -98,6 +98,11 @@ class Arm:
     model: dict[str, Any] = field(default_factory=dict)
     method: str = ""
     scale: str = "width"
+    ratios: tuple[float, ...] | None = None  # a dynamic recipe explored at some of the config's R only (None: all)
+
+    def runs_at(self, ratio: float) -> bool:
+        """Whether the arm has points at ``ratio``."""
+        return self.ratios is None or ratio in self.ratios
 
     @property
     def per_ratio(self) -> bool:
@@ -115,8 +120,10 @@ class Arm:
         return TEACHER_CAPABLE[self.kind] and not self.training_free
 
     def spec(self) -> dict[str, Any]:
-        """The arm's fields for a point's spec; those in LATER_ARM_FIELDS only where they differ from the default."""
-        return {k: v for k, v in asdict(self).items() if k not in LATER_ARM_FIELDS or v != LATER_ARM_FIELDS[k]}
+        """The arm's fields for a point's spec; those in LATER_ARM_FIELDS only where they differ from the default;
+        not ``ratios`` (which R an arm runs at does not change what a point computes)."""
+        return {k: v for k, v in asdict(self).items()
+                if k != "ratios" and (k not in LATER_ARM_FIELDS or v != LATER_ARM_FIELDS[k])}
 
 
 @dataclass(frozen=True)
@@ -207,7 +214,7 @@ class BenchConfig:
         for i, r in enumerate(self.ratios):
             for kd in (False, True):
                 out += [Point(a.name, a.kind, s, r, kd) for s in self.seeds for a in self.arms
-                        if a.per_ratio and kd in a.kd]
+                        if a.per_ratio and kd in a.kd and a.runs_at(r)]
                 if i == 0 and not kd:
                     out += shared
         return out
@@ -316,7 +323,16 @@ def _arm(i: int, raw: Any) -> Arm:
         if criterion not in list_criteria():
             raise BenchConfigError(f"unknown static criterion {criterion!r} in {where}; choose one of: "
                                    f"{', '.join(list_criteria())}")
-    return Arm(name, kind, tuple(kd), start, epochs, criterion, dict(model), method, scale)
+    ratios = raw.get("ratios")
+    if ratios is not None:
+        if kind != "dynamic":
+            raise BenchConfigError(f"{where}.ratios: only a dynamic recipe may run at some R only; every baseline "
+                                   f"({', '.join(BASELINE_KINDS)}) runs at every R, so the strongest baseline is "
+                                   "defined at each")
+        if not isinstance(ratios, list) or not ratios or not all(isinstance(r, int | float) for r in ratios):
+            raise BenchConfigError(f"{where}.ratios must be a non-empty list of the config's ratios, got {ratios!r}")
+        ratios = tuple(float(r) for r in ratios)
+    return Arm(name, kind, tuple(kd), start, epochs, criterion, dict(model), method, scale, ratios)
 
 
 def check_fairness(cfg: BenchConfig) -> None:
@@ -423,6 +439,11 @@ def parse_config(raw: dict[str, Any], path: str = "") -> BenchConfig:
         threads=_typed("threads", raw.get("threads", 1), int, positive=True), accelerator=accelerator,
         description=str(raw.get("description", "")), path=path, optimizer=optimizer,
         weight_decay=weight_decay, gradient_clip=clip)
+    for arm in cfg.arms:
+        extra = sorted(set(arm.ratios or ()) - set(cfg.ratios))
+        if extra:
+            raise BenchConfigError(f"arm '{arm.name}' ratios {extra} are not among the config's ratios "
+                                   f"{list(cfg.ratios)}")
     if cfg.min_seeds < 3:
         raise FairnessError(f"min_seeds {cfg.min_seeds}: a headline row needs >= 3 seeds (fewer seeds only mark "
                             "rows as not headline-valid; do not lower min_seeds)")

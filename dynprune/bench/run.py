@@ -200,6 +200,16 @@ def finished(cfg: BenchConfig, point: Point, root: Path) -> dict[str, Any] | Non
     return result if result.get("digest") == cfg.digest(point) else None
 
 
+def rejected(cfg: BenchConfig, point: Point, root: Path) -> dict[str, Any] | None:
+    """The stored rejection of ``point`` (its FLOPs missed 1/R) if it ran with the same spec, else None: training
+    is seeded, so running it again would land in the same place."""
+    path = root / point.id / REJECTED
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("digest") == cfg.digest(point) else None
+
+
 def file_digest(path: Path) -> str:
     """sha256 of a file's bytes (the identity of a teacher)."""
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
@@ -342,6 +352,10 @@ def run_point(cfg: BenchConfig, point: Point, root: str | os.PathLike[str]) -> d
     done = finished(cfg, point, root)
     if done is not None:
         return done
+    refused = rejected(cfg, point, root)
+    if refused is not None:
+        raise FairnessError(f"{refused['reason']} (rejected earlier with this spec; delete "
+                            f"{root / point.id / REJECTED} to run it again)")
     if point.kind == "dense":
         dense_checkpoint(cfg, point.seed, root)
         return finished(cfg, point, root)
@@ -370,6 +384,7 @@ def run_point(cfg: BenchConfig, point: Point, root: str | os.PathLike[str]) -> d
         check_flops(point, result["val"]["flops_ratio"], cfg.flops_tolerance, "validation mean")
         save_model(module.model, out / MODEL)
     except FairnessError as err:
-        write_json(out / REJECTED, {"point": point.id, "reason": str(err), "chosen": chosen})
+        write_json(out / REJECTED, {"point": point.id, "reason": str(err), "chosen": chosen,
+                                    "digest": cfg.digest(point)})
         raise
     return _record(cfg, point, root, {**result, **common})
