@@ -19,6 +19,26 @@ from torch.utils.flop_counter import FlopCounterMode
 from dynprune.trace import LayerInfo
 
 
+def _embedding_bag_flops(weight: torch.Size, indices: torch.Size, *args: Any, out_shape: Any = None,
+                         **kwargs: Any) -> int:
+    """FLOPs of a sum-mode embedding bag: an add per gathered element, and a multiply too with per-sample
+    weights (the runtime's sparse matrix-vector product: 2 x D per kept row)."""
+    weights = args[4] if len(args) > 4 else kwargs.get("per_sample_weights")
+    return (2 if weights is not None else 1) * indices.numel() * weight[1]
+
+
+_AT = torch.ops.aten
+SPARSE_FLOPS = {op: _embedding_bag_flops for op in (_AT.embedding_bag, _AT._embedding_bag,
+                                                    _AT._embedding_bag_forward_only)}  # op packets: every overload
+"""FLOP formulas for the ops the runtime runs that ``FlopCounterMode`` does not count by itself."""
+
+
+def flop_counter(display: bool = False) -> FlopCounterMode:
+    """``FlopCounterMode`` that also counts the runtime's sparse ops (:data:`SPARSE_FLOPS`): use it to count
+    what a compiled model executes."""
+    return FlopCounterMode(display=display, custom_mapping=SPARSE_FLOPS)
+
+
 @torch.no_grad()
 def count_flops(model: nn.Module, input_shape: tuple[int, ...] | Tensor) -> tuple[int, dict[str, int]]:
     """Dense FLOPs of ``model`` on one input: (total, {module path: flops}).
@@ -31,7 +51,7 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...] | Tensor) -> tupl
     was_training = model.training
     model.eval()
     try:
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             model(example)
     finally:
         model.train(was_training)

@@ -69,3 +69,19 @@ def test_depthwise_uses_per_channel_product() -> None:
 def test_count_flops_per_module() -> None:
     total, per_module = dp.count_flops(nn.Sequential(nn.Linear(10, 4), nn.Linear(4, 2)), (10,))
     assert per_module["0"] == 2 * 10 * 4 and per_module["1"] == 2 * 4 * 2 and total == 96
+
+
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad, torch.enable_grad])
+def test_flop_counter_counts_the_runtimes_sparse_product(mode: type) -> None:
+    """An embedding bag with per-sample weights is the runtime's sparse matrix-vector product: 2 x D FLOPs per
+    gathered row, counted in every autograd mode (FlopCounterMode alone counts 0)."""
+    from dynprune.flops import flop_counter
+
+    table, rows, weights = torch.randn(10, 4), torch.tensor([[1, 3, 5]]), torch.randn(1, 3)
+    with mode(), flop_counter() as counter:
+        out = torch.nn.functional.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
+    assert counter.get_total_flops() == 2 * 3 * 4
+    torch.testing.assert_close(out, weights @ table[rows[0]])
+    with FlopCounterMode(display=False) as plain:
+        torch.nn.functional.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
+    assert plain.get_total_flops() == 0

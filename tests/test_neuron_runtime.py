@@ -1,5 +1,6 @@
 """The neuron runtime (dynprune.runtime.neurons): a compiled neuron-gated ViT / char GPT gives the masked model's
-outputs (per-token masks, batch 1 and > 1, KV-cache decoding) and FlopCounterMode counts exactly what it runs:
+outputs (per-token masks, batch 1 and > 1, KV-cache decoding) and FlopCounterMode (with the runtime's sparse ops,
+``dynprune.flops.flop_counter``) counts exactly what it runs:
 a single token's own units, or the union of an input's tokens' units."""
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import pytest
 import torch
 from conftest import assert_close_rounding, weight_depth
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import dynprune as dp
 from dynprune.backbones import create, create_language_model
+from dynprune.flops import flop_counter
 from dynprune.runtime import compile_for_inference
 from dynprune.runtime.neurons import NeuronIn, NeuronOut
 
@@ -98,7 +99,7 @@ def test_kv_cache_decoding_through_the_compiled_gpt_follows_the_masked_model(bat
 
 def _mlp_flops(compiled: nn.Module, run: Callable[[], object]) -> dict[str, int]:
     """{block index: FLOPs counted inside its MLP} while ``run()`` runs."""
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         run()
     counts = {key.split(".", 1)[-1].removeprefix("net."): ops for key, ops in counter.get_flop_counts().items()}
     return {i: int(sum(counts[f"blocks.{i}.mlp"].values())) for i in range(len(compiled.net.blocks))}
@@ -139,7 +140,7 @@ def test_many_tokens_run_the_union_of_their_units_and_flop_counter_counts_that()
     force([model, compiled], decisions)
     with torch.inference_mode():
         counted_mlp = _mlp_flops(compiled, lambda: compiled(x))
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         compiled(x)
     union = {n: d.amax(dim=1, keepdim=True).expand_as(d) for n, d in decisions.items()}
     gate = info.flops.gate_flops / len(decisions)

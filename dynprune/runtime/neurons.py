@@ -5,9 +5,11 @@ fc1 becomes :class:`NeuronIn`: its gate decides (N, T, H) from fc1's input, and 
 *union* of the units any token of the batch keeps; inside the union, a unit a token drops is multiplied by 0
 (its pre-activation is exactly 0, as in the masked model, so the activation keeps it 0). The output stays thin
 (N, T, u): fc2 becomes :class:`NeuronOut`, which multiplies by the same u rows of its transposed weight (a
-contiguous row gather, then one GEMM). At a single token (batch 1 decode with a KV cache) the union is that
-token's own units: exactly the kept rows of fc1 and columns of fc2 run, TEAL / Deja Vu style. With many tokens
-(a prefill, a ViT image, batch > 1) the union is what runs, so the executed FLOPs are
+contiguous row gather, then one GEMM; at a single position an embedding bag, which reads each kept row once and
+copies no weights: the gather would cost as much memory traffic as the dense product it replaces). At a single
+token (batch 1 decode with a KV cache) the union is that token's own units: exactly the kept rows of fc1 and
+columns of fc2 run, TEAL / Deja Vu style. With many tokens (a prefill, a ViT image, batch > 1) the union is what
+runs, so the executed FLOPs are
 ``T x dense_per_token x |union| / H`` per MLP, not the per-token mean the FLOPs profile reports; per-token
 gathers were measured slower than one gathered GEMM over the union on CPU (one weight gather per token costs as
 much as the matmul it saves). When fc1's output has other readers than fc2, fc1 scatters back to full width.
@@ -94,8 +96,12 @@ class NeuronOut(Wrapper):
         rows = self.source.kept
         if rows is None:
             return self.layer(h)
+        bias = self.layer.bias
+        if h.shape[-1] and h.numel() == h.shape[-1]:  # one position keeping units: a sparse matrix-vector product
+            out = F.embedding_bag(rows[None], self.weight_t, per_sample_weights=h.reshape(1, -1), mode="sum")
+            return (out if bias is None else out.add_(bias)).reshape(*h.shape[:-1], -1)
         weight = self.weight_t.index_select(0, rows)  # (u, D): contiguous rows, no strided column gather
-        return F.linear(h, weight.t(), self.layer.bias)
+        return F.linear(h, weight.t(), bias)
 
 
 class NeuronExecutor(Executor):
