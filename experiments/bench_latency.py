@@ -1,6 +1,7 @@
 """Measured CPU latency against theoretical speedup: dense, masked, compiled dynamic, static and uniform nets.
 
-For each model (ResNet-20 at 28x28 and 32x32, VGG-11-BN at 32x32) the forms are
+For each model (ResNet-20 at 28x28 and 32x32, VGG-11-BN at 32x32; with ``--models``, ResNet-18 / ResNet-50 /
+EfficientNet-Lite0 at 224x224, defined here) the forms are
 - ``dense``: BN folded (``compile_for_inference`` of the unpruned net): the baseline of every speedup; like every
   compiled form, it runs the memory layout (NCHW or channels-last) its plan timed faster per batch size;
 - ``masked <granularity>``: the gated model as training runs it (all compute, then the mask);
@@ -119,15 +120,64 @@ class ImageNetResNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-LOCAL_BACKBONES = {"resnet18": lambda **kw: ImageNetResNet(18, **kw), "resnet50": lambda **kw: ImageNetResNet(50, **kw)}
+class MBConv(nn.Module):
+    """EfficientNet-Lite's inverted residual: 1x1 expand (ReLU6), depthwise k x k (ReLU6), 1x1 project, no SE."""
+
+    def __init__(self, cin: int, cout: int, expand: int, kernel: int, stride: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.expand = (nn.Sequential(nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU6())
+                       if expand != 1 else None)
+        self.dw = nn.Sequential(nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False),
+                                nn.BatchNorm2d(mid), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C_in, H, W) -> (N, C_out, H', W')."""
+        y = self.project(self.dw(x if self.expand is None else self.expand(x)))
+        return x + y if self.residual else y
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 (ReLU6, no squeeze-excitation, fixed stem and head) at 224x224, its block widths scaled by
+    ``width_mult`` (the uniform ceiling); written here since timm is not installed beside torch 2.13."""
+
+    stages = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3),
+              (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))  # (expand, kernel, stride, channels, repeats)
+
+    def __init__(self, width_mult: float = 1.0, num_classes: int = 1000, in_chans: int = 3,
+                 input_size: int = 224) -> None:
+        super().__init__()
+        self.input_shape = (in_chans, input_size, input_size)
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6())
+        blocks, cin = [], 32
+        for expand, kernel, stride, channels, repeats in self.stages:
+            for i in range(repeats):
+                cout = max(1, round(channels * width_mult))
+                blocks.append(MBConv(cin, cout, expand, kernel, stride if i == 0 else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.Conv2d(cin, 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.ReLU6())
+        self.fc = nn.Linear(1280, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, 3, 224, 224) -> (N, classes)."""
+        return self.fc(self.head(self.blocks(self.stem(x))).mean((2, 3)))
+
+
+LOCAL_BACKBONES = {"resnet18": lambda **kw: ImageNetResNet(18, **kw), "resnet50": lambda **kw: ImageNetResNet(50, **kw),
+                   "efficientnet_lite0": EfficientNetLite0}
 MODELS: dict[str, dict[str, Any]] = {
     "resnet20_28": dict(backbone="resnet20", in_chans=1, input_size=28),
     "resnet20_32": dict(backbone="resnet20", in_chans=3, input_size=32),
     "vgg11_32": dict(backbone="vgg11", in_chans=3, input_size=32),
     "resnet18_224": dict(backbone="resnet18", in_chans=3, input_size=224),
     "resnet50_224": dict(backbone="resnet50", in_chans=3, input_size=224),
+    "efficientnet_lite0_224": dict(backbone="efficientnet_lite0", in_chans=3, input_size=224),
 }
-LARGE = {"resnet18_224", "resnet50_224"}  # batch <= 8 and no masked / static forms (CPU minutes per pass)
+# batch <= 8 and no masked / static forms (CPU minutes per pass)
+LARGE = {"resnet18_224", "resnet50_224", "efficientnet_lite0_224"}
 SMOKE_MODELS: dict[str, dict[str, Any]] = {
     "resnet20_8": dict(backbone="resnet20", in_chans=1, input_size=8, width_mult=0.5),
 }
