@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import assert_close_rounding, weight_depth
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import dynprune as dp
 from dynprune.backbones import create, create_language_model
@@ -128,6 +129,31 @@ def test_a_single_token_runs_exactly_its_own_units() -> None:
         assert 0 < kept < 128
 
 
+def test_at_one_position_fc2_is_an_embedding_bag_equal_to_the_gathered_product() -> None:
+    """A decode step at batch 1 runs fc2 as an embedding bag over the kept rows (no weight copy); it gives what the
+    gathered GEMM gives, and FlopCounterMode alone would not see it (so the FLOPs check uses flop_counter)."""
+    model = neuron_gpt()
+    compiled = compile_for_inference(model)
+    outs = [m for m in compiled.modules() if isinstance(m, NeuronOut)]
+    assert outs
+    ids = torch.randint(0, 11, (1, 6))
+    step = per_token(model, 1, 1, seed=1)
+    force([model, compiled], step)
+    logits, totals = [], []
+    for bag in (True, False):
+        for m in outs:
+            m.bag_at_one_position = bag
+        caches = compiled.net.new_caches(1)
+        with torch.inference_mode():
+            compiled.net(ids[:, :5], caches)
+            with FlopCounterMode(display=False) as plain:
+                logits.append(compiled.net(ids[:, 5:], caches))
+        totals.append(plain.get_total_flops())
+    fc2 = sum(2 * 32 * int(d.sum()) for d in step.values())  # D = 32 outputs per kept unit of each fc2
+    assert totals[1] - totals[0] == fc2 > 0  # FlopCounterMode alone misses exactly the bags' products
+    assert_close_rounding(logits[0], logits[1])
+
+
 def test_many_tokens_run_the_union_of_their_units_and_flop_counter_counts_that() -> None:
     """At batch 1 with T tokens of different masks, fc1 and fc2 run the union u of the units the tokens keep
     (T x 2 x 2 x D x u FLOPs per MLP, plus its gate's), more than the per-token mean the profile reports, and the
@@ -166,4 +192,5 @@ def test_the_gpt_benchmark_smoke_run_writes_its_table(tmp_path: Path) -> None:
     assert {"dense", "dense +5", "threshold 50%", "learned 70%"} <= set(rows)
     for arm in ("threshold 50%", "learned 50%"):
         assert float(rows[arm]["mlp_keep"]) == pytest.approx(0.5, abs=0.1) and float(rows[arm]["tok_s_b1"]) > 0
+        assert float(rows[arm]["speedup_b1_fc2_gathered"]) > 0  # the same arm before the embedding bag, timed too
     assert "aim is" in (tmp_path / "gpt.md").read_text()

@@ -81,9 +81,12 @@ class NeuronIn(Wrapper):
 
 
 class NeuronOut(Wrapper):
-    """fc2 reading :class:`NeuronIn`'s thin output: (N, T, u) -> (N, T, D) with the u kept columns of its weight."""
+    """fc2 reading :class:`NeuronIn`'s thin output: (N, T, u) -> (N, T, D) with the u kept columns of its weight.
+    ``bag_at_one_position``: at a single position, an embedding bag over the kept rows (False: the gathered GEMM
+    used for many positions, to measure the difference)."""
 
     wrapped = "layer"
+    bag_at_one_position = True
 
     def __init__(self, layer: nn.Module, source: NeuronIn) -> None:
         super().__init__()
@@ -97,7 +100,7 @@ class NeuronOut(Wrapper):
         if rows is None:
             return self.layer(h)
         bias = self.layer.bias
-        if h.shape[-1] and h.numel() == h.shape[-1]:  # one position keeping units: a sparse matrix-vector product
+        if self.bag_at_one_position and h.shape[-1] and h.numel() == h.shape[-1]:  # one position: sparse GEMV
             out = F.embedding_bag(rows[None], self.weight_t, per_sample_weights=h.reshape(1, -1), mode="sum")
             return (out if bias is None else out.add_(bias)).reshape(*h.shape[:-1], -1)
         weight = self.weight_t.index_select(0, rows)  # (u, D): contiguous rows, no strided column gather
