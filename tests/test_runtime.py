@@ -423,3 +423,30 @@ def test_gate_rules_follow_their_own_gate_weights() -> None:
             gate.fc2.bias.fill_(-1e4)  # every gated channel off in the original only
     assert not torch.allclose(compiled(x), expected)
     assert torch.equal(twin(x), expected)
+
+
+@pytest.mark.parametrize("float64_too", [False, True])
+def test_own_decisions_that_differ_only_in_float32_are_rounding_and_warn(
+        monkeypatch: pytest.MonkeyPatch, float64_too: bool) -> None:
+    """Where the compiled and masked models differ with the gates' own decisions, the build check repeats that
+    trial on float64 copies: agreeing there, the float32 difference was scores within rounding of a threshold (a
+    warning); differing there too, the compiled model decides wrongly (an error). The forced-decision trials still
+    run in float32 either way."""
+    forward = CompiledModel.forward
+
+    def off_with_own_decisions(self: CompiledModel, x: Tensor) -> Tensor:  # what a flipped decision does
+        out = forward(self, x)
+        own = all(g.forced is None for g in self.site_gates.values())
+        if own and (float64_too or out.dtype == torch.float32):
+            return out + 1.0
+        return out
+
+    monkeypatch.setattr(CompiledModel, "forward", off_with_own_decisions)
+    model = _gated("resnet20", "sigmoid", "channel")
+    if float64_too:
+        with pytest.raises(RuntimeError, match="with the gates' decisions .*in float64 too, so not by rounding"):
+            compile_untimed(model)
+    else:
+        with pytest.warns(UserWarning, match="differs from the masked model in float32 .* agrees in float64"):
+            compiled = compile_untimed(model)
+        assert next(compiled.parameters()).dtype == torch.float32  # the float64 copies were only for the check
