@@ -7,6 +7,7 @@ import csv
 import functools
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -450,3 +451,20 @@ def test_own_decisions_that_differ_only_in_float32_are_rounding_and_warn(
         with pytest.warns(UserWarning, match="differs from the masked model in float32 .* agrees in float64"):
             compiled = compile_untimed(model)
         assert next(compiled.parameters()).dtype == torch.float32  # the float64 copies were only for the check
+
+
+def test_an_ungated_model_that_differs_in_float32_is_an_error_not_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without gates there are no decisions that rounding could flip: a float32-only difference of a dense model is
+    an error, never rechecked in float64 and let through with a warning."""
+    forward = CompiledModel.forward
+
+    def off_in_float32(self: CompiledModel, x: Tensor) -> Tensor:
+        out = forward(self, x)
+        return out + 1.0 if out.dtype == torch.float32 else out
+
+    monkeypatch.setattr(CompiledModel, "forward", off_in_float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="compiled model differs from the original by 1"):
+            compile_untimed(_randomise(dp.backbones.create("resnet20", in_chans=1, input_size=16)))
+    assert not [w for w in caught if "float64" in str(w.message)]  # no recheck, no rounding warning

@@ -367,6 +367,6 @@ def _check_path(model: nn.Module, compiled: CompiledModel, sites: dict[str, Site
         err, scale = (out - ref).abs().max().item(), ref.abs().max().item()
         if err > tol * max(1.0, scale):
             what = "forced mixed decisions" if forced_decisions else "the gates' decisions"
-            raise (RuntimeError if forced_decisions else OwnDecisionsDiffer)(
+            raise (OwnDecisionsDiffer if sites and not forced_decisions else RuntimeError)(  # no gates: no decisions
                 f"compiled model differs from the original by {err:.3g} with {what} at batch {len(x)} (tolerance "
                 f"{tol:g} x {scale:.3g})")
