@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from dynprune.bench.config import BenchConfig, BenchConfigError, FairnessError, Point, load_config
-from dynprune.bench.run import finished, rejected, run_point
+from dynprune.bench.run import finished, point_state, run_point
 from dynprune.bench.table import write_outputs
 from dynprune.sweep import run_logged, sweep_lock
 
@@ -71,9 +71,9 @@ def run_bench(cfg: BenchConfig, points: list[Point], root: Path, out: Path, jobs
               echo: Callable[[str], None] = print) -> list[str]:
     """Run the unfinished ``points``, ``jobs`` subprocesses at a time, rewriting the table after each;
     returns what failed: point ids (their run.log says why) and a table the finished runs could not make."""
-    refused = [p for p in points if finished(cfg, p, root) is None and rejected(cfg, p, root) is not None]
-    todo = [p for p in points if finished(cfg, p, root) is None and p not in refused]
-    echo(f"{len(points) - len(todo) - len(refused)} of {len(points)} point(s) finished earlier, {len(refused)} "
+    states = [point_state(cfg, p, root) for p in points]
+    todo = [p for p, state in zip(points, states, strict=True) if state == "to run"]
+    echo(f"{states.count('finished')} of {len(points)} point(s) finished earlier, {states.count('rejected')} "
          f"rejected earlier with the same spec (off 1/R; delete their rejected.json to rerun); {len(todo)} to run, "
          f"{jobs} at a time")
     failed: list[str] = []
@@ -150,9 +150,7 @@ def bench_main(argv: Sequence[str] | None = None) -> None:
         return
     if args.dry_run:
         for p in points:
-            state = ("finished" if finished(cfg, p, root) is not None
-                     else "rejected" if rejected(cfg, p, root) is not None else "to run")
-            print(f"{p.id:<36} {state:<9} {shlex.join(point_command(cfg, p, root))}")
+            print(f"{p.id:<36} {point_state(cfg, p, root):<9} {shlex.join(point_command(cfg, p, root))}")
         return
     failed = run_bench(cfg, points, root, Path(args.out), args.jobs)
     if failed:

@@ -210,6 +210,13 @@ def rejected(cfg: BenchConfig, point: Point, root: Path) -> dict[str, Any] | Non
     return record if record.get("digest") == cfg.digest(point) else None
 
 
+def point_state(cfg: BenchConfig, point: Point, root: Path) -> str:
+    """``finished``, ``rejected`` (with this spec: not run again) or ``to run``."""
+    if finished(cfg, point, root) is not None:
+        return "finished"
+    return "rejected" if rejected(cfg, point, root) is not None else "to run"
+
+
 def file_digest(path: Path) -> str:
     """sha256 of a file's bytes (the identity of a teacher)."""
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
