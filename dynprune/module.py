@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +62,10 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
         target_calibrate: at the end of fit, if the validation data's mean FLOPs ratio is over ``target``, subtract
             one constant from every gate's score, chosen by bisection on that data, so that it lands on the target
             (:func:`dynprune.budget.meet_budget` with ``down_only``; the test set is never used; a model under its
-            target is left as it is). The shift is in the weights from then on (save the model after fit: the
-            checkpoints written during fit predate it); ``budget_shift`` records it.
+            target is left as it is). ``"both"``: a model under its target is shifted up onto it too (for gates whose
+            units the network can take back without having trained with them, e.g. tokens: a kept token is what the
+            dense model saw). The shift is in the weights from then on (save the model after fit: the checkpoints
+            written during fit predate it); ``budget_shift`` records it.
         where: module-name patterns to gate (a list, or {granularity: list} with several granularities).
         gate_kwargs: e.g. ``{"reduction": 4, "init_bias": 3.0}``.
         init_from: a checkpoint of a run of the same backbone to warm-start from (weights only; not a teacher).
@@ -146,7 +148,7 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
         latency_table: str | None = None,
         target_dual: float = 0.0,
         target_control: float = 0.0,
-        target_calibrate: bool = False,
+        target_calibrate: bool | Literal["both"] = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=[k for k, v in (("backbone", backbone), ("teacher", teacher))
@@ -189,6 +191,8 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
             raise ValueError(f"dense_epochs is a number of epochs (>= 0) before a gate starts, got {hp.dense_epochs} "
                              f"with gate={gate}")
         Distiller.check(hp.distill, hp.distill_temperature, teacher is not None or hp.dense_epochs > 0)
+        if hp.target_calibrate not in (False, True, "both"):
+            raise ValueError(f"target_calibrate is true, false or 'both', got {hp.target_calibrate!r}")
         if hp.target_calibrate and (gate is None or hp.target is None):
             raise ValueError(f"target_calibrate shifts the gates onto the FLOPs target: it needs a gate and a target, "
                              f"got gate={gate}, target={hp.target}")
@@ -248,7 +252,8 @@ class GatedClassifier(DenseWarmup, ClassificationTask):
                              "loader (or a datamodule with val_dataloader)")
         loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
         inputs = [batch[0].to(self.device) for loader in loaders for batch in loader]
-        self.budget_shift = meet_budget(self.model, self.profile, inputs, self.hparams.target, down_only=True)
+        self.budget_shift = meet_budget(self.model, self.profile, inputs, self.hparams.target,
+                                        down_only=self.hparams.target_calibrate != "both")
         shift = self.budget_shift
         message = (f"target_calibrate: gate scores shifted by {shift.shift:+.4f}, validation FLOPs "
                    f"{shift.before:.4f} -> {shift.after:.4f} of dense (target {self.hparams.target:.4f})")

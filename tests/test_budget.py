@@ -84,6 +84,23 @@ def test_target_calibrate_brings_a_run_over_its_target_onto_it_on_validation_and
         dp.GatedClassifier("lenet5", target_calibrate=True)
 
 
+@pytest.mark.parametrize("mode", [True, "both"])
+def test_target_calibrate_leaves_a_run_under_its_target_unless_told_both(mode: bool | str) -> None:
+    """Down only (True) keeps a model under its target as it is; "both" shifts it up onto the target."""
+    module, dm = _gated_digits(lam=0.0, target=0.9, gate_kwargs={"init_bias": -1.0}, target_calibrate=mode)
+    L.Trainer(max_steps=2, limit_val_batches=0, **quiet_trainer_kwargs()).fit(module, dm)
+    shift = module.budget_shift
+    assert shift is not None and shift.before < 0.9 * 0.97
+    inputs = [x for x, _ in dm.val_dataloader()]
+    after = mean_flops_ratio(module.model, module.profile, inputs)
+    if mode == "both":
+        assert shift.shift > 0 and after == pytest.approx(0.9, rel=0.005)
+    else:
+        assert shift.shift == 0.0 and after == pytest.approx(shift.before, rel=1e-6)
+    with pytest.raises(ValueError, match="target_calibrate is true, false or 'both', got 'up'"):
+        _gated_digits(target=0.5, target_calibrate="up")
+
+
 def test_batch_shift_puts_the_last_batch_on_the_target_and_stops_at_the_end_of_its_range() -> None:
     module, dm = _gated_digits(gate_kwargs={"init_bias": 0.0})
     dm.setup()
