@@ -72,3 +72,30 @@ def test_bad_calls_say_what_is_wrong() -> None:
         calibrate_thresholds(model, [torch.zeros(1, 16, dtype=torch.long)], 1.0)
     with pytest.raises(ValueError, match="no calibration batches"):
         calibrate_thresholds(model, [], 0.5)
+
+
+def test_sequential_calibration_drops_the_share_at_every_site_of_the_gated_model() -> None:
+    """Each site is calibrated on the inputs it sees once the earlier sites drop units, so the gated model keeps
+    1 - sparsity of the units at every site of the calibration data (up to one unit of the quantile); the dense-pass
+    calibration only holds that at the first site. A gate forced before the call stays forced after it."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 11, (8, 16))
+    kept = {}
+    for sequential in (True, False):
+        torch.manual_seed(1)
+        model = create_language_model("char_gpt", 11, 16, dim=32, depth=4, heads=4).eval()
+        dp.gate_model(model, gate="sigmoid", granularity="neuron", example=ids[:1])
+        calibrate_thresholds(model, [ids[:4], ids[4:]], 0.7, sequential=sequential)
+        with torch.no_grad():
+            model(ids)
+        kept[sequential] = [float(m.float().mean()) for m in dp.collect_masks(model).values()]
+    n = 8 * 16 * 128
+    assert kept[True] == pytest.approx([0.3] * 4, abs=1.5 / n)
+    assert kept[False][0] == pytest.approx(0.3, abs=1.5 / n)
+    assert max(abs(k - 0.3) for k in kept[False][1:]) > 10 / n  # later sites drift without the sequence
+
+    gate = model.get_submodule(next(iter(dp.gating_info(model).sites.values())).gate_path)
+    closed = torch.zeros(128, dtype=torch.bool)
+    gate.force(closed)
+    calibrate_thresholds(model, [ids], 0.5)
+    assert gate.forced is closed

@@ -88,15 +88,20 @@ def _linear_through_relu(gate: nn.Module, a: Tensor, b: Tensor, bias: Tensor) ->
 
 
 @torch.no_grad()
-def calibrate_thresholds(model: nn.Module, batches: Iterable[Tensor], sparsity: float) -> dict[str, float]:
+def calibrate_thresholds(model: nn.Module, batches: Iterable[Tensor], sparsity: float,
+                         sequential: bool = True) -> dict[str, float]:
     """Training-free neuron decisions (the TEAL / CATS baseline): {site: threshold}.
 
     Every neuron site's gate (any family: its SE net and hard rule are used as they are) becomes a rank-r estimate
     of its fc1's pre-activations, the truncated SVD of fc1's weight with r = (gate hidden width) // 2 (so it costs
     what a learned gate of that width costs), minus one threshold per layer: the ``sparsity`` quantile of the
-    estimates over every token and unit of ``batches`` (model inputs, e.g. token ids (N, T), run densely). A unit
-    then runs for a token when its estimated pre-activation reaches the threshold: for ReLU / GELU / SiLU MLPs the
-    units with the largest activations (GELU's negative lobe is at most 0.17 in magnitude). The gates keep their
+    estimates over every token and unit of ``batches`` (model inputs, e.g. token ids (N, T)). A unit then runs for a
+    token when its estimated pre-activation reaches the threshold: for ReLU / GELU / SiLU MLPs the units with the
+    largest activations (GELU's negative lobe is at most 0.17 in magnitude). ``sequential`` (default): the sites
+    are calibrated one after another in forward order, each on the inputs it sees with the earlier sites already
+    thresholded (the later ones kept whole), so the gated model drops ``sparsity`` of the units at every site on
+    the calibration data; otherwise every site is calibrated on the dense model's activations in one pass (then a
+    deep model's later sites drift from the target once the earlier ones drop units). The gates keep their
     family; training the model further starts the learned gates from this rule.
     """
     if not 0.0 < sparsity < 1.0:
@@ -106,6 +111,9 @@ def calibrate_thresholds(model: nn.Module, batches: Iterable[Tensor], sparsity: 
     if not sites:
         raise ValueError("calibrate_thresholds needs a model gated at granularity 'neuron' (gate_model(..., "
                          "granularity='neuron'))")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("calibrate_thresholds got no calibration batches")
     gates = {name: model.get_submodule(site.gate_path) for name, site in sites.items()}
     for name, gate in gates.items():
         layer = model.get_submodule(name)
@@ -119,27 +127,67 @@ def calibrate_thresholds(model: nn.Module, batches: Iterable[Tensor], sparsity: 
         bias = layer.bias if layer.bias is not None else torch.zeros(len(weight))
         _linear_through_relu(gate, (root[:, None] * vh[:r]).to(gate.fc1.weight),
                              (u[:, :r] * root).to(gate.fc2.weight), bias)
-    estimates: dict[str, list[Tensor]] = {name: [] for name in sites}
-    handles = [model.get_submodule(name).register_forward_pre_hook(
-        lambda _m, inputs, name=name: estimates[name].append(gates[name].logits(inputs[0]).flatten()))
-        for name in sites]
     was_training, enabled = model.training, info.switch.enabled
+    forced = {name: gate.forced for name, gate in gates.items()}
+    thresholds: dict[str, float] = {}
     model.eval()
-    info.switch.enabled = False
+    try:
+        if not sequential:
+            info.switch.enabled = False
+            estimates = _estimates(model, gates, list(gates), batches)
+            for name in gates:
+                thresholds[name] = _threshold(gates[name], estimates[name], sparsity)
+            return thresholds
+        info.switch.enabled = True
+        for gate in gates.values():  # every site kept whole until its turn
+            gate.force(torch.ones(gate.fc2.out_features, dtype=torch.bool, device=gate.fc2.weight.device))
+        for name in _forward_order(model, list(gates), batches[0]):
+            estimates = _estimates(model, gates, [name], batches)
+            thresholds[name] = _threshold(gates[name], estimates[name], sparsity)
+            gates[name].force(None)
+        return thresholds
+    finally:
+        info.switch.enabled = enabled
+        model.train(was_training)
+        for name, gate in gates.items():
+            gate.force(forced[name])
+
+
+def _estimates(model: nn.Module, gates: dict[str, nn.Module], names: list[str],
+               batches: list[Tensor]) -> dict[str, Tensor]:
+    """The gates' scores (flattened over tokens and units) at sites ``names`` over ``batches``."""
+    found: dict[str, list[Tensor]] = {name: [] for name in names}
+    handles = [model.get_submodule(name).register_forward_pre_hook(
+        lambda _m, inputs, name=name: found[name].append(gates[name].logits(inputs[0]).flatten()))
+        for name in names]
     try:
         for batch in batches:
             model(batch)
     finally:
-        info.switch.enabled = enabled
-        model.train(was_training)
         for handle in handles:
             handle.remove()
-    thresholds = {}
-    for name, gate in gates.items():
-        if not estimates[name]:
-            raise ValueError("calibrate_thresholds got no calibration batches")
-        values = torch.cat(estimates[name])
-        k = max(1, round(sparsity * len(values)))  # the k-th smallest: a fraction `sparsity` lies below it
-        thresholds[name] = float(values.kthvalue(k).values)
-        gate.fc2.bias.sub_(thresholds[name])
-    return thresholds
+    return {name: torch.cat(values) for name, values in found.items()}
+
+
+def _threshold(gate: nn.Module, values: Tensor, sparsity: float) -> float:
+    """Shift ``gate``'s scores by the ``sparsity`` quantile of ``values``; returns that threshold."""
+    k = max(1, round(sparsity * len(values)))  # the k-th smallest: a fraction `sparsity` lies below it
+    threshold = float(values.kthvalue(k).values)
+    gate.fc2.bias.sub_(threshold)
+    return threshold
+
+
+def _forward_order(model: nn.Module, names: list[str], batch: Tensor) -> list[str]:
+    """``names`` in the order a forward pass of ``batch`` calls them."""
+    order: list[str] = []
+    handles = [model.get_submodule(name).register_forward_pre_hook(
+        lambda _m, _inputs, name=name: order.append(name)) for name in names]
+    try:
+        model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if sorted(order) != sorted(names):
+        missing = sorted(set(names) - set(order))
+        raise ValueError(f"calibrate_thresholds: a forward pass does not call each site once (not called: {missing})")
+    return order
