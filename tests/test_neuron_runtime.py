@@ -186,11 +186,15 @@ def test_the_gpt_benchmark_smoke_run_writes_its_table(tmp_path: Path) -> None:
                                                   "bench_gpt.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--smoke", "--out", str(tmp_path / "gpt")])
+    bench.main(["--smoke", "--seeds", "0", "1", "--out", str(tmp_path / "gpt")])
     with open(tmp_path / "gpt.csv") as f:
-        rows = {r["arm"]: r for r in csv.DictReader(f)}
+        per_seed = list(csv.DictReader(f))
+    assert sorted({r["seed"] for r in per_seed}) == ["0", "1"]  # every arm trained and timed per seed
+    rows = {r["arm"]: r for r in per_seed if r["seed"] == "1"}
     assert {"dense", "dense +5", "threshold 50%", "learned 70%"} <= set(rows)
     for arm in ("threshold 50%", "learned 50%"):
         assert float(rows[arm]["mlp_keep"]) == pytest.approx(0.5, abs=0.1) and float(rows[arm]["tok_s_b1"]) > 0
         assert float(rows[arm]["speedup_b1_fc2_gathered"]) > 0  # the same arm before the embedding bag, timed too
-    assert "aim is" in (tmp_path / "gpt.md").read_text()
+    text = (tmp_path / "gpt.md").read_text()
+    assert "aim is" in text and "## Mean over seeds" in text and "p_vs_threshold" in text
+    assert "learned 50%: keeps" in text  # each gated arm's kept share against its target
