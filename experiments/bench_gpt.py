@@ -340,8 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join([
         "# Char-GPT neuron gating: validation loss and KV-cache decode speed",
         "",
-        f"Command: `python experiments/bench_gpt.py {' '.join(sys.argv[1:] if argv is None else argv)}`".replace(
-            " `", "`"),
+        f"Command: `{' '.join(['python experiments/bench_gpt.py', *(sys.argv[1:] if argv is None else argv)])}`",
         "",
         f"Budget: {budget}. Training took {train_minutes:.1f} min.",
         "",
