@@ -241,7 +241,7 @@ def time_seed(rows: list[dict[str, Any]], models: dict[str, nn.Module], val_x: T
 SPEED = ("tok_s_b1", "speedup_b1", "tok_s_b8", "speedup_b8", "speedup_b1_fc2_gathered")
 
 
-def aggregate(rows: list[dict[str, Any]], sparsities: list[float]) -> list[dict[str, Any]]:
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per arm over the seeds: means (and the std of the validation loss), the learned arms' Welch p against
     the threshold arm and against ``dense +F`` (the same total steps) on the per-seed losses."""
     arms = list(dict.fromkeys(r["arm"] for r in rows))
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{torch.__version__}, {torch.get_num_threads()} thread(s)")
     out = Path(args.out)
     write_csv(out.with_suffix(".csv"), [{**r, "device": device} for r in rows])
-    summary = aggregate(rows, args.sparsities)
+    summary = aggregate(rows)
     val_windows = args.val_batches * args.batch
     budget = ("RANDOM WEIGHTS (--untrained): the speed columns only; the losses are those of an untrained model. "
               if args.untrained else "")
