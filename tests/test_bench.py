@@ -116,10 +116,37 @@ def test_unfair_settings_are_errors(change: dict, message: str) -> None:
     ({"epochs": {"dense": 2}}, "epochs must be \\{dense: D, extra: N\\}"),
     ({"ratios": [1]}, "ratios must be a list of FLOPs reductions > 1"),
     ({"seedz": [0]}, "unknown key\\(s\\) \\['seedz'\\]"),
+    ({"dense_reference": [7, 7]}, "dense_reference must be a list of distinct epoch counts > 0"),
+    ({"dense_reference": [0]}, "dense_reference must be"),
+    ({"dense_reference": 14}, "dense_reference must be"),
 ])
 def test_bad_configs_name_the_key(change: dict, message: str) -> None:
     with pytest.raises(BenchConfigError, match=message):
         parse_config(raw_config(**change))
+
+
+def test_a_dense_reference_trains_longer_and_is_neither_teacher_nor_baseline(tmp_path: Path) -> None:
+    """``dense_reference: [E]`` adds a dense model trained E epochs from scratch per seed: its own point and
+    row at R = 1, leaving every other point's spec (and the teacher, the dense model of the protocol) as it was."""
+    thin = {"name": "thin", "kind": "thin", "kd": [False, True]}
+    plain = parse_config(raw_config(seeds=[0], arms=[thin]))
+    cfg = parse_config(raw_config(seeds=[0], arms=[thin], dense_reference=[3]))
+    assert [p.id for p in cfg.points()] == ["dense_s0", "dense-3ep_s0", "thin_R4_s0", "thin+kd_R4_s0"]
+    assert all(cfg.digest(p) == plain.digest(p) for p in plain.points())
+    reference = cfg.point("dense-3ep_s0")
+    assert cfg.spec(reference)["epochs"] == 3 and cfg.spec(reference)["dense_epochs"] == 2
+    record = run_point(cfg, reference, tmp_path)
+    assert (record["epochs"], record["total_epochs"], record["kind"]) == (3, 3, "reference")
+    assert not (tmp_path / "dense_s0").exists()  # the protocol's dense model is not made by a reference
+    run_point(cfg, cfg.point("thin+kd_R4_s0"), tmp_path)
+    teacher = json.loads((tmp_path / "dense_s0" / "result.json").read_text())
+    assert teacher["epochs"] == 2 and teacher["checkpoint_digest"] == json.loads(
+        (tmp_path / "thin+kd_R4_s0" / "result.json").read_text())["teacher_digest"]
+    stem, rows = write_outputs(cfg, tmp_path, tmp_path / "out")
+    ref_row = next(r for r in rows if r["method"] == "dense-3ep")
+    assert (ref_row["kind"], ref_row["R"], ref_row["total_epochs"]) == ("reference", 1.0, 3)
+    assert ref_row["best_baseline"] is None and ref_row["p_vs_best_baseline"] is None
+    assert "Dense references (3 epochs" in Path(f"{stem}.md").read_text()
 
 
 def test_flops_off_the_target_are_an_error() -> None:

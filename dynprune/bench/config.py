@@ -2,8 +2,9 @@
 unfair comparison cannot be configured (:class:`FairnessError`), and expanded into :class:`Point` s.
 
 A point is one training run: ``dense_s<seed>`` (the dense model of a seed, also every arm's teacher and
-warm start), ``<arm>[+kd]_R<R>_s<seed>`` (an arm at reduction R), or ``<arm>[+kd]_s<seed>`` for an arm
-that covers every R in one run (a slimmable supernet).
+warm start), ``<arm>[+kd]_R<R>_s<seed>`` (an arm at reduction R), ``<arm>[+kd]_s<seed>`` for an arm
+that covers every R in one run (a slimmable supernet), or ``dense-<E>ep_s<seed>`` (a dense reference trained E
+epochs from scratch: how far the dense model of the protocol is from convergence; no arm starts from it).
 
 Arm kinds: ``static`` (the dense model pruned by a criterion), ``thin`` (a narrower, or with ``scale: depth`` a
 shallower, network from scratch), ``slimmable`` (one supernet for every R), ``dynamic`` (learned gates) and
@@ -26,7 +27,7 @@ from dynprune.data import FASHION_MNIST_DIR
 from dynprune.optim import OPTIMIZERS
 
 TOP_KEYS = ("name", "backbone", "protocol", "description", "data", "seeds", "ratios", "epochs", "optim", "kd",
-            "flops_tolerance", "min_seeds", "threads", "accelerator", "arms")
+            "flops_tolerance", "min_seeds", "threads", "accelerator", "arms", "dense_reference")
 OPTIM_KEYS = ("lr", "finetune_lr", "optimizer", "weight_decay", "gradient_clip")
 DATA_KEYS = ("dataset", "data_dir", "train_subset", "val_size", "test_subset", "batch_size", "input_size")
 DATASETS = ("fashion_mnist", "digits")
@@ -175,6 +176,7 @@ class BenchConfig:
     optimizer: str = "sgd"
     weight_decay: float = 5e-4
     gradient_clip: float | None = None
+    dense_reference: tuple[int, ...] = ()  # epochs of the dense reference runs (not teachers, not baselines)
 
     @property
     def total_epochs(self) -> int:
@@ -209,6 +211,7 @@ class BenchConfig:
         without a teacher before those with one, seed by seed; the arms that cover every R in one run
         (slimmable) after the first R's arms without a teacher."""
         out = [Point("dense", "dense", s) for s in self.seeds]
+        out += [Point(reference_name(e), "reference", s) for e in self.dense_reference for s in self.seeds]
         shared = [Point(a.name, a.kind, s, None, kd) for a in self.arms if not a.per_ratio
                   for kd in a.kd for s in self.seeds]
         for i, r in enumerate(self.ratios):
@@ -233,6 +236,8 @@ class BenchConfig:
                 "dense_epochs": self.dense_epochs, "lr": self.lr, **self.optim_spec()}
         if point.kind == "dense":
             return {"point": point.id, **base}
+        if point.kind == "reference":
+            return {"point": point.id, **base, "epochs": self.reference_epochs(point)}
         arm = self.arm(point.arm)
         return {"point": point.id, **base, "arm": arm.spec(), "ratio": point.ratio, "kd": point.kd,
                 "epochs": self.own_epochs(arm), "finetune_lr": self.finetune_lr,
@@ -240,6 +245,13 @@ class BenchConfig:
                 "kd_weight": self.kd_weight if point.kd else None,
                 "kd_temperature": self.kd_temperature if point.kd else None,
                 "flops_tolerance": self.flops_tolerance}
+
+    def reference_epochs(self, point: Point) -> int:
+        """The epochs of a dense reference point (``dense-<E>ep``)."""
+        for epochs in self.dense_reference:
+            if point.arm == reference_name(epochs):
+                return epochs
+        raise BenchConfigError(f"{point.id} is not a dense reference of {self.path or self.name}")
 
     def supernet_ratios(self) -> list[float]:
         """The R a slimmable supernet trains a width for: DESIGN.md's regimes and the config's ratios."""
@@ -252,6 +264,11 @@ class BenchConfig:
     def stem(self) -> str:
         """File stem of the outputs: ``bench_<backbone>_<protocol>``."""
         return f"bench_{self.backbone}_{self.protocol}"
+
+
+def reference_name(epochs: int) -> str:
+    """The arm name of the dense reference trained ``epochs`` epochs, e.g. ``dense-14ep``."""
+    return f"dense-{epochs}ep"
 
 
 def _typed(where: str, value: Any, kind: type | tuple[type, ...], positive: bool = False) -> Any:
@@ -423,6 +440,11 @@ def parse_config(raw: dict[str, Any], path: str = "") -> BenchConfig:
     tolerance = _typed("flops_tolerance", raw.get("flops_tolerance", 0.03), float, positive=True)
     if tolerance > 0.03:
         raise FairnessError(f"flops_tolerance {tolerance} is looser than the protocol's 3% (relative)")
+    reference = raw.get("dense_reference", [])
+    if not isinstance(reference, list) or not all(isinstance(e, int) and not isinstance(e, bool) and e > 0
+                                                  for e in reference) or len(set(reference)) < len(reference):
+        raise BenchConfigError(f"dense_reference must be a list of distinct epoch counts > 0 (dense models trained "
+                               f"that long from scratch, e.g. [7, 14]), got {reference!r}")
     name = _typed("name", raw["name"], str)
     protocol = _typed("protocol", raw.get("protocol", name), str)
     cfg = BenchConfig(
@@ -438,7 +460,7 @@ def parse_config(raw: dict[str, Any], path: str = "") -> BenchConfig:
         flops_tolerance=tolerance, min_seeds=_typed("min_seeds", raw.get("min_seeds", 3), int, positive=True),
         threads=_typed("threads", raw.get("threads", 1), int, positive=True), accelerator=accelerator,
         description=str(raw.get("description", "")), path=path, optimizer=optimizer,
-        weight_decay=weight_decay, gradient_clip=clip)
+        weight_decay=weight_decay, gradient_clip=clip, dense_reference=tuple(reference))
     for arm in cfg.arms:
         extra = sorted(set(arm.ratios or ()) - set(cfg.ratios))
         if extra:

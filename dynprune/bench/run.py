@@ -231,14 +231,16 @@ def dense_checkpoint(cfg: BenchConfig, seed: int, root: Path) -> Path:
     return root / point.id / DENSE_CKPT
 
 
-def _train_dense(cfg: BenchConfig, point: Point, root: Path) -> dict[str, Any]:
-    """Train the dense model of ``point.seed`` from an initialisation of that seed (its variance is counted)."""
+def _train_dense(cfg: BenchConfig, point: Point, root: Path, epochs: int | None = None) -> dict[str, Any]:
+    """Train the dense model of ``point.seed`` from an initialisation of that seed (its variance is counted) for
+    ``epochs`` (the protocol's dense epochs unless given: a dense reference trains longer)."""
+    epochs = cfg.dense_epochs if epochs is None else epochs
     out = root / point.id
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(point.seed, verbose=False)
     dm = datamodule(cfg, point.seed)
     module = GatedClassifier(cfg.backbone, gate=None, lr=cfg.lr, **task_kwargs(cfg))
-    trainer = _trainer(cfg, cfg.dense_epochs)
+    trainer = _trainer(cfg, epochs)
     start = time.time()
     trainer.fit(module, dm)
     tmp = out / f".{DENSE_CKPT}.{os.getpid()}.tmp"
@@ -246,7 +248,7 @@ def _train_dense(cfg: BenchConfig, point: Point, root: Path) -> dict[str, Any]:
     os.replace(tmp, out / DENSE_CKPT)
     evaluated = fit_and_evaluate(cfg, module, dm, 0, out, dense_flops(cfg))
     evaluated["fit_seconds"] = round(time.time() - start, 1)
-    return {**evaluated, "epochs": cfg.dense_epochs, "total_epochs": cfg.dense_epochs,
+    return {**evaluated, "epochs": epochs, "total_epochs": epochs,
             "checkpoint_digest": file_digest(out / DENSE_CKPT)}
 
 
@@ -366,6 +368,8 @@ def run_point(cfg: BenchConfig, point: Point, root: str | os.PathLike[str]) -> d
     if point.kind == "dense":
         dense_checkpoint(cfg, point.seed, root)
         return finished(cfg, point, root)
+    if point.kind == "reference":  # a dense model trained longer, from scratch: nothing starts from it
+        return _record(cfg, point, root, _train_dense(cfg, point, root, cfg.reference_epochs(point)))
     dense = dense_checkpoint(cfg, point.seed, root)
     out = root / point.id
     out.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,7 @@ def check_runs(cfg: BenchConfig, runs: list[dict[str, Any]]) -> None:
     FLOPs lie within the tolerance of 1/R."""
     dense = {r["seed"]: r["checkpoint_digest"] for r in runs if r["kind"] == "dense"}
     for r in runs:
-        if r["kind"] == "dense":
+        if r["kind"] in ("dense", "reference"):
             continue
         budget = cfg.budget(cfg.arm(r["arm"]))
         if r["total_epochs"] != budget:
@@ -104,7 +104,8 @@ def _mean(values: list[float]) -> float:
 
 def _selected_on(kind: str, chosen: dict[str, Any] | None) -> str:
     scale = next((name for name, arg in SCALES.items() if arg in (chosen or {})), "width")
-    what = {"dense": "nothing chosen", "static": "prune fraction: FLOPs bisection (no data)",
+    what = {"dense": "nothing chosen", "reference": "nothing chosen (a reference, not a baseline)",
+            "static": "prune fraction: FLOPs bisection (no data)",
             "thin": f"{scale}: FLOPs search (no data)",
             "slimmable": "width: FLOPs search (no data)", "reduce": "token schedule: FLOPs search (no data)",
             "dynamic": "target 1/R; FLOPs checked on val"}[kind]
@@ -155,7 +156,7 @@ def aggregate(cfg: BenchConfig, runs: list[dict[str, Any]]) -> list[dict[str, An
             continue
         best = max(baselines, key=lambda r: r["acc_mean"])
         for r in at_r:
-            if r is best or r["kind"] == "dense":
+            if r is best or r["kind"] in ("dense", "reference"):
                 continue
             r["best_baseline"] = best["method"]
             r["delta_vs_best"] = round(r["acc_mean"] - best["acc_mean"], 3)
@@ -163,7 +164,7 @@ def aggregate(cfg: BenchConfig, runs: list[dict[str, Any]]) -> list[dict[str, An
             r["headline_valid"] = r["headline_valid"] and best["n_seeds"] >= cfg.min_seeds
             r["win"] = (r["kind"] == "dynamic" and r["delta_vs_best"] > 0 and r["p_vs_best_baseline"] is not None
                         and r["p_vs_best_baseline"] < ALPHA)
-    order = {"dense": 0, "static": 1, "thin": 2, "slimmable": 3, "reduce": 4, "dynamic": 5}
+    order = {"dense": 0, "reference": 0.5, "static": 1, "thin": 2, "slimmable": 3, "reduce": 4, "dynamic": 5}
     rows.sort(key=lambda r: (r["R"], order[r["kind"]], r["method"]))
     for r in rows:
         del r["_accs"]
@@ -206,11 +207,15 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     if timed:
         panels.append(("speedup_b1", "measured speedup over BN-folded dense, batch 1 (compiled)", False))
     dense = [r for r in rows if r["kind"] == "dense"]
+    references = [r for r in rows if r["kind"] == "reference"]
     styles = {"static": "s--", "thin": "^--", "slimmable": "v--", "reduce": "D--", "dynamic": "o-"}
     for ax, (key, label, log) in zip(axes[0], panels, strict=True):
         if dense:
             ax.axhline(dense[0]["acc_mean"], color="gray", ls=":", label=f"dense ({dense[0]['acc_mean']:.2f})")
-        for method in sorted({r["method"] for r in rows if r["kind"] != "dense"}):
+        for ref in references:
+            ax.axhline(ref["acc_mean"], color="black", ls="-.", lw=0.8,
+                       label=f"{ref['method']} ({ref['acc_mean']:.2f}, reference)")
+        for method in sorted({r["method"] for r in rows if r["kind"] not in ("dense", "reference")}):
             pts = sorted((r for r in rows if r["method"] == method and r.get(key) is not None), key=lambda r: r[key])
             if pts:
                 ax.errorbar([r[key] for r in pts], [r["acc_mean"] for r in pts], yerr=[r["acc_std"] or 0 for r in pts],
@@ -242,6 +247,9 @@ def header(cfg: BenchConfig, runs: list[dict[str, Any]]) -> str:
         f"{cfg.dense_epochs} + {cfg.extra_epochs} epochs; from-scratch arms (thin, slimmable, dynamic from scratch) "
         f"{cfg.total_epochs} epochs. {optim}, {cfg.finetune_lr} after a warm start"
         f"{f'; gradients clipped at norm {cfg.gradient_clip}' if cfg.gradient_clip else ''}."
+        + (f" Dense references ({', '.join(f'{e} epochs' for e in cfg.dense_reference)}, from scratch, their own "
+           "seeds) show how far the dense model is from convergence; no arm starts or distils from them and they are "
+           "not baselines (they train longer than the budget)." if cfg.dense_reference else "")
         + (f" Training-free token reductions ({', '.join(free)}) are the dense model reduced as it is "
            f"({cfg.dense_epochs} epochs), each beside its fine-tuned twin at the full budget." if free else ""),
         f"- **Teacher:** `+kd` rows distil from the frozen dense model of the same seed ({kd}); every arm that can "
