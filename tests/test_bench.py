@@ -17,7 +17,7 @@ from dynprune.bench import FairnessError, aggregate, load_config, parse_config, 
 from dynprune.bench.cli import bench_main, export_sweep, select
 from dynprune.bench.config import BenchConfig, BenchConfigError, Point
 from dynprune.bench.run import check_flops, search_width
-from dynprune.bench.table import check_runs
+from dynprune.bench.table import check_runs, welch_ci
 from dynprune.entry import main as entry_main
 from dynprune.sweep import load_sweep
 
@@ -202,6 +202,10 @@ def test_table_compares_with_the_strongest_baseline() -> None:
     dyn = rows["dyn"]
     assert dyn["best_baseline"] == "thin" and dyn["delta_vs_best"] == pytest.approx(1.1, rel=1e-6)
     assert dyn["p_vs_best_baseline"] == pytest.approx(welch_p(accs["dyn"], accs["thin"]), rel=1e-3)
+    low, high = welch_ci(accs["dyn"], accs["thin"])  # centred on the difference; excludes 0 at p < 0.05
+    assert (low + high) / 2 == pytest.approx(1.1, rel=1e-6) and 0 < low < 1.1 < high
+    assert (dyn["delta_ci95_low"], dyn["delta_ci95_high"]) == pytest.approx((low, high), abs=1e-3)
+    assert welch_ci([90.0], accs["thin"]) is None and rows["thin"]["delta_ci95_low"] is None
     assert dyn["win"] and dyn["headline_valid"] and dyn["best_dynamic_by_val"]
     assert dyn["p90_p10"] == pytest.approx((0.3 + 0.4 + 0.25) / (0.2 + 0.1 + 0.25), rel=1e-3)
     assert rows["static-l1"]["win"] is False and rows["thin"]["p_vs_best_baseline"] is None

@@ -33,6 +33,16 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float | None:
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def welch_ci(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """The ``level`` confidence interval of mean(a) - mean(b) from Welch's t (scipy), None where :func:`welch_p`
+    is None. With 3 seeds a tie is only as tight as this interval: its upper end says which gains the data rule
+    out."""
+    if welch_p(a, b) is None:
+        return None
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(level)
+    return float(ci.low), float(ci.high)
+
+
 def collect_runs(cfg: BenchConfig, root: Path) -> list[dict[str, Any]]:
     """One flat line per finished run and R of the config (a slimmable supernet gives one line per such R, of the
     widths it reports), test metrics as ``acc`` etc. and the validation ones as ``val_acc`` etc."""
@@ -138,7 +148,8 @@ def aggregate(cfg: BenchConfig, runs: list[dict[str, Any]]) -> list[dict[str, An
             "latency_source": " ".join(sorted({r["latency_source"] for r in group if r.get("latency_source")})),
             "latency_device": "; ".join(sorted({r["latency_device"] for r in group if r.get("latency_device")})),
             "latency_load_avg": _median_of(group, "latency_load_avg"),
-            "best_baseline": None, "delta_vs_best": None, "p_vs_best_baseline": None, "win": False,
+            "best_baseline": None, "delta_vs_best": None, "delta_ci95_low": None, "delta_ci95_high": None,
+            "p_vs_best_baseline": None, "win": False,
             "headline_valid": len(group) >= cfg.min_seeds, "best_dynamic_by_val": False,
             "epochs": g0["epochs"], "total_epochs": g0["total_epochs"],
             "selected_on": _selected_on(g0["kind"], g0.get("chosen")),
@@ -161,6 +172,9 @@ def aggregate(cfg: BenchConfig, runs: list[dict[str, Any]]) -> list[dict[str, An
             r["best_baseline"] = best["method"]
             r["delta_vs_best"] = round(r["acc_mean"] - best["acc_mean"], 3)
             r["p_vs_best_baseline"] = welch_p(r["_accs"], best["_accs"])
+            ci = welch_ci(r["_accs"], best["_accs"])
+            if ci is not None:
+                r["delta_ci95_low"], r["delta_ci95_high"] = round(ci[0], 3), round(ci[1], 3)
             r["headline_valid"] = r["headline_valid"] and best["n_seeds"] >= cfg.min_seeds
             r["win"] = (r["kind"] == "dynamic" and r["delta_vs_best"] > 0 and r["p_vs_best_baseline"] is not None
                         and r["p_vs_best_baseline"] < ALPHA)
@@ -175,7 +189,8 @@ def aggregate(cfg: BenchConfig, runs: list[dict[str, Any]]) -> list[dict[str, An
 
 def aims(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """DESIGN.md's aims at each R that has them: the best dynamic recipe (by validation accuracy) against
-    the strongest baseline (by test accuracy), its margin, p-value and input dependence, and the shortfall."""
+    the strongest baseline (by test accuracy), its margin, p-value, 95% interval and input dependence, the
+    shortfall, and whether the interval rules the aimed margin out (its upper end below it)."""
     out = []
     for ratio, margin in AIMS.items():
         best = [r for r in rows if r["R"] == ratio and r["best_dynamic_by_val"]]
@@ -185,9 +200,14 @@ def aims(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         delta, p = b["delta_vs_best"], b["p_vs_best_baseline"]
         acc_met = delta >= margin and p is not None and p < ALPHA
         dep_met = (b["p90_p10"] or 0) >= AIM_P90_P10 and b["class_spread"] >= AIM_CLASS_SPREAD
+        high = b["delta_ci95_high"]
+        ci = "–" if high is None else f"[{b['delta_ci95_low']:+.2f}, {high:+.2f}]"
+        verdict = ("met" if acc_met else f"missed by {margin - delta:.2f} pt" if delta < margin else
+                   "margin ok, p >= 0.05")
         out.append({"R": ratio, "best_dynamic (val)": b["method"], "vs": b["best_baseline"], "delta_pt": delta,
-                    "aim_pt": margin, "p": p, "accuracy_aim": "met" if acc_met else f"missed by {margin - delta:.2f} pt"
-                    if delta < margin else "margin ok, p >= 0.05", "p90_p10": b["p90_p10"],
+                    "aim_pt": margin, "p": p, "delta_ci95": ci,
+                    "aim_ruled_out": "–" if high is None else "yes" if high < margin else "no",
+                    "accuracy_aim": verdict, "p90_p10": b["p90_p10"],
                     "class_spread": b["class_spread"], "dependence_aim": "met" if dep_met else "missed",
                     "n_seeds": b["n_seeds"], "headline_valid": b["headline_valid"]})
     return out
@@ -263,7 +283,9 @@ def header(cfg: BenchConfig, runs: list[dict[str, Any]]) -> str:
         "with the highest test mean (conservative: it can only make dynamic look worse).",
         f"- **Statistics:** seeds {list(cfg.seeds)}; mean +- std (sample) over seeds; `p90_p10` is the ratio of "
         "the mean p90 and p10 per-input FLOPs; `p_vs_best_baseline`: two-sided Welch t-test "
-        "(scipy.stats.ttest_ind, equal_var=False) against the strongest baseline; `win` needs a higher mean and "
+        "(scipy.stats.ttest_ind, equal_var=False) against the strongest baseline, with the 95% confidence interval "
+        "of the difference (`95% CI`; in the aims table, `aim_ruled_out` when its upper end is below the aimed "
+        "margin); `win` needs a higher mean and "
         f"p < {ALPHA}; `headline_valid` needs >= {cfg.min_seeds} seeds on both sides. Wins are bold only when "
         "headline-valid.",
         f"- **Device:** {'; '.join(devices)}.",
@@ -306,7 +328,10 @@ def markdown_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
             "speedup b1 (of theory)": "–" if r["speedup_b1"] is None else
             f"{r['speedup_b1']:.2f}x ({r['of_theory_b1']:.2f})", "speedup b64": _cell(r["speedup_b64"], ".2f"),
             "vs best baseline": r["best_baseline"] or "–",
-            "Δ pt": _cell(r["delta_vs_best"], "+.2f"), "p (Welch)": _cell(r["p_vs_best_baseline"], ".3g"),
+            "Δ pt": _cell(r["delta_vs_best"], "+.2f"),
+            "95% CI": "–" if r["delta_ci95_low"] is None else
+            f"[{r['delta_ci95_low']:+.2f}, {r['delta_ci95_high']:+.2f}]",
+            "p (Welch)": _cell(r["p_vs_best_baseline"], ".3g"),
             "win": "yes" if r["win"] else "", "headline": "yes" if r["headline_valid"] else "no",
             "epochs (own/total)": f"{r['epochs']}/{r['total_epochs']}", "note": _note(r)})
     return out
