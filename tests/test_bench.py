@@ -131,6 +131,8 @@ def test_a_dense_reference_trains_longer_and_is_neither_teacher_nor_baseline(tmp
     thin = {"name": "thin", "kind": "thin", "kd": [False, True]}
     plain = parse_config(raw_config(seeds=[0], arms=[thin]))
     cfg = parse_config(raw_config(seeds=[0], arms=[thin], dense_reference=[3]))
+    two = [run_line(f"dense-{e}ep", "reference", 0, 90.0, 1.0, 1.0, 1.0, epochs=e, total_epochs=e) for e in (14, 7)]
+    assert [r["method"] for r in aggregate(cfg, two)] == ["dense-7ep", "dense-14ep"]  # by epochs, not by name
     assert [p.id for p in cfg.points()] == ["dense_s0", "dense-3ep_s0", "thin_R4_s0", "thin+kd_R4_s0"]
     assert all(cfg.digest(p) == plain.digest(p) for p in plain.points())
     reference = cfg.point("dense-3ep_s0")

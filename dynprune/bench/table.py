@@ -179,7 +179,8 @@ def aggregate(cfg: BenchConfig, runs: list[dict[str, Any]]) -> list[dict[str, An
             r["win"] = (r["kind"] == "dynamic" and r["delta_vs_best"] > 0 and r["p_vs_best_baseline"] is not None
                         and r["p_vs_best_baseline"] < ALPHA)
     order = {"dense": 0, "reference": 0.5, "static": 1, "thin": 2, "slimmable": 3, "reduce": 4, "dynamic": 5}
-    rows.sort(key=lambda r: (r["R"], order[r["kind"]], r["method"]))
+    rows.sort(key=lambda r: (r["R"], order[r["kind"]], r["total_epochs"] if r["kind"] == "reference" else 0,
+                             r["method"]))  # dense references by their epochs
     for r in rows:
         del r["_accs"]
         if r["p_vs_best_baseline"] is not None:
