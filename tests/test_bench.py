@@ -17,7 +17,7 @@ from dynprune.bench import FairnessError, aggregate, load_config, parse_config, 
 from dynprune.bench.cli import bench_main, export_sweep, select
 from dynprune.bench.config import BenchConfig, BenchConfigError, Point
 from dynprune.bench.run import check_flops, search_width
-from dynprune.bench.table import check_runs, welch_ci
+from dynprune.bench.table import check_runs, header, welch_ci
 from dynprune.entry import main as entry_main
 from dynprune.sweep import load_sweep
 
@@ -95,6 +95,8 @@ def test_no_teacher_anywhere_is_fair() -> None:
     for arm in raw["arms"]:
         arm["kd"] = [False]
     assert not any(p.kd for p in parse_config(raw).points())
+    assert "**Teacher:** none" in header(parse_config(raw), [])  # said, rather than describing +kd rows it lacks
+    assert "**Teacher:** none" not in header(parse_config(raw_config()), [])
 
 
 @pytest.mark.parametrize(("change", "message"), [

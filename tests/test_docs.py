@@ -266,10 +266,10 @@ def test_site_builds_strict(tmp_path: Path) -> None:
 
 
 def test_readme_stays_a_two_minute_read() -> None:
-    """The README stays short (details belong in docs/: 155 lines hold the issues' results tables, ResNet, ViT, GPT
-    and latency cost, and little prose) and keeps the results marker the benchmark fills in."""
+    """The README stays short (details belong in docs/: 165 lines hold the issues' results tables, ResNet at two
+    budgets, ViT, GPT and latency cost, and little prose) and keeps the results marker the benchmark fills in."""
     lines = (ROOT / "README.md").read_text().splitlines()
-    assert len(lines) <= 155, f"README.md has {len(lines)} lines; move detail to docs/"
+    assert len(lines) <= 165, f"README.md has {len(lines)} lines; move detail to docs/"
     assert any(line.startswith("## Results") for line in lines)
 
 

@@ -273,8 +273,9 @@ def header(cfg: BenchConfig, runs: list[dict[str, Any]]) -> str:
            "not baselines (they train longer than the budget)." if cfg.dense_reference else "")
         + (f" Training-free token reductions ({', '.join(free)}) are the dense model reduced as it is "
            f"({cfg.dense_epochs} epochs), each beside its fine-tuned twin at the full budget." if free else ""),
-        f"- **Teacher:** `+kd` rows distil from the frozen dense model of the same seed ({kd}); every arm that can "
-        "distil runs with and without it. Slimmable distils in place from its largest width only.",
+        (f"- **Teacher:** `+kd` rows distil from the frozen dense model of the same seed ({kd}); every arm that can "
+         "distil runs with and without it. Slimmable distils in place from its largest width only."
+         if any(True in a.kd for a in cfg.arms) else "- **Teacher:** none: no arm distils (the same for every arm)."),
         f"- **FLOPs:** every row within +-{100 * cfg.flops_tolerance:g}% (relative) of 1/R, checked per run "
         "(dynamic: on the validation mean); `flops_ratio` is the test mean with the gates' own FLOPs.",
         "- **Selection:** widths, depths, prune fractions and token schedules come from FLOPs alone; no checkpoint "
