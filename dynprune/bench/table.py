@@ -23,6 +23,8 @@ AIMS = {4.0: 0.5, 8.0: 1.0, 16.0: 2.0}
 AIM_P90_P10, AIM_CLASS_SPREAD, ALPHA = 1.5, 1.3, 0.05
 # Below these a dynamic row's masks are (nearly) the same for every input: static pruning with extra steps.
 STATIC_P90_P10, STATIC_DYNAMIC_FRAC = 1.05, 0.01
+# Decimals kept in the csv: well past what the md shows, so that each md cell is rounded once, from the exact value.
+KEEP = 6
 
 
 def welch_p(a: Sequence[float], b: Sequence[float]) -> float | None:
@@ -85,7 +87,7 @@ def _latency(run_dir: Path) -> dict[str, Any]:
 def _median_of(group: list[dict[str, Any]], key: str) -> float | None:
     """Median of ``key`` over the runs that have it (rounded), None when none has it."""
     values = [r[key] for r in group if r.get(key) is not None]
-    return round(statistics.median(values), 3) if values else None
+    return round(statistics.median(values), KEEP) if values else None
 
 
 def check_runs(cfg: BenchConfig, runs: list[dict[str, Any]]) -> None:
@@ -134,14 +136,14 @@ def aggregate(cfg: BenchConfig, runs: list[dict[str, Any]]) -> list[dict[str, An
         flops = _mean([r["flops_ratio"] for r in group])
         rows.append({
             "protocol": cfg.protocol, "method": method, "kind": g0["kind"], "kd": bool(g0["kd"]), "R": ratio,
-            "n_seeds": len(group), "acc_mean": round(_mean(accs), 3),
-            "acc_std": round(statistics.stdev(accs), 3) if len(accs) > 1 else None,
-            "val_acc_mean": round(_mean([r["val_acc"] for r in group]), 3),
-            "flops_ratio": round(flops, 5), "achieved_R": round(1 / flops, 3),
-            "val_flops_ratio": round(_mean([r["val_flops_ratio"] for r in group]), 5),
-            "p90_p10": round(p90 / p10, 4) if p10 > 0 else None,
-            "class_spread": round(_mean([r["class_spread"] for r in group]), 4),
-            "dynamic_frac": round(_mean([r["dynamic_frac"] for r in group]), 4),
+            "n_seeds": len(group), "acc_mean": round(_mean(accs), KEEP),
+            "acc_std": round(statistics.stdev(accs), KEEP) if len(accs) > 1 else None,
+            "val_acc_mean": round(_mean([r["val_acc"] for r in group]), KEEP),
+            "flops_ratio": round(flops, KEEP), "achieved_R": round(1 / flops, KEEP),
+            "val_flops_ratio": round(_mean([r["val_flops_ratio"] for r in group]), KEEP),
+            "p90_p10": round(p90 / p10, KEEP) if p10 > 0 else None,
+            "class_spread": round(_mean([r["class_spread"] for r in group]), KEEP),
+            "dynamic_frac": round(_mean([r["dynamic_frac"] for r in group]), KEEP),
             "speedup_b1": _median_of(group, "speedup_b1"), "of_theory_b1": _median_of(group, "of_theory_b1"),
             "speedup_b64": _median_of(group, "speedup_b64"),
             "n_timed": sum(r.get("speedup_b1") is not None for r in group),
@@ -170,11 +172,11 @@ def aggregate(cfg: BenchConfig, runs: list[dict[str, Any]]) -> list[dict[str, An
             if r is best or r["kind"] in ("dense", "reference"):
                 continue
             r["best_baseline"] = best["method"]
-            r["delta_vs_best"] = round(r["acc_mean"] - best["acc_mean"], 3)
+            r["delta_vs_best"] = round(r["acc_mean"] - best["acc_mean"], KEEP)
             r["p_vs_best_baseline"] = welch_p(r["_accs"], best["_accs"])
             ci = welch_ci(r["_accs"], best["_accs"])
             if ci is not None:
-                r["delta_ci95_low"], r["delta_ci95_high"] = round(ci[0], 3), round(ci[1], 3)
+                r["delta_ci95_low"], r["delta_ci95_high"] = round(ci[0], KEEP), round(ci[1], KEEP)
             r["headline_valid"] = r["headline_valid"] and best["n_seeds"] >= cfg.min_seeds
             r["win"] = (r["kind"] == "dynamic" and r["delta_vs_best"] > 0 and r["p_vs_best_baseline"] is not None
                         and r["p_vs_best_baseline"] < ALPHA)
@@ -184,7 +186,7 @@ def aggregate(cfg: BenchConfig, runs: list[dict[str, Any]]) -> list[dict[str, An
     for r in rows:
         del r["_accs"]
         if r["p_vs_best_baseline"] is not None:
-            r["p_vs_best_baseline"] = float(f"{r['p_vs_best_baseline']:.4g}")
+            r["p_vs_best_baseline"] = float(f"{r['p_vs_best_baseline']:.6g}")
     return rows
 
 
@@ -205,11 +207,12 @@ def aims(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ci = "–" if high is None else f"[{b['delta_ci95_low']:+.2f}, {high:+.2f}]"
         verdict = ("met" if acc_met else f"missed by {margin - delta:.2f} pt" if delta < margin else
                    "margin ok, p >= 0.05")
-        out.append({"R": ratio, "best_dynamic (val)": b["method"], "vs": b["best_baseline"], "delta_pt": delta,
-                    "aim_pt": margin, "p": p, "delta_ci95": ci,
+        out.append({"R": ratio, "best_dynamic (val)": b["method"], "vs": b["best_baseline"],
+                    "delta_pt": round(delta, 3), "aim_pt": margin, "p": None if p is None else float(f"{p:.4g}"),
+                    "delta_ci95": ci,
                     "aim_ruled_out": "–" if high is None else "yes" if high < margin else "no",
-                    "accuracy_aim": verdict, "p90_p10": b["p90_p10"],
-                    "class_spread": b["class_spread"], "dependence_aim": "met" if dep_met else "missed",
+                    "accuracy_aim": verdict, "p90_p10": round(b["p90_p10"] or 0, 3),
+                    "class_spread": round(b["class_spread"], 3), "dependence_aim": "met" if dep_met else "missed",
                     "n_seeds": b["n_seeds"], "headline_valid": b["headline_valid"]})
     return out
 
