@@ -17,7 +17,7 @@ from dynprune.bench import FairnessError, aggregate, load_config, parse_config, 
 from dynprune.bench.cli import bench_main, export_sweep, select
 from dynprune.bench.config import BenchConfig, BenchConfigError, Point
 from dynprune.bench.run import check_flops, search_width
-from dynprune.bench.table import check_runs, header, welch_ci
+from dynprune.bench.table import check_runs, header, markdown_rows, welch_ci
 from dynprune.entry import main as entry_main
 from dynprune.sweep import load_sweep
 
@@ -151,6 +151,15 @@ def test_a_dense_reference_trains_longer_and_is_neither_teacher_nor_baseline(tmp
     assert (ref_row["kind"], ref_row["R"], ref_row["total_epochs"]) == ("reference", 1.0, 3)
     assert ref_row["best_baseline"] is None and ref_row["p_vs_best_baseline"] is None
     assert "Dense references (3 epochs" in Path(f"{stem}.md").read_text()
+
+
+def test_the_markdown_rounds_each_cell_once() -> None:
+    """A std of 0.2953 shows as 0.30: the csv keeps the exact values, so the md does not round 0.295 again."""
+    accs = [90.0, 90.0, 90.0 + 0.2953 * math.sqrt(3)]  # sample std 0.2953
+    cfg = parse_config(raw_config(seeds=[0, 1, 2]))
+    rows = aggregate(cfg, [run_line("thin", "thin", s, a) for s, a in enumerate(accs)])
+    assert rows[0]["acc_std"] == pytest.approx(0.2953, abs=1e-6)
+    assert markdown_rows(rows)[0]["test acc"].endswith("± 0.30")
 
 
 def test_flops_off_the_target_are_an_error() -> None:
