@@ -44,6 +44,9 @@ TEACHER_CAPABLE = {"static": True, "thin": True, "dynamic": True, "slimmable": F
 # Where each kind starts from unless the arm says (static pruning and token reduction start from the dense model).
 DEFAULT_START = {"static": "warm", "thin": "scratch", "dynamic": "warm", "slimmable": "scratch", "reduce": "warm"}
 BASELINE_KINDS = ("static", "thin", "slimmable", "reduce")
+# Point kinds that are a dense network trained from scratch (the protocol's dense model and its longer references):
+# no FLOPs target, no budget check, no baseline comparison, nothing to time against themselves.
+DENSE_KINDS = ("dense", "reference")
 # Arm fields added after results were cached: left out of a point's spec at these defaults, so that the points of
 # earlier configs keep their digests (and their finished runs).
 LATER_ARM_FIELDS = {"method": "", "scale": "width"}

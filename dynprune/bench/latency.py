@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils import benchmark
 
 from dynprune import backbones
-from dynprune.bench.config import SCALES, BenchConfig, Point
+from dynprune.bench.config import DENSE_KINDS, SCALES, BenchConfig, Point
 from dynprune.bench.run import (
     MODEL,
     _static_model,
@@ -94,7 +94,7 @@ def measure_point(cfg: BenchConfig, point: Point, root: Path, batches: tuple[int
     """Time one finished point against its seed's dense model and write ``<point>/latency.json``; returns the
     record, or None when the point is unfinished or cannot be timed."""
     record = finished(cfg, point, root)
-    if record is None or point.kind in ("dense", "reference", "slimmable"):
+    if record is None or point.kind in (*DENSE_KINDS, "slimmable"):
         return None
     found = trained_network(cfg, point, root, record)
     if found is None:
@@ -137,7 +137,7 @@ def measure_all(cfg: BenchConfig, points: list[Point], root: Path, refresh: bool
     for point in points:
         if not refresh and (root / point.id / LATENCY).is_file():
             continue
-        if point.kind in ("dense", "reference", "slimmable") or finished(cfg, point, root) is None:
+        if point.kind in (*DENSE_KINDS, "slimmable") or finished(cfg, point, root) is None:
             continue
         result = measure_point(cfg, point, root)
         if result is None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from scipy import stats
 
-from dynprune.bench.config import BASELINE_KINDS, SCALES, BenchConfig, FairnessError
+from dynprune.bench.config import BASELINE_KINDS, DENSE_KINDS, SCALES, BenchConfig, FairnessError
 from dynprune.bench.run import REJECTED, finished
 from dynprune.io import atomic_write, save_figure, to_markdown, write_csv
 
@@ -27,21 +27,28 @@ STATIC_P90_P10, STATIC_DYNAMIC_FRAC = 1.05, 0.01
 KEEP = 6
 
 
-def welch_p(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Two-sided Welch t-test p-value of two samples (scipy), None when either has < 2 values or both
-    are constant (no variance to test against)."""
+def _welch(a: Sequence[float], b: Sequence[float]) -> Any:
+    """scipy's two-sided Welch t-test of two samples, None when either has < 2 values or both are constant (no
+    variance to test against)."""
     if len(a) < 2 or len(b) < 2 or (statistics.pvariance(a) == 0 and statistics.pvariance(b) == 0):
         return None
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    return stats.ttest_ind(a, b, equal_var=False)
+
+
+def welch_p(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Two-sided Welch t-test p-value of two samples (scipy), None when :func:`_welch` is."""
+    test = _welch(a, b)
+    return None if test is None else float(test.pvalue)
 
 
 def welch_ci(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
     """The ``level`` confidence interval of mean(a) - mean(b) from Welch's t (scipy), None where :func:`welch_p`
     is None. With 3 seeds a tie is only as tight as this interval: its upper end says which gains the data rule
     out."""
-    if welch_p(a, b) is None:
+    test = _welch(a, b)
+    if test is None:
         return None
-    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(level)
+    ci = test.confidence_interval(level)
     return float(ci.low), float(ci.high)
 
 
@@ -96,7 +103,7 @@ def check_runs(cfg: BenchConfig, runs: list[dict[str, Any]]) -> None:
     FLOPs lie within the tolerance of 1/R."""
     dense = {r["seed"]: r["checkpoint_digest"] for r in runs if r["kind"] == "dense"}
     for r in runs:
-        if r["kind"] in ("dense", "reference"):
+        if r["kind"] in DENSE_KINDS:
             continue
         budget = cfg.budget(cfg.arm(r["arm"]))
         if r["total_epochs"] != budget:
@@ -169,14 +176,15 @@ def aggregate(cfg: BenchConfig, runs: list[dict[str, Any]]) -> list[dict[str, An
             continue
         best = max(baselines, key=lambda r: r["acc_mean"])
         for r in at_r:
-            if r is best or r["kind"] in ("dense", "reference"):
+            if r is best or r["kind"] in DENSE_KINDS:
                 continue
             r["best_baseline"] = best["method"]
             r["delta_vs_best"] = round(r["acc_mean"] - best["acc_mean"], KEEP)
-            r["p_vs_best_baseline"] = welch_p(r["_accs"], best["_accs"])
-            ci = welch_ci(r["_accs"], best["_accs"])
-            if ci is not None:
-                r["delta_ci95_low"], r["delta_ci95_high"] = round(ci[0], KEEP), round(ci[1], KEEP)
+            test = _welch(r["_accs"], best["_accs"])  # one test: its p-value and its interval
+            if test is not None:
+                ci = test.confidence_interval(0.95)
+                r["p_vs_best_baseline"] = float(test.pvalue)
+                r["delta_ci95_low"], r["delta_ci95_high"] = round(float(ci.low), KEEP), round(float(ci.high), KEEP)
             r["headline_valid"] = r["headline_valid"] and best["n_seeds"] >= cfg.min_seeds
             r["win"] = (r["kind"] == "dynamic" and r["delta_vs_best"] > 0 and r["p_vs_best_baseline"] is not None
                         and r["p_vs_best_baseline"] < ALPHA)
@@ -239,7 +247,7 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
         for ref in references:
             ax.axhline(ref["acc_mean"], color="black", ls="-.", lw=0.8,
                        label=f"{ref['method']} ({ref['acc_mean']:.2f}, reference)")
-        for method in sorted({r["method"] for r in rows if r["kind"] not in ("dense", "reference")}):
+        for method in sorted({r["method"] for r in rows if r["kind"] not in DENSE_KINDS}):
             pts = sorted((r for r in rows if r["method"] == method and r.get(key) is not None), key=lambda r: r[key])
             if pts:
                 ax.errorbar([r[key] for r in pts], [r["acc_mean"] for r in pts], yerr=[r["acc_std"] or 0 for r in pts],
